@@ -1,0 +1,159 @@
+"""Collect learning histories: one stable-baselines3 PPO learner per task, every transition kept.
+
+    python collect.py --env darkroom --out data/darkroom --workers 2
+
+Each task's learner runs `n_streams` parallel environments; every transition of every stream is
+recorded from the very first step (the whole learning history, as AD needs, arXiv 2210.14215).
+One compressed file per task, `task_XXXX.npz`, is written under a temporary name and renamed when
+complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from config import UserError, add_config_flags, load_yaml, resolve, run_cli, section
+from env import get_spec
+from env.tasks import EnvSpec
+
+COLLECT_CONFIG = {
+    "env": "darkroom",  # darkroom | darkroom_permuted | key_to_door
+    "size": 9,  # grid side
+    "out": "data/darkroom",  # one task_XXXX.npz per task
+    "tasks": "all",  # all | train | test
+    "n_streams": 100,  # parallel environments per PPO learner (= learning histories per task)
+    "timesteps": 100_000,  # PPO timesteps per task, all streams together
+    "workers": 2,  # tasks collected in parallel processes
+    "seed": 0,
+    "learning_rate": 1e-3,
+    "n_epochs": 4,  # PPO epochs per update
+    "batch_size": 500,  # PPO minibatch size
+    "ent_coef": 0.01,
+}
+HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task"}
+
+
+def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir: str) -> dict:
+    """Train PPO on one task and store every transition of every stream. Runs in a worker."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from env import make_env
+
+    torch.set_num_threads(1)
+    spec = EnvSpec(**spec_dict)
+    n = cfg["n_streams"]
+    vec = DummyVecEnv([make_env(spec, **task) for _ in range(n)])
+    horizon = spec.horizon
+    n_steps = horizon  # one PPO update per episode of every stream
+
+    class Recorder(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.rows = {k: [] for k in ("states", "actions", "rewards", "next_states", "dones")}
+
+        def _on_step(self) -> bool:
+            loc = self.locals
+            nxt = np.array(loc["new_obs"], copy=True)
+            for i, done in enumerate(loc["dones"]):
+                if done:  # auto-reset replaced the final observation
+                    nxt[i] = loc["infos"][i]["terminal_observation"]
+            self.rows["states"].append(np.array(self.model._last_obs, copy=True))
+            self.rows["actions"].append(np.array(loc["actions"], copy=True).reshape(n))
+            self.rows["rewards"].append(np.array(loc["rewards"], dtype=np.float32, copy=True))
+            self.rows["next_states"].append(nxt)
+            self.rows["dones"].append(np.array(loc["dones"], dtype=bool, copy=True))
+            return True
+
+    rec = Recorder()
+    model = PPO(
+        "MlpPolicy",
+        vec,
+        n_steps=n_steps,
+        batch_size=min(cfg["batch_size"], n_steps * n),
+        n_epochs=cfg["n_epochs"],
+        learning_rate=cfg["learning_rate"],
+        ent_coef=cfg["ent_coef"],
+        gamma=0.99,
+        seed=cfg["seed"] + task_idx,
+        device="cpu",
+        verbose=0,
+    )
+    model.learn(total_timesteps=cfg["timesteps"], callback=rec)
+    # time-major lists -> (n_streams, n_steps, ...) arrays
+    arrays = {k: np.stack(v, axis=1) for k, v in rec.rows.items()}
+    arrays["states"] = arrays["states"].astype(np.int8)
+    arrays["next_states"] = arrays["next_states"].astype(np.int8)
+    arrays["actions"] = arrays["actions"].astype(np.int8)
+    n_ep = arrays["rewards"].shape[1] // horizon
+    ep_returns = arrays["rewards"][:, : n_ep * horizon].reshape(n, n_ep, horizon).sum(-1)  # (S, E)
+    final = Path(out_dir) / f"task_{task_idx:04d}.npz"
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, task=json.dumps(task), horizon=horizon, **arrays)
+    os.replace(tmp, final)
+    return {"task_idx": task_idx, "task": task, "first": float(ep_returns[:, 0].mean()), "last": float(ep_returns[:, -1].mean())}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file whose 'env' and 'collect' sections override the defaults")
+    add_config_flags(parser, COLLECT_CONFIG, HELP)
+    args = parser.parse_args(argv)
+    ycfg = load_yaml(args.config) if args.config else {}
+    env_sec = section(ycfg, "env", ["name", "size", "horizon", "n_holdout", "split_seed"])
+    cfg = resolve(COLLECT_CONFIG, args, section(ycfg, "collect", COLLECT_CONFIG))
+    if "name" in env_sec and args.env is None:
+        cfg["env"] = env_sec.pop("name")
+    env_sec.pop("name", None)
+    if "size" in env_sec and args.size is None:
+        cfg["size"] = env_sec.pop("size")
+    env_sec.pop("size", None)
+    spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
+    for key in ("n_streams", "timesteps", "workers"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
+        raise UserError(f"--timesteps must cover at least one episode per stream ({cfg['n_streams'] * spec.horizon})")
+
+    all_tasks = spec.tasks()
+    if cfg["tasks"] == "all":
+        wanted = list(range(len(all_tasks)))
+    elif cfg["tasks"] in ("train", "test"):
+        chosen = spec.tasks_for(cfg["tasks"])
+        wanted = [all_tasks.index(t) for t in chosen]
+    else:
+        raise UserError(f"--tasks must be all, train or test, got {cfg['tasks']!r}")
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"env": spec.to_dict(), "collect": cfg}
+    (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
+    todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
+    print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
+    results = []
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=cfg["workers"]) as pool:
+        futs = [pool.submit(_collect_task, spec.to_dict(), i, all_tasks[i], cfg, str(out)) for i in todo]
+        bar = tqdm(as_completed(futs), total=len(futs), desc="collect", unit="task")
+        for fut in bar:
+            r = fut.result()
+            results.append(r)
+            bar.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}, optimal {spec.optimal_return(r['task']):.0f}")
+    if results:
+        print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,116 @@
+"""YAML configs with `include:` and strict keys, plus the CLI plumbing every script shares.
+
+    >>> from config import load_yaml
+    >>> cfg = load_yaml("config/darkroom.yaml")        # {"env": {...}, "collect": {...}, ...}
+
+Precedence, lowest first: the config dict at the top of a script < a YAML file given with
+`--config` < command-line flags. Unknown keys are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config; `include: [a.yaml, ...]` (relative to the file) is merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise UserError(f"config include cycle at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections")
+    includes = data.pop("include", []) or []
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _merge(merged, load_yaml(path.parent / inc, _seen + (path.resolve(),)))
+    merged = _merge(merged, data)
+    merged["_source"] = str(path)
+    return merged
+
+
+def check_keys(section: dict, allowed, where: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in {where}; valid: {sorted(allowed)}")
+
+
+def section(cfg: dict, name: str, allowed) -> dict:
+    """One section of a loaded YAML config, its keys checked against `allowed`."""
+    sec = cfg.get(name, {}) or {}
+    if not isinstance(sec, dict):
+        raise UserError(f"section {name!r} in {cfg.get('_source', 'config')} must be a mapping")
+    check_keys(sec, allowed, f"section {name!r} of {cfg.get('_source', 'config')}")
+    return dict(sec)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict | None = None) -> None:
+    """One `--some-key` flag per key of a script's config dict, typed by its default value."""
+    help = help or {}
+    for key, value in defaults.items():
+        kw: dict = {"dest": key, "default": None, "help": f"{help.get(key, '')} (default: {value})".strip()}
+        if isinstance(value, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(value, (list, tuple)):
+            kw.update(nargs="+", type=type(value[0]) if value else str)
+        elif isinstance(value, (int, float)):
+            kw["type"] = type(value)
+        else:
+            kw["type"] = str
+        parser.add_argument(_flag(key), **kw)
+
+
+def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None = None) -> dict:
+    """defaults < YAML section < flags that were given."""
+    out = dict(defaults)
+    if yaml_section:
+        check_keys(yaml_section, defaults, "config")
+        out.update(yaml_section)
+    for key in defaults:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def none_or(value, cast):
+    """'none'/'' -> None, else cast(value): for optional flags such as a checkpoint path."""
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        return None
+    return cast(value)
+
+
+def run_cli(main, argv=None) -> None:
+    """Call `main(argv)`; user errors become one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,145 @@
+"""In-context evaluation of an AD checkpoint on held-out tasks (or the training tasks).
+
+    python evaluate.py                                   # the shipped default model, 8 held-out goals
+    python evaluate.py --checkpoint checkpoints/my_ad/model.pt --episodes 50 --seed 0 --num-seeds 3
+
+The model starts with an empty context in every task and acts for `episodes` episodes, its own
+growing history as context: any improvement across episodes is learned in context (no weights change).
+Writes OUT/eval_results.json and OUT/in_context_curve.png, and prints a per-task table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import UserError, add_config_flags, none_or, resolve, run_cli  # noqa: E402
+from env import get_spec, make_env  # noqa: E402
+from model.checkpoint import load_model, resolve_device  # noqa: E402
+from model.rollout import ENGINES, run_episodes  # noqa: E402
+
+EVAL_CONFIG = {
+    "checkpoint": "default",  # path to model.pt; "default" = the shipped Darkroom model
+    "tasks": "test",  # test (held-out) | train
+    "episodes": 50,  # episodes per task, one continuous in-context run
+    "seed": 0,  # first sampling seed
+    "num_seeds": 1,  # seeds seed, seed+1, ...; results are means over seeds
+    "greedy": False,  # argmax actions instead of sampling
+    "vec_env": "dummy",  # dummy | subproc (stable-baselines3 VecEnv)
+    "engine": "kv",  # kv | rerun
+    "device": "auto",  # auto | cpu | cuda
+    "out": "runs/eval",
+}
+HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions"}
+
+
+def make_vec_env(spec, tasks: list[dict], kind: str):
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if kind not in ("dummy", "subproc"):
+        raise UserError(f"--vec-env must be dummy or subproc, got {kind!r}")
+    fns = [make_env(spec, **t) for t in tasks]
+    return SubprocVecEnv(fns, start_method="spawn") if kind == "subproc" else DummyVecEnv(fns)
+
+
+def evaluate(model, spec, tasks: list[dict], episodes: int, seeds: list[int], greedy=False, vec_env="dummy", engine="kv", compression=None, progress=True) -> dict:
+    """Run every task in one VecEnv for each seed; returns the eval_results dict."""
+    venv = make_vec_env(spec, tasks, vec_env)
+    try:
+        runs = [
+            run_episodes(model, venv, spec, episodes, engine=engine, compression=compression, greedy=greedy, seed=s, progress=progress)
+            for s in seeds
+        ]
+    finally:
+        venv.close()
+    returns = np.stack([r["returns"] for r in runs])  # (n_seeds, n_tasks, episodes)
+    opt = np.array([spec.optimal_return(t) for t in tasks])
+    norm = returns / opt[None, :, None]
+    return {
+        "tasks": tasks,
+        "episodes": episodes,
+        "seed": seeds[0],
+        "seeds": seeds,
+        "greedy": greedy,
+        "engine": engine,
+        "return_per_episode": returns.mean((0, 1)).tolist(),
+        "normalized_return_per_episode": norm.mean((0, 1)).tolist(),
+        "per_task": [
+            {"task": t, "optimal_return": float(opt[i]), "returns": returns[:, i].mean(0).tolist(), "returns_per_seed": returns[:, i].tolist()}
+            for i, t in enumerate(tasks)
+        ],
+        "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
+        "time_s": float(sum(r["time_s"] for r in runs)),
+        "mean_context_length": float(np.mean([r["mean_context_length"] for r in runs])),
+    }
+
+
+def plot_curve(results: dict, path: Path, title: str = "In-context learning on held-out tasks") -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ep = np.arange(1, results["episodes"] + 1)
+    for pt in results["per_task"]:
+        ax.plot(ep, np.array(pt["returns"]) / pt["optimal_return"], color="tab:blue", alpha=0.25, lw=1)
+    ax.plot(ep, results["normalized_return_per_episode"], color="tab:blue", lw=2.5, label=f"mean over {len(results['tasks'])} tasks")
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="optimal")
+    ax.set(xlabel="episode (in context, no weight updates)", ylabel="return / optimal return", title=title, ylim=(-0.05, 1.1))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(results: dict) -> None:
+    print(f"{'task':<22}{'optimal':>8}{'episode 1':>11}{'last 10':>9}{'normalised':>12}")
+    for pt in results["per_task"]:
+        r = np.array(pt["returns"])
+        print(f"{json.dumps(pt['task']):<22}{pt['optimal_return']:>8.0f}{r[0]:>11.2f}{r[-10:].mean():>9.2f}{r[-10:].mean() / pt['optimal_return']:>12.3f}")
+    norm = np.array(results["normalized_return_per_episode"])
+    print(f"mean normalised return: episode 1 {norm[0]:.3f}, last 10 episodes {norm[-10:].mean():.3f}; "
+          f"{results['env_steps_per_second']:.0f} env steps/s")  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, EVAL_CONFIG, HELP)
+    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv))
+    if cfg["episodes"] < 1:
+        raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
+    if cfg["num_seeds"] < 1:
+        raise UserError(f"--num-seeds must be >= 1, got {cfg['num_seeds']}")
+    if cfg["engine"] not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
+    if cfg["tasks"] not in ("test", "train"):
+        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
+    device = resolve_device(cfg["device"])
+    model, meta = load_model(none_or(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], str), device)
+    spec = get_spec(meta["env"])
+    tasks = spec.tasks_for(cfg["tasks"])
+    torch.set_grad_enabled(False)
+    seeds = list(range(cfg["seed"], cfg["seed"] + cfg["num_seeds"]))
+    results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"])
+    results["checkpoint"] = str(cfg["checkpoint"])
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "eval_results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "eval_results.json")
+    plot_curve(results, out / "in_context_curve.png")
+    print_table(results)
+    print(f"wrote {out / 'eval_results.json'} and {out / 'in_context_curve.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,241 @@
+"""The Algorithm Distillation transformer (Laskin et al. 2022, arXiv 2210.14215).
+
+    >>> from model.ad import ADConfig, ADTransformer
+    >>> model = ADTransformer(ADConfig(n_states=81, n_actions=5, horizon=20, max_context=240))
+
+One token per environment step. Token `t` carries the state `s_t` the agent is in, the action
+`a_{t-1}` and reward `r_{t-1}` that led there, and the step's index within its episode; the model
+predicts `a_t` at every position (per-position loss: T predictions per forward pass).
+
+Positions are rotary (RoPE) and only relative distances enter attention. During rollout a key is
+rotated by its absolute step index when it enters the cache; a window that slides is then exactly a
+window of relative positions 0..T-1. When compression drops or merges cached tokens, the kept tokens
+are given new contiguous positions ending at the newest one (position-in-cache, as StreamingLLM
+2309.17453 does) by rotating their keys by the difference, so distances never exceed what training saw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ADConfig:
+    """Network hyper-parameters (stored in every checkpoint as plain data).
+
+    n_states    : number of discrete states (grid cells)
+    n_actions   : number of actions; `n_actions` itself is the "no previous action" id
+    horizon     : episode length; the within-episode step is embedded
+    max_context : transitions the model attends over (the window length T)
+    n_layer, n_head, d_model : transformer size; d_model / n_head must be even (rotary pairs)
+    dropout     : dropout on embeddings, attention and residual branches (training only)
+    rope_base   : rotary frequency base
+    """
+
+    n_states: int = 81
+    n_actions: int = 5
+    horizon: int = 20
+    max_context: int = 240
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 64
+    dropout: float = 0.1
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("n_states", "n_actions", "horizon", "max_context", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model/n_head must be an even integer, got {self.d_model}/{self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ADConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+
+class Tokens(NamedTuple):
+    """The model's input, every field `(B, T)`."""
+
+    states: torch.Tensor  # long, state id s_t
+    prev_actions: torch.Tensor  # long, a_{t-1}; n_actions = none
+    prev_rewards: torch.Tensor  # float, r_{t-1}
+    timesteps: torch.Tensor  # long, step index within the episode
+
+
+# ---- rotary positions -------------------------------------------------------------------------
+def rope_cos_sin(pos: torch.Tensor, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles for integer positions `pos` (...,) -> cos, sin (..., head_size // 2), float32.
+
+    Angles are computed in float64 so that large absolute step indices keep relative angles exact.
+    """
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64, device=pos.device) / head_size)
+    ang = pos.to(torch.float64).unsqueeze(-1) * inv_freq
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, Dh) by angles cos/sin broadcastable to (..., T, Dh/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class HookPoint(nn.Identity):
+    """Named identity that attention weights pass through; forward hooks attach here."""
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions.
+
+    Fused `scaled_dot_product_attention` by default; while `record` is True (set by
+    `model.capture.capture_attention`) the weights are computed explicitly, `(B, H, Tq, Tk)`,
+    and routed through `self.hook_weights`. Both paths give the same outputs.
+    """
+
+    def __init__(self, cfg: ADConfig):
+        super().__init__()
+        self.n_head, self.head_size, self.dropout = cfg.n_head, cfg.head_size, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.hook_weights = HookPoint()
+        self.record = False
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        return tuple(t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, T, Dh = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Full causal pass over (B, T, D); cos/sin (T, Dh/2) or (B, 1, T, Dh/2)."""
+        q, k, v = self._heads(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if not self.record:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            T = q.shape[-2]
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            attn = self.hook_weights(scores.masked_fill(~causal, float("-inf")).softmax(-1))  # (B, H, T, T)
+            y = F.dropout(attn, p) @ v
+        return self._merge(y)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        """One new token per sequence, (B, 1, D), attending over the cache (which it joins)."""
+        q, k, v = self._heads(x)  # (B, H, 1, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.write(layer, k, v)  # (B, H, n, Dh) valid slots, the new one included
+        scores = (q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H, 1, n)
+        attn = scores.softmax(-1)
+        if self.record:
+            attn = self.hook_weights(attn)
+        cache.observe(layer, attn)
+        return self._merge(attn @ values)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ADConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin))
+        return x + self.mlp(self.ln2(x))
+
+    def step(self, x, cos, sin, cache, layer):
+        x = x + self.attn.step(self.ln1(x), cos, sin, cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class ADTransformer(nn.Module):
+    """Causal transformer over a learning history; action logits at every position."""
+
+    def __init__(self, cfg: ADConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.state_emb = nn.Embedding(cfg.n_states, D)
+        self.action_emb = nn.Embedding(cfg.n_actions + 1, D)
+        self.reward_emb = nn.Linear(1, D)
+        self.time_emb = nn.Embedding(cfg.horizon, D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.n_actions)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def embed(self, tok: Tokens) -> torch.Tensor:
+        """Tokens (B, T) -> input embeddings (B, T, D)."""
+        x = self.state_emb(tok.states) + self.action_emb(tok.prev_actions) + self.time_emb(tok.timesteps)
+        return self.drop(x + self.reward_emb(tok.prev_rewards.unsqueeze(-1).float()))
+
+    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, D) at positions 0..T-1 -> logits (B, T, A)."""
+        T = x.shape[1]
+        if T > self.cfg.max_context:
+            raise ValueError(f"context of {T} tokens exceeds max_context={self.cfg.max_context}")
+        cos, sin = rope_cos_sin(torch.arange(T, device=x.device), self.cfg.head_size, self.cfg.rope_base)
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        return self.head(self.ln_f(x))
+
+    def forward(self, tok: Tokens) -> torch.Tensor:
+        """Tokens (B, T) -> action logits (B, T, A) at every position."""
+        return self.forward_embeddings(self.embed(tok))
+
+    @torch.no_grad()
+    def step(self, tok: Tokens, cache) -> torch.Tensor:
+        """Append one token per sequence (fields (B, 1)) to `cache`; return its logits (B, A)."""
+        return self.step_embeddings(self.embed(tok), cache)
+
+    @torch.no_grad()
+    def step_embeddings(self, x: torch.Tensor, cache) -> torch.Tensor:
+        pos = cache.advance()
+        cos, sin = rope_cos_sin(torch.tensor([pos], device=x.device), self.cfg.head_size, self.cfg.rope_base)
+        for i, blk in enumerate(self.blocks):
+            x = blk.step(x, cos, sin, cache, i)
+        return self.head(self.ln_f(x))[:, -1]
+
+    def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False):
+        from model.cache import KVCache
+
+        p = next(self.parameters())
+        return KVCache(
+            self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context,
+            self.cfg.head_size, p.device, p.dtype, track_scores=track_scores, rope_base=self.cfg.rope_base,
+        )  # fmt: skip

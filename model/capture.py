@@ -1,0 +1,113 @@
+"""Capture per-head attention weights with forward hooks, on the project's AD or any model built
+from `torch.nn.MultiheadAttention` (including inside `nn.TransformerEncoderLayer`).
+
+    >>> with capture_attention(model) as rec:
+    ...     logits = model(tokens)
+    >>> rec.weights["blocks.0.attn"][0].shape       # (B, H, Tq, Tk), rows sum to 1
+
+Hooks live exactly as long as the `with` block (removed in `finally`, also on exceptions). Hooks only
+observe: outputs are unchanged. For the project's attention module, capturing switches it to its
+explicit-softmax path (fused kernels never materialise weights) and the weights pass through its
+`hook_weights` identity. For `nn.MultiheadAttention`, a forward pre-hook asks for per-head weights
+(`need_weights=True, average_attn_weights=False`, overriding `nn.TransformerEncoderLayer`'s
+`need_weights=False`), and PyTorch's fused MHA fast path, which bypasses the module, is switched off
+for the duration and restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from model.ad import CausalSelfAttention
+
+
+class AttentionRecord:
+    """What a capture collected: `weights[name]` is a list with one `(B, H, Tq, Tk)` tensor per
+    forward call of the attention module `name` (its name in `model.named_modules()`), in call order."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.weights: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def clear(self) -> None:
+        self.weights.clear()
+
+    def stacked(self, call: int = -1) -> torch.Tensor:
+        """One call's weights of every captured module stacked: (L, B, H, Tq, Tk)."""
+        return torch.stack([self.weights[n][call] for n in self.names])
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every attention module the capture understands, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (CausalSelfAttention, nn.MultiheadAttention))]
+
+
+@contextmanager
+def capture_attention(
+    model: nn.Module,
+    layers: Iterable[int | str] | None = None,
+    device: str | torch.device = "cpu",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """Record the attention weights of `model` inside the block.
+
+    layers    : indices into `attention_modules(model)` or module names; None = all
+    device    : where the recorded (detached) tensors are stored
+    transform : applied to each (B, H, Tq, Tk) tensor before storing (e.g. keep the last query row)
+    """
+    found = attention_modules(model)
+    if not found:
+        raise ValueError("model has no attention module to capture (CausalSelfAttention or nn.MultiheadAttention)")
+    if layers is not None:
+        by_name = dict(found)
+        chosen = []
+        for sel in layers:
+            if isinstance(sel, int):
+                if not -len(found) <= sel < len(found):
+                    raise ValueError(f"layer {sel} out of range: the model has {len(found)} attention modules")
+                chosen.append(found[sel])
+            elif sel in by_name:
+                chosen.append((sel, by_name[sel]))
+            else:
+                raise ValueError(f"unknown attention module {sel!r}; valid: {[n for n, _ in found]}")
+        found = chosen
+    rec = AttentionRecord([n for n, _ in found])
+    handles, restore = [], []
+
+    def store(name: str, w: torch.Tensor) -> None:
+        w = w.detach()
+        rec.weights[name].append((transform(w) if transform else w).to(device))
+
+    try:
+        for name, mod in found:
+            if isinstance(mod, CausalSelfAttention):
+                restore.append((mod, mod.record))
+                mod.record = True
+                handles.append(mod.hook_weights.register_forward_hook(lambda _m, _i, out, name=name: store(name, out)))
+            else:
+                handles.append(mod.register_forward_pre_hook(_ask_per_head_weights, with_kwargs=True))
+                handles.append(mod.register_forward_hook(lambda _m, _i, out, name=name: store(name, out[1])))
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            yield rec
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, was in restore:
+            mod.record = was
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _ask_per_head_weights(_module, args, kwargs):
+    kwargs = dict(zip(_MHA_ARGS[3:], args[3:])) | kwargs | {"need_weights": True, "average_attn_weights": False}
+    return args[:3], kwargs

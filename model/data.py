@@ -1,0 +1,87 @@
+"""Learning histories on disk -> training windows for AD.
+
+    >>> data = HistoryData.from_dir("data/darkroom", spec, tasks=spec.tasks_for("train"), context=240)
+    >>> tok, target = data.sample(np.random.default_rng(0), batch_size=32)   # Tokens (B, T), (B, T)
+
+A window is `context` consecutive steps of one learning stream, after keeping every `stride`-th
+episode of that stream: a stride above 1 packs more of the source learner's improvement into one
+context (AD, arXiv 2210.14215, subsamples its histories for the same reason).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import UserError
+from model.ad import Tokens
+
+
+class HistoryData:
+    """All streams of the given tasks: states/actions/rewards `(S, N)` with `N` a multiple of horizon."""
+
+    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,)):
+        self.states, self.actions, self.rewards = states, actions, rewards
+        self.horizon, self.n_actions, self.context = horizon, n_actions, context
+        self.strides = np.asarray(strides, dtype=np.int64)
+        self.n_streams, n_steps = states.shape
+        self.n_episodes = n_steps // horizon
+        if (self.strides < 1).any():
+            raise UserError(f"episode strides must be >= 1, got {self.strides.tolist()}")
+        need = -(-context // horizon)  # episodes one window spans
+        shortest = (self.n_episodes - self.strides) // self.strides + 1  # kept episodes at the worst offset
+        if (shortest < need).any():
+            raise UserError(
+                f"histories of {self.n_episodes} episodes are too short for context {context} at episode strides "
+                f"{self.strides.tolist()}: collect more timesteps or lower the context/strides"
+            )
+
+    @classmethod
+    def from_dir(cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,)) -> HistoryData:
+        data_dir = Path(data_dir)
+        all_tasks = spec.tasks()
+        states, actions, rewards = [], [], []
+        for task in tasks:
+            f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
+            if not f.is_file():
+                raise UserError(f"missing learning history {f} for task {json.dumps(task)}: run collect.py first")
+            try:
+                with np.load(f) as d:
+                    if json.loads(str(d["task"])) != task:
+                        raise UserError(f"{f} holds task {d['task']}, expected {json.dumps(task)}")
+                    states.append(spec.state_index(d["states"].astype(np.int64)).astype(np.int16))
+                    actions.append(d["actions"].astype(np.int8))
+                    rewards.append(d["rewards"].astype(np.float32))
+            except (OSError, KeyError, ValueError) as e:
+                raise UserError(f"corrupt learning history {f}: {e}") from None
+        n = min(s.shape[1] for s in states) // spec.horizon * spec.horizon
+        cat = lambda xs: np.concatenate([x[:, :n] for x in xs])  # noqa: E731
+        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides)
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Tokens, torch.Tensor]:
+        """Random windows -> (Tokens with (B, T) fields, target actions (B, T))."""
+        B, T, H = batch_size, self.context, self.horizon
+        stream = rng.integers(self.n_streams, size=B)
+        stride = self.strides[rng.integers(len(self.strides), size=B)]
+        offset = rng.integers(0, stride)  # first kept episode
+        n_sub = (self.n_episodes - offset - 1) // stride + 1  # kept episodes
+        start = rng.integers(0, n_sub * H - T + 1)  # window start, in kept steps
+        j = start[:, None] + np.arange(-1, T)[None]  # (B, T+1), one step of look-back
+        src = (offset[:, None] + (j // H) * stride[:, None]) * H + j % H  # step in the stream
+        src = np.maximum(src, 0)
+        states = self.states[stream[:, None], src[:, 1:]]
+        acts = self.actions[stream[:, None], src].astype(np.int64)
+        rews = self.rewards[stream[:, None], src]
+        first = j[:, :-1] < 0  # the window starts the stream: no previous step
+        prev_a = np.where(first, self.n_actions, acts[:, :-1])
+        prev_r = np.where(first, 0.0, rews[:, :-1])
+        tok = Tokens(
+            torch.from_numpy(states.astype(np.int64)),
+            torch.from_numpy(prev_a),
+            torch.from_numpy(prev_r.astype(np.float32)),
+            torch.from_numpy((j[:, 1:] % H).astype(np.int64)),
+        )
+        return tok, torch.from_numpy(acts[:, 1:])

@@ -1,0 +1,169 @@
+"""In-context rollout: the AD model acts in B environments at once, its context growing by one
+token per step, optionally compressed. Two engines compute the same policy:
+
+    kv     one new token per step through a key/value cache (the project's default)
+    rerun  the whole context re-run through the transformer every step (how AD is often evaluated,
+           and what a model with learned absolute positions must do)
+
+    >>> out = run_episodes(model, venv, spec, n_episodes=50, engine="kv", seed=0)
+    >>> out["returns"].shape          # (B, n_episodes)
+
+Both engines see exactly the same tokens. Until the context holds `max_context` tokens they give the
+same action probabilities (test); after that, `kv` keeps the cached keys/values of older tokens as
+they were computed when those tokens arrived (a streaming window, as in Transformer-XL and
+StreamingLLM), while `rerun` recomputes them from the window alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.ad import ADTransformer, Tokens
+from model.capture import capture_attention
+from model.compression import Compression
+
+ENGINES = ("kv", "rerun")
+
+
+class KVEngine:
+    """Incremental rollout over a `KVCache`; compression acts on the cache."""
+
+    def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None):
+        self.model, self.comp, self.T = model, compression, model.cfg.max_context
+        self.cache = model.new_cache(batch, track_scores=bool(compression and compression.needs_scores))
+        self._since = 0
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def step(self, tok: Tokens) -> torch.Tensor:
+        logits = self.model.step(tok, self.cache)  # (B, A)
+        self._since += 1
+        if self.comp is not None and self.comp.due(self._since, len(self.cache), self.T):
+            n = len(self.cache)
+            scores = self.cache.temporal()["scores"] if self.comp.needs_scores else None
+            assign, weight, n_out = self.comp.plan(n, self.T, scores=scores, batch=self.cache.k.shape[1])
+            self.cache.apply_plan(assign.to(self.cache.k.device), weight.to(self.cache.k.device), n_out)
+            self._since = 0
+        return logits
+
+
+class RerunEngine:
+    """Re-runs the whole context each step; compression acts on the history of input embeddings."""
+
+    def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None):
+        self.model, self.comp, self.T = model, compression, model.cfg.max_context
+        p = next(model.parameters())
+        self.x = torch.zeros(batch, self.T, model.cfg.d_model, device=p.device, dtype=p.dtype)  # (B, T, D)
+        self.n = 0
+        self._since = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @torch.no_grad()
+    def step(self, tok: Tokens) -> torch.Tensor:
+        new = self.model.embed(tok)  # (B, 1, D)
+        if self.n == self.T:  # slide: drop the oldest
+            self.x = torch.roll(self.x, -1, dims=1)
+            self.n -= 1
+        self.x[:, self.n] = new[:, 0]
+        self.n += 1
+        self._since += 1
+        due = self.comp is not None and self.comp.due(self._since, self.n, self.T)
+        if due and self.comp.needs_scores:
+            with capture_attention(self.model) as rec:
+                logits = self.model.forward_embeddings(self.x[:, : self.n])[:, -1]
+            # H2O-style scores: attention received from the queries since the last compression
+            attn = rec.stacked()[:, :, :, -self._since :]  # (L, B, H, q, n)
+            scores = attn.sum(3).mean((0, 2))  # (B, n)
+        else:
+            logits = self.model.forward_embeddings(self.x[:, : self.n])[:, -1]
+            scores = None
+        if due:
+            assign, weight, n_out = self.comp.plan(self.n, self.T, scores=scores, batch=self.x.shape[0])
+            self.x[:, :n_out] = merge_rows(self.x[:, : self.n], assign.to(self.x.device), weight.to(self.x.device), n_out)
+            self.n = n_out
+            self._since = 0
+        return logits
+
+
+def merge_rows(x: torch.Tensor, assign: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Apply a merge plan to (B, n, D) rows -> (B, n_out, D) weighted means."""
+    B, n, D = x.shape
+    w = torch.where(assign >= 0, weight, torch.zeros_like(weight)).to(x.dtype)  # (B, n)
+    tgt = assign.clamp(min=0)
+    num = torch.zeros(B, n_out, D, dtype=x.dtype, device=x.device).scatter_add_(1, tgt[..., None].expand(B, n, D), x * w[..., None])
+    den = torch.zeros(B, n_out, dtype=x.dtype, device=x.device).scatter_add_(1, tgt, w)
+    return num / den[..., None]
+
+
+def make_engine(name: str, model: ADTransformer, batch: int, compression: Compression | None = None):
+    if name == "kv":
+        return KVEngine(model, batch, compression)
+    if name == "rerun":
+        return RerunEngine(model, batch, compression)
+    raise ValueError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
+
+
+@torch.no_grad()
+def run_episodes(
+    model: ADTransformer,
+    venv,
+    spec,
+    n_episodes: int,
+    engine: str = "kv",
+    compression: Compression | None = None,
+    greedy: bool = False,
+    seed: int = 0,
+    on_step: Callable | None = None,
+    progress: bool = False,
+) -> dict:
+    """Roll the model out in-context for `n_episodes` episodes in every environment of `venv`.
+
+    venv     : a stable-baselines3-style VecEnv (reset() -> obs (B, 2); step(a) -> obs, r, done, info)
+               whose episodes all last `spec.horizon` steps
+    on_step  : called as on_step(t, tok, actions, rewards, engine) after every step
+    Returns returns (B, n_episodes), time_s, env_steps_per_second, mean_context_length.
+    """
+    if n_episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {n_episodes}")
+    model.eval()
+    device = next(model.parameters()).device
+    B, H = venv.num_envs, spec.horizon
+    eng = make_engine(engine, model, B, compression)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    returns = np.zeros((B, n_episodes))
+    prev_a = torch.full((B, 1), model.cfg.n_actions, dtype=torch.long, device=device)
+    prev_r = torch.zeros(B, 1, device=device)
+    ctx_total = 0
+    obs = venv.reset()
+    n_steps = n_episodes * H
+    t0 = time.perf_counter()
+    for t in tqdm(range(n_steps), desc=f"rollout[{engine}]", disable=not progress, leave=False):
+        states = torch.as_tensor(spec.state_index(obs), device=device).view(B, 1)
+        tok = Tokens(states, prev_a, prev_r, torch.full((B, 1), t % H, dtype=torch.long, device=device))
+        logits = eng.step(tok)  # (B, A)
+        ctx_total += len(eng)
+        if greedy:
+            actions = logits.argmax(-1)
+        else:
+            actions = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        obs, rewards, _dones, _infos = venv.step(actions.cpu().numpy())
+        returns[:, t // H] += rewards
+        if on_step is not None:
+            on_step(t, tok, actions, rewards, eng)
+        prev_a = actions.view(B, 1)
+        prev_r = torch.as_tensor(rewards, dtype=torch.float32, device=device).view(B, 1)
+    elapsed = time.perf_counter() - t0
+    return {
+        "returns": returns,
+        "time_s": elapsed,
+        "env_steps_per_second": B * n_steps / elapsed,
+        "mean_context_length": ctx_total / n_steps,
+    }

@@ -1,0 +1,204 @@
+"""Train an Algorithm Distillation transformer on learning histories (training tasks only).
+
+    python train.py --data data/darkroom --out checkpoints/my_ad --steps 3000
+    torchrun --nproc_per_node=2 train.py --data data/darkroom --out checkpoints/my_ad   # DDP
+
+The loss is the cross-entropy of the source learner's action at every context position.
+AdamW with linear warmup and cosine decay, gradient clipping, a validation loss on the held-out
+tasks' histories every `eval_every` steps, and atomic checkpoints: `OUT/model.pt` (weights and
+resolved config, what every other script loads) and `OUT/train_state.pt` (optimizer, for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import UserError, add_config_flags, load_yaml, resolve, run_cli, section
+from env import get_spec
+from model.ad import ADConfig, ADTransformer
+from model.checkpoint import read_checkpoint, resolve_device, save_atomic
+from model.data import HistoryData
+
+TRAIN_CONFIG = {
+    "data": "data/darkroom",  # folder written by collect.py
+    "out": "checkpoints/my_ad",  # model.pt, train_state.pt, metrics.jsonl, train_config.json
+    "env": "darkroom",
+    "size": 9,
+    "context": 240,  # transitions per window (= the model's max_context)
+    "n_layer": 4,
+    "n_head": 4,
+    "d_model": 64,
+    "dropout": 0.1,
+    "episode_strides": [4],  # keep every k-th episode of a stream; one k drawn per window
+    "steps": 3000,
+    "batch_size": 32,  # windows per step (per process under torchrun)
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 100,
+    "grad_clip": 1.0,
+    "eval_every": 250,  # validation loss on held-out tasks every K steps
+    "val_batches": 4,
+    "save_every": 500,  # checkpoint every K steps (and at the end)
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda
+    "threads": 0,  # torch CPU threads per process (0 = torch's default)
+    "resume": False,  # continue from OUT/train_state.pt
+}
+HELP = {"episode_strides": "episode subsampling strides of the learning histories", "resume": "continue from OUT/train_state.pt"}
+MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@torch.no_grad()
+def _validate(model, val_batches, device) -> tuple[float, float]:
+    model.eval()
+    losses, accs = [], []
+    for tok, tgt in val_batches:
+        logits = model(type(tok)(*[t.to(device) for t in tok]))
+        losses.append(F.cross_entropy(logits.flatten(0, 1), tgt.to(device).flatten()).item())
+        accs.append((logits.argmax(-1).cpu() == tgt).float().mean().item())
+    model.train()
+    return float(np.mean(losses)), float(np.mean(accs))
+
+
+def parse(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with 'env', 'model' and 'train' sections")
+    add_config_flags(parser, TRAIN_CONFIG, HELP)
+    args = parser.parse_args(argv)
+    ycfg = load_yaml(args.config) if args.config else {}
+    flat = {}
+    env_sec = section(ycfg, "env", ["name", "size", "horizon", "n_holdout", "split_seed"])
+    if "name" in env_sec:
+        flat["env"] = env_sec.pop("name")
+    if "size" in env_sec:
+        flat["size"] = env_sec.pop("size")
+    model_sec = section(ycfg, "model", MODEL_KEYS + ("context",))
+    flat.update(model_sec)
+    flat.update(section(ycfg, "train", TRAIN_CONFIG))
+    cfg = resolve(TRAIN_CONFIG, args, flat)
+    cfg["env_extra"] = env_sec
+    for key in ("steps", "batch_size", "context", "eval_every", "save_every", "val_batches"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["lr"] <= 0:
+        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
+    return cfg
+
+
+def main(argv=None) -> Path:
+    cfg = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg["device"])
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
+    train_tasks, held_tasks = spec.split()
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"])
+    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"])
+    val_rng = np.random.default_rng(12345)
+    val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
+
+    mcfg = ADConfig(
+        n_states=spec.n_states, n_actions=spec.n_actions, horizon=spec.horizon, max_context=cfg["context"],
+        **{k: cfg[k] for k in MODEL_KEYS},
+    )  # fmt: skip
+    model = ADTransformer(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
+    out = Path(cfg["out"])
+    step = 0
+    if cfg["resume"]:
+        state = read_checkpoint(out / "train_state.pt")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        if rank == 0:
+            print(f"resuming from step {step}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    rng = np.random.default_rng(cfg["seed"] + 1000 * rank + step)
+
+    meta = {
+        "model": mcfg.to_dict(),
+        "env": spec.to_dict(),
+        "train": {k: v for k, v in cfg.items() if k != "env_extra"} | {"world_size": world},
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(meta, indent=2))
+        print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {data.n_streams} training streams "
+              f"of {data.n_episodes} episodes from {len(train_tasks)} tasks; device {device}, {world} process(es)")  # fmt: skip
+
+    def save(final: bool = False):
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_atomic({"model": weights, "config": meta, "step": step}, out / "model.pt")
+        save_atomic({"model": weights, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, out / "train_state.pt")
+
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=cfg["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    while step < cfg["steps"]:
+        tok, tgt = data.sample(rng, cfg["batch_size"])
+        tok = type(tok)(*[t.to(device, non_blocking=True) for t in tok])
+        tgt = tgt.to(device)
+        logits = ddp(tok)  # (B, T, A): a prediction at every position
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        sched.step()
+        step += 1
+        if rank == 0:
+            acc = (logits.argmax(-1) == tgt).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+            bar.update(1)
+            row = {"step": step, "loss": round(loss.item(), 5), "acc": round(acc, 4), "time_s": round(time.time() - t0, 1)}
+            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+                row["val_loss"], row["val_acc"] = _validate(model, val_batches, device)
+                bar.write(f"step {step}: train loss {loss.item():.4f}, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}")
+            log.write(json.dumps(row) + "\n")
+            if step % cfg["save_every"] == 0 or step == cfg["steps"]:
+                log.flush()
+                save()
+    bar.close()
+    if rank == 0:
+        log.close()
+        print(f"trained {step} steps in {time.time() - t0:.0f} s -> {out / 'model.pt'}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out / "model.pt"
+
+
+if __name__ == "__main__":
+    run_cli(main)
