@@ -68,9 +68,12 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict | None = None) -> None:
-    """One `--some-key` flag per key of a script's config dict, typed by its default value."""
-    help = help or {}
+def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict | None = None, aliases: dict | None = None) -> None:
+    """One `--some-key` flag per key of a script's config dict, typed by its default value.
+
+    aliases: extra flag names per key, e.g. {"compression_ratio": ["--ratio"]}.
+    """
+    help, aliases = help or {}, aliases or {}
     for key, value in defaults.items():
         kw: dict = {"dest": key, "default": None, "help": f"{help.get(key, '')} (default: {value})".strip()}
         if isinstance(value, bool):
@@ -81,7 +84,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict
             kw["type"] = type(value)
         else:
             kw["type"] = str
-        parser.add_argument(_flag(key), **kw)
+        parser.add_argument(*aliases.get(key, []), _flag(key), **kw)
 
 
 def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None = None) -> dict:

@@ -1,0 +1,238 @@
+"""History compression for AD inference: measured speedup against measured loss of return.
+
+    python compression_template.py                                  # COMPRESSION_CONFIG below
+    python compression_template.py --strategy topk --ratio 0.3 --interval 10 --seeds 0 1 2
+    python compression_template.py --sweep --out runs/compression   # every strategy x ratio
+
+Runs the same held-out in-context evaluation with and without compression, same seeds, in one
+process, and reports `speedup = time_without / time_with` (the whole rollout: model and environment)
+and `performance_loss = (return_without - return_with) / return_without` (mean episode return over
+all tasks and episodes). Writes OUT/compression_results.json; with --sweep also
+OUT/compression_tradeoff.png and a printed table.
+
+Adding a strategy: write a small dataclass in model/compression.py (fields = its parameters; a
+`keep_mask` for a pure selection or a `plan` for merging) and add one line to `STRATEGIES`:
+
+    @dataclass
+    class Strided(Compression):
+        '''Keep every other old token and the newest ones.'''
+        keep_recent: int = 20
+        def keep_mask(self, n, budget, scores, batch):
+            keep = torch.zeros(batch, n, dtype=torch.bool)
+            keep[:, n - self.keep_recent:] = True
+            old = torch.arange(n - self.keep_recent).flip(0)[::2][: budget - self.keep_recent]
+            keep[:, old] = True
+            return keep
+
+    STRATEGIES["strided"] = Strided
+
+Then `python compression_template.py --strategy strided` measures it like the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import UserError, add_config_flags, resolve, run_cli  # noqa: E402
+from env import get_spec  # noqa: E402
+from evaluate import make_vec_env  # noqa: E402
+from model.checkpoint import load_model, resolve_device  # noqa: E402
+from model.compression import STRATEGIES, make_compression  # noqa: E402
+from model.rollout import ENGINES, run_episodes  # noqa: E402
+
+COMPRESSION_CONFIG = {
+    "use_compression": True,  # False: only the uncompressed baseline is measured
+    "compression_interval": 20,  # steps between compressions
+    "compression_ratio": 0.5,  # fraction of the model's context kept (1.0 = no compression)
+    "compression_strategy": "fixed_window",  # none | fixed_window | topk | pooling | sink_window
+    "keep_recent": 20,  # fixed_window / pooling / topk: newest tokens always kept as they are
+    "window_size": 0,  # pooling: tokens per pooled window (0 = as large as the budget needs)
+    "n_sink": 4,  # sink_window: first tokens kept (attention sinks)
+    "engine": "kv",  # kv (KV-cached incremental rollout) | rerun (whole window re-run every step)
+    "compare_rerun": False,  # also time the uncompressed rerun engine (combined gain of compressed kv)
+    "episodes": 50,  # in-context episodes per task
+    "seeds": [0, 1, 2],  # sampling seeds; the same for both runs
+    "tasks": "test",  # test (held-out) | train
+    "checkpoint": "default",
+    "device": "cpu",
+    "sweep": False,  # every strategy x SWEEP_RATIOS
+    "out": "runs/compression",
+}
+SWEEP_RATIOS = (0.7, 0.5, 0.3, 0.2, 0.1)
+ALIASES = {"compression_strategy": ["--strategy"], "compression_ratio": ["--ratio"], "compression_interval": ["--interval"]}
+HELP = {"compare_rerun": "also time the uncompressed rerun engine", "sweep": "every strategy x ratios 0.7..0.1"}
+
+
+def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
+    """The strategy object for one configuration; only the parameters the strategy has are passed."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown compression strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    valid = {f.name for f in fields(STRATEGIES[strategy])}
+    params = {"ratio": ratio, "interval": cfg["compression_interval"], "keep_recent": cfg["keep_recent"], "n_sink": cfg["n_sink"]}
+    params["window_size"] = cfg["window_size"] or None
+    try:
+        return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+class Bench:
+    """Held-out rollouts of one model, timed; the uncompressed baselines are computed once per engine."""
+
+    def __init__(self, model, spec, tasks, cfg):
+        self.model, self.spec, self.tasks, self.cfg = model, spec, tasks, cfg
+        self.venv = make_vec_env(spec, tasks, "dummy")
+        self._baseline: dict = {}
+
+    def run(self, engine: str, compression, seed: int) -> dict:
+        out = run_episodes(self.model, self.venv, self.spec, self.cfg["episodes"], engine=engine, compression=compression, seed=seed)
+        return {"time_s": out["time_s"], "return": float(out["returns"].mean()), "context": out["mean_context_length"],
+                "last10": float(out["returns"][:, -10:].mean())}  # fmt: skip
+
+    def baseline(self, engine: str) -> list[dict]:
+        if engine not in self._baseline:
+            self._baseline[engine] = [self.run(engine, None, s) for s in self.cfg["seeds"]]
+        return self._baseline[engine]
+
+    def row(self, engine: str, strategy: str, compression) -> dict:
+        full = self.baseline(engine)
+        comp = [self.run(engine, compression, s) for s in self.cfg["seeds"]]
+        speed = np.array([f["time_s"] / c["time_s"] for f, c in zip(full, comp)])
+        loss = np.array([(f["return"] - c["return"]) / f["return"] if f["return"] else 0.0 for f, c in zip(full, comp)])
+        row = {
+            "engine": engine,
+            "strategy": strategy,
+            "ratio": compression.ratio,
+            "interval": compression.interval,
+            "params": {f.name: getattr(compression, f.name) for f in fields(compression)},
+            "mean_context_length": float(np.mean([c["context"] for c in comp])),
+            "full_context_length": float(np.mean([f["context"] for f in full])),
+            "speedup": float(speed.mean()),
+            "speedup_std": float(speed.std()),
+            "return_full": float(np.mean([f["return"] for f in full])),
+            "return_compressed": float(np.mean([c["return"] for c in comp])),
+            "return_full_last10": float(np.mean([f["last10"] for f in full])),
+            "return_compressed_last10": float(np.mean([c["last10"] for c in comp])),
+            "performance_loss": float(loss.mean()),
+            "performance_loss_std": float(loss.std()),
+            "time_full_s": float(np.mean([f["time_s"] for f in full])),
+            "time_compressed_s": float(np.mean([c["time_s"] for c in comp])),
+            "seeds": list(self.cfg["seeds"]),
+            "episodes": self.cfg["episodes"],
+            "n_tasks": len(self.tasks),
+        }
+        if engine == "kv" and self.cfg["compare_rerun"]:
+            rerun = self.baseline("rerun")
+            row["speedup_vs_rerun_full"] = float(np.mean([r["time_s"] / c["time_s"] for r, c in zip(rerun, comp)]))
+        return row
+
+    def close(self):
+        self.venv.close()
+
+
+def plot_tradeoff(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 6))
+    lo = min([r["performance_loss"] * 100 for r in rows] + [-1])
+    hi = max([r["performance_loss"] * 100 for r in rows] + [10])
+    top = max([r["speedup"] for r in rows] + [2.5]) * 1.1
+    ax.fill_between([lo - 1, 5], 2, top, color="tab:green", alpha=0.12, label="> 2x faster, < 5% loss")
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        rs = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: -r["ratio"])
+        x = [r["performance_loss"] * 100 for r in rs]
+        y = [r["speedup"] for r in rs]
+        ax.plot(x, y, "o-", label=strategy)
+        for r, xi, yi in zip(rs, x, y):
+            ax.annotate(f"{r['ratio']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set(xlim=(lo - 1, hi + 1), ylim=(0, top), xlabel="performance loss (% of uncompressed return)", ylabel="speedup (x, whole rollout)")
+    engine = rows[0]["engine"]
+    ax.set_title(f"Compression trade-off ({engine} engine; labels = ratio kept; mean over seeds {rows[0]['seeds']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'engine':<7}{'strategy':<14}{'ratio':>6}{'context':>9}{'speedup':>10}{'return':>9}{'loss %':>9}")
+    for r in rows:
+        print(f"{r['engine']:<7}{r['strategy']:<14}{r['ratio']:>6.2f}{r['mean_context_length']:>9.1f}"
+              f"{r['speedup']:>9.2f}x{r['return_compressed']:>9.2f}{100 * r['performance_loss']:>8.1f}%")  # fmt: skip
+
+
+def best_within(rows: list[dict], max_loss: float = 0.05) -> dict | None:
+    ok = [r for r in rows if r["performance_loss"] < max_loss and r["strategy"] != "none"]
+    return max(ok, key=lambda r: r["speedup"]) if ok else None
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
+    cfg = resolve(COMPRESSION_CONFIG, parser.parse_args(argv))
+    if cfg["engine"] not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
+    if cfg["episodes"] < 1:
+        raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
+    if not cfg["seeds"]:
+        raise UserError("--seeds needs at least one seed")
+    device = resolve_device(cfg["device"])
+    model, meta = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], device)
+    context = model.cfg.max_context
+    # validate every configuration before running or writing anything
+    if cfg["sweep"]:
+        configs = [(s, r) for s in STRATEGIES if s != "none" for r in SWEEP_RATIOS]
+    elif cfg["use_compression"]:
+        configs = [(cfg["compression_strategy"], cfg["compression_ratio"])]
+    else:
+        configs = [("none", 1.0)]
+    comps = [(s, build_compression(cfg, s, r, context)) for s, r in configs]
+    spec = get_spec(meta["env"])
+    if cfg["tasks"] not in ("test", "train"):
+        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
+    tasks = spec.tasks_for(cfg["tasks"])
+    torch.set_grad_enabled(False)
+    bench = Bench(model, spec, tasks, cfg)
+    try:
+        run_episodes(model, bench.venv, spec, 1, engine=cfg["engine"])  # warm-up, untimed
+        rows = []
+        for i, (s, comp) in enumerate(comps):
+            print(f"[{i + 1}/{len(comps)}] {cfg['engine']} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
+            rows.append(bench.row(cfg["engine"], s, comp))
+    finally:
+        bench.close()
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"rows": rows, "config": cfg, "model_context": context, "device": str(device), "torch_threads": torch.get_num_threads()}
+    best = best_within(rows)
+    result["recommended"] = best
+    tmp = out / "compression_results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "compression_results.json")
+    print_table(rows)
+    if cfg["sweep"]:
+        plot_tradeoff(rows, out / "compression_tradeoff.png")
+    if best:
+        print(f"fastest within 5% loss: {best['strategy']} ratio {best['ratio']} -> {best['speedup']:.2f}x, loss {100 * best['performance_loss']:.1f}%")
+    else:
+        print("no configuration stayed within 5% loss")
+    print(f"wrote {out / 'compression_results.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

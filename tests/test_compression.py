@@ -1,0 +1,222 @@
+"""Compression strategies, cache compaction, compressed rollouts and compression_template.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from env import get_spec, make_env
+from model import ADConfig, ADTransformer
+from model.ad import apply_rope, rope_cos_sin
+from model.cache import KVCache
+from model.checkpoint import save_atomic
+from model.compression import STRATEGIES, make_compression
+from model.rollout import ENGINES, merge_rows, run_episodes
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
+PARAMS = {"none": {}, "fixed_window": {"keep_recent": 3}, "topk": {"keep_recent": 2}, "pooling": {"keep_recent": 3}, "sink_window": {"n_sink": 2}}
+
+
+def _tiny(max_context=20):
+    torch.manual_seed(0)
+    return ADTransformer(ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)).eval()
+
+
+def _kept(assign, row=0):
+    return [i for i, a in enumerate(assign[row].tolist()) if a >= 0]
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "none"])
+def test_plan_fits_budget_and_keeps_newest(name):
+    comp = make_compression(name, context=20, ratio=0.5, interval=1, **PARAMS[name])
+    scores = torch.rand(2, 16)
+    assign, weight, n_out = comp.plan(16, 20, scores=scores)
+    assert n_out == comp.budget(20) == 10
+    assert assign.shape == weight.shape == (2, 16)
+    for b in range(2):
+        a = assign[b]
+        assert a[-1] == n_out - 1  # the newest token stays, last
+        used = a[a >= 0]
+        assert set(used.tolist()) == set(range(n_out))  # every output slot gets a token
+        assert (used.diff() >= 0).all()  # temporal order is kept
+
+
+def test_fixed_window_keeps_recent_and_merges_older():
+    comp = make_compression("fixed_window", context=20, ratio=0.5, keep_recent=4)
+    assign, weight, n_out = comp.plan(16, 20)
+    assert n_out == 10
+    assert assign[0, -4:].tolist() == [6, 7, 8, 9]  # the last 4 as they are
+    assert sorted(set(assign[0, :12].tolist())) == list(range(6))  # 12 older -> 6 merged slots of 2
+    assert (weight == 1).all()
+
+
+def test_sink_window_keeps_first_and_last():
+    comp = make_compression("sink_window", context=20, ratio=0.25, n_sink=2)
+    assign, _, n_out = comp.plan(16, 20)
+    assert n_out == 5 and _kept(assign) == [0, 1, 13, 14, 15]
+
+
+def test_topk_keeps_highest_scores():
+    comp = make_compression("topk", context=10, ratio=0.5, keep_recent=1)
+    scores = torch.tensor([[0.1, 0.9, 0.0, 0.5, 0.2, 0.8, 0.05, 0.3, 0.0, 0.01]])
+    assign, _, n_out = comp.plan(10, 10, scores=scores)
+    assert n_out == 5 and _kept(assign) == [1, 3, 5, 7, 9]  # top-4 older by score + the newest
+
+
+def test_identity_at_ratio_one():
+    for name in STRATEGIES:
+        comp = make_compression(name, context=12, ratio=1.0, **PARAMS[name])
+        assign, weight, n_out = comp.plan(12, 12, scores=torch.rand(1, 12))
+        assert n_out == 12 and assign[0].tolist() == list(range(12)) and (weight == 1).all()
+        assert not comp.due(100, 12, 12)
+
+
+def test_pooling_conserves_attention_mass_and_weights_by_attention():
+    comp = make_compression("pooling", context=12, ratio=0.5, keep_recent=2, interval=1)
+    cache = KVCache(1, 2, 1, 12, 4, "cpu", torch.float32, track_scores=True)
+    for _ in range(12):
+        cache.advance()
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.scores[:, :12] = torch.rand(2, 12)
+    total = cache.scores[:, :12].sum(1)
+    v_before = cache.temporal()["v"][0, 0, 0].clone()  # (12, Dh) of batch 0
+    s_before = cache.scores[0, :12].clone()
+    assign, weight, n_out = comp.plan(12, 12, scores=cache.temporal()["scores"])
+    cache.apply_plan(assign, weight, n_out)
+    assert len(cache) == n_out == 6
+    torch.testing.assert_close(cache.scores[:, :n_out].sum(1), total)
+    # the first pooled slot's value is the attention-weighted mean of its members
+    members = [i for i in range(12) if assign[0, i] == 0]
+    w = s_before[members] + 1e-6
+    expect = (v_before[members] * w[:, None]).sum(0) / w.sum()
+    torch.testing.assert_close(cache.v[0, 0, 0, 0], expect, atol=1e-5, rtol=0)
+
+
+def test_apply_plan_rerotates_kept_keys_to_contiguous_positions():
+    Dh = 8
+    cache = KVCache(1, 1, 1, 10, Dh, "cpu", torch.float32)
+    raw = torch.randn(10, Dh)
+    for t in range(10):
+        pos = cache.advance()
+        cos, sin = rope_cos_sin(torch.tensor([pos]), Dh, 10000.0)
+        k = apply_rope(raw[t : t + 1], cos, sin)
+        cache.write(0, k.view(1, 1, 1, Dh), k.view(1, 1, 1, Dh))
+    keep = torch.tensor([[True, False, False, True, False, True, False, False, True, True]])
+    assign = torch.where(keep, keep.long().cumsum(1) - 1, torch.full_like(keep, -1, dtype=torch.long))
+    cache.apply_plan(assign, keep.float(), 5)
+    assert cache.pos[0, :5].tolist() == [5, 6, 7, 8, 9]  # contiguous, ending at the newest
+    kept = [0, 3, 5, 8, 9]
+    cos, sin = rope_cos_sin(torch.arange(5, 10), Dh, 10000.0)
+    torch.testing.assert_close(cache.k[0, 0, 0, :5], apply_rope(raw[kept], cos, sin), atol=1e-5, rtol=0)
+
+
+def test_merge_rows_weighted_mean():
+    x = torch.arange(12.0).view(1, 4, 3)
+    out = merge_rows(x, torch.tensor([[0, 0, -1, 1]]), torch.tensor([[1.0, 3.0, 5.0, 1.0]]), 2)
+    torch.testing.assert_close(out[0, 0], (x[0, 0] + 3 * x[0, 1]) / 4)
+    torch.testing.assert_close(out[0, 1], x[0, 3])
+
+
+def _rollout(model, engine, comp, episodes=8, seed=1):
+    tasks = SPEC.tasks_for("test")
+    venv = DummyVecEnv([make_env(SPEC, **t) for t in tasks])
+    acts = []
+    out = run_episodes(model, venv, SPEC, episodes, engine=engine, compression=comp, seed=seed,
+                       on_step=lambda t, tok, a, r, e: acts.append(a.tolist()))  # fmt: skip
+    return out, acts
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ratio_one_reproduces_uncompressed_actions(engine):
+    model = _tiny(max_context=20)
+    _, ref = _rollout(model, engine, None)
+    for name in STRATEGIES:
+        comp = make_compression(name, context=20, ratio=1.0, interval=3, **PARAMS[name])
+        _, acts = _rollout(model, engine, comp)
+        assert acts == ref, name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "none"])
+def test_compressed_rollout_end_to_end(engine, name):
+    model = _tiny(max_context=20)
+    comp = make_compression(name, context=20, ratio=0.3, interval=4, **PARAMS[name])
+    out, _ = _rollout(model, engine, comp)
+    full, _ = _rollout(model, engine, None)
+    assert out["returns"].shape == (2, 8)
+    assert out["mean_context_length"] < full["mean_context_length"]
+    assert out["mean_context_length"] <= comp.budget(20) + comp.interval
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratio": 0.0}, "compression_ratio must be in"),
+        ({"ratio": 1.5}, "compression_ratio must be in"),
+        ({"interval": 0}, "compression_interval must be >= 1"),
+        ({"keep_recent": 50}, "keep_recent must be in"),
+    ],
+)
+def test_invalid_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_compression("fixed_window", context=20, **kwargs)
+
+
+def test_unknown_strategy_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid: none, fixed_window, topk, pooling, sink_window"):
+        make_compression("magic")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    model = _tiny(max_context=20)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_atomic({"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": SPEC.to_dict(), "train": {}}, "step": 0}, path)
+    return path
+
+
+def _template(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "compression_template.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
+    out = tmp_path / "one"
+    r = _template("--checkpoint", str(tiny_checkpoint), "--strategy", "topk", "--ratio", "0.5", "--interval", "5",
+                  "--keep-recent", "4", "--episodes", "6", "--seeds", "0", "1", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "compression_results.json").read_text())["rows"]
+    assert len(rows) == 1
+    for key in ("engine", "strategy", "ratio", "interval", "mean_context_length", "speedup", "return_full", "return_compressed", "performance_loss", "seeds"):
+        assert key in rows[0]
+    assert rows[0]["engine"] == "kv" and rows[0]["seeds"] == [0, 1] and rows[0]["speedup"] > 0
+
+    out = tmp_path / "sweep"
+    r = _template("--checkpoint", str(tiny_checkpoint), "--sweep", "--engine", "rerun", "--episodes", "5", "--seeds", "0",
+                  "--keep-recent", "2", "--n-sink", "1", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "compression_results.json").read_text())
+    assert len(res["rows"]) == 4 * 5 and {r["engine"] for r in res["rows"]} == {"rerun"}
+    assert (out / "compression_tradeoff.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "0"], "compression_ratio must be in (0, 1]"),
+        (["--ratio", "1.2"], "compression_ratio must be in (0, 1]"),
+        (["--strategy", "magic"], "valid: none, fixed_window"),
+        (["--interval", "0"], "compression_interval must be >= 1"),
+        (["--keep-recent", "500"], "keep_recent must be in"),
+    ],
+)
+def test_compression_template_bad_input(tiny_checkpoint, tmp_path, args, message):
+    r = _template("--checkpoint", str(tiny_checkpoint), *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()
