@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from config import UserError, add_config_flags, none_or, resolve, run_cli  # noqa: E402
 from env import get_spec, make_env  # noqa: E402
+from env.batched import BatchedGridEnv  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
 
@@ -34,7 +35,7 @@ EVAL_CONFIG = {
     "seed": 0,  # first sampling seed
     "num_seeds": 1,  # seeds seed, seed+1, ...; results are means over seeds
     "greedy": False,  # argmax actions instead of sampling
-    "vec_env": "dummy",  # dummy | subproc (stable-baselines3 VecEnv)
+    "vec_env": "dummy",  # dummy | subproc (stable-baselines3 VecEnv) | batched (all envs in one numpy call)
     "engine": "kv",  # kv | rerun
     "device": "auto",  # auto | cpu | cuda
     "out": "runs/eval",
@@ -45,8 +46,10 @@ HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "
 def make_vec_env(spec, tasks: list[dict], kind: str):
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    if kind not in ("dummy", "subproc"):
-        raise UserError(f"--vec-env must be dummy or subproc, got {kind!r}")
+    if kind not in ("dummy", "subproc", "batched"):
+        raise UserError(f"--vec-env must be dummy, subproc or batched, got {kind!r}")
+    if kind == "batched":
+        return BatchedGridEnv(spec, tasks)
     fns = [make_env(spec, **t) for t in tasks]
     return SubprocVecEnv(fns, start_method="spawn") if kind == "subproc" else DummyVecEnv(fns)
 

@@ -1,0 +1,417 @@
+"""Plot functions for attention analysis: each takes precomputed arrays (from `analysis.metrics`),
+draws on an optional `ax`, and returns the Figure. Nothing here shows a window or picks a backend;
+scripts select Agg and save with `save_figure`.
+
+    python analyze_attention.py --capture runs/attention/capture.pt --out figs/attention_analysis
+
+Every figure uses the same colour per layer (`layer_colors`), so layer 0 is the same colour everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from analysis.metrics import moving_average, recent_share
+
+LAYER_CMAP = "tab10"
+# Attention weights span several orders of magnitude; colour scales are logarithmic from this floor.
+LOG_FLOOR = 1e-4
+
+
+def layer_colors(n_layer: int) -> list:
+    """One fixed colour per layer index, shared by all figures."""
+    cmap = plt.get_cmap(LAYER_CMAP if n_layer <= 10 else "viridis")
+    return [cmap(i % 10) if n_layer <= 10 else cmap(i / max(n_layer - 1, 1)) for i in range(n_layer)]
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Save as PNG under a temporary name, rename into place, close the figure."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _ax(ax, figsize=(8, 5)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def _log_norm(values) -> LogNorm:
+    v = np.asarray(values, dtype=np.float64)
+    pos = v[np.isfinite(v) & (v > 0)]
+    vmax = float(pos.max()) if len(pos) else 1.0
+    vmin = max(LOG_FLOOR, float(np.percentile(pos, 1))) if len(pos) else LOG_FLOOR
+    return LogNorm(vmin=min(vmin, vmax / 10), vmax=vmax)
+
+
+def _band(x: np.ndarray, axis: int = 0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis), np.nanpercentile(x, 25, axis), np.nanpercentile(x, 75, axis)
+
+
+# ---- the six panels ----------------------------------------------------------------------------
+def plot_attention_over_time(mean_rows, context_len, ax=None) -> Figure:
+    """Panel 1. mean_rows (S, T): query attention averaged over layers and heads; context_len (S,)."""
+    fig, ax = _ax(ax, (14, 4))
+    a = np.asarray(mean_rows, dtype=np.float64)
+    n = np.asarray(context_len)
+    valid = np.arange(a.shape[1])[None, :] < n[:, None]
+    shown = np.ma.masked_where(~valid, np.clip(a, LOG_FLOOR / 10, None))
+    T_shown = max(int(n.max()), 1)
+    im = ax.imshow(
+        shown[:, :T_shown].T,
+        aspect="auto",
+        origin="lower",
+        cmap="magma",
+        norm=_log_norm(a[valid]),
+        extent=(-0.5, a.shape[0] - 0.5, -0.5, T_shown - 0.5),
+        interpolation="nearest",
+    )
+    ax.plot(np.arange(len(n)), n - 1, color="cyan", lw=0.8, label="query position (newest token)")
+    ax.set(
+        xlabel="evaluation step",
+        ylabel="context position (0 = oldest token held)",
+        title="Query attention over time (mean over layers and heads)",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.colorbar(im, ax=ax, label="attention weight (log colour scale)", pad=0.01)
+    return fig
+
+
+def plot_recent_vs_distant(recent, recent_window: int, smooth: int, threshold: float | None = None, ax=None) -> Figure:
+    """Panel 2. recent (S,): share on the newest `recent_window` positions per step."""
+    fig, ax = _ax(ax)
+    recent = np.asarray(recent, dtype=np.float64)
+    x = np.arange(len(recent))
+    ax.plot(x, recent, color="tab:blue", alpha=0.2, lw=0.7)
+    ax.plot(x, moving_average(recent, smooth), color="tab:blue", lw=2, label=f"last {recent_window} positions")
+    ax.plot(x, moving_average(1 - recent, smooth), color="tab:orange", lw=2, label="older positions")
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"recency threshold {threshold:.0%}")
+    ax.set(
+        xlabel="evaluation step",
+        ylabel="share of attention",
+        ylim=(-0.02, 1.02),
+        title=f"Recent vs distant attention (moving average over {smooth} steps)",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_context_growth(context_len, max_context: int, compressed_len=None, ax=None) -> Figure:
+    """Panel 3. context_len (S,) tokens per step; optional compressed_len (S,) under a recommendation."""
+    fig, ax = _ax(ax)
+    n = np.asarray(context_len)
+    ax.plot(np.arange(len(n)), n, color="black", lw=2, label="context length (captured)")
+    ax.axhline(max_context, color="tab:red", ls="--", lw=1, label=f"model maximum ({max_context})")
+    if compressed_len is not None:
+        c = np.asarray(compressed_len)
+        ax.plot(np.arange(len(c)), c, color="tab:green", lw=1.2, label="with recommended compression (estimate)")
+    ax.set(
+        xlabel="evaluation step",
+        ylabel="tokens in context",
+        ylim=(0, max_context * 1.08),
+        title="Sequence length growth",
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_relative_position(aligned, layer_names, ax=None) -> Figure:
+    """Panel 4. aligned (S, L, R): attention by relative position per layer (heads averaged), NaN
+    where absent. Draws the mean over steps and the 25-75% band."""
+    fig, ax = _ax(ax)
+    a = np.asarray(aligned, dtype=np.float64)
+    colors = layer_colors(a.shape[1])
+    reach = np.nonzero(np.isfinite(a).any((0, 1)))[0]
+    R = int(reach[-1]) + 1 if len(reach) else a.shape[2]
+    x = -np.arange(R)
+    for li in range(a.shape[1]):
+        mean, lo, hi = _band(a[:, li, :R])
+        ax.plot(x, np.clip(mean, LOG_FLOOR / 10, None), color=colors[li], lw=1.5, label=f"{layer_names[li]} mean")
+        ax.fill_between(
+            x, np.clip(lo, LOG_FLOOR / 10, None), np.clip(hi, LOG_FLOOR / 10, None), color=colors[li], alpha=0.2
+        )
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="relative position (0 = current query, -N = N steps ago)",
+        ylabel="attention weight (log scale)",
+        title="Attention by relative position (band: 25-75% of steps)",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_compression_curve(
+    fractions, curves, positions_80: float, positions_90: float, fraction_80: float, fraction_90: float, ax=None
+) -> Figure:
+    """Panel 5. curves (S, P): attention kept vs fraction of the context kept (heaviest first).
+    positions_*/fraction_*: mean over steps of the positions (and their share of the context) holding
+    80% / 90% of attention, marked by the dotted lines."""
+    fig, ax = _ax(ax)
+    mean, lo, hi = _band(np.asarray(curves, dtype=np.float64))
+    ax.plot(fractions * 100, mean, color="black", lw=2, label="mean over steps")
+    ax.fill_between(fractions * 100, lo, hi, color="grey", alpha=0.3, label="25-75% of steps")
+    for mass, n_pos, frac, color in (
+        (0.8, positions_80, fraction_80, "tab:orange"),
+        (0.9, positions_90, fraction_90, "tab:red"),
+    ):
+        ax.axhline(mass, color=color, ls="--", lw=1)
+        ax.axvline(frac * 100, color=color, ls=":", lw=1.2)
+        ax.annotate(
+            f"{mass:.0%} of attention: {n_pos:.1f} positions\n({frac:.1%} of the context, mean over steps)",
+            (frac * 100, mass),
+            xytext=(8, -30),
+            textcoords="offset points",
+            color=color,
+            fontsize=9,
+        )
+    ax.set(
+        xlabel="% of context kept (positions sorted by attention)",
+        ylabel="cumulative attention",
+        xlim=(0, 100),
+        ylim=(0, 1.02),
+        title="Compression potential",
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_episode_attention(episode_share, layer_names, ax=None) -> Figure:
+    """Panel 6a. episode_share (S, L, E): attention per relative episode (0 = current), NaN if absent."""
+    fig, ax = _ax(ax)
+    e = np.asarray(episode_share, dtype=np.float64)
+    mean, _, _ = _band(e)  # (L, E)
+    keep = np.nonzero(np.isfinite(mean).any(0))[0]
+    E = int(keep[-1]) + 1 if len(keep) else 1
+    colors = layer_colors(e.shape[1])
+    width = 0.8 / e.shape[1]
+    for li in range(e.shape[1]):
+        ax.bar(
+            -np.arange(E) + (li - (e.shape[1] - 1) / 2) * width,
+            np.nan_to_num(mean[li, :E]),
+            width,
+            color=colors[li],
+            label=layer_names[li],
+        )
+    ax.set_xticks(-np.arange(E))
+    ax.set(
+        xlabel="relative episode (0 = current, -1 = previous)",
+        ylabel="mean share of attention",
+        title="Attention per past episode",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_reward_attention(attn_share, context_share, layer_names, ax=None) -> Figure:
+    """Panel 6b. attn_share (S, L) on rewarding tokens vs context_share (S,) of rewarding tokens."""
+    fig, ax = _ax(ax)
+    a, c = np.asarray(attn_share, dtype=np.float64), np.asarray(context_share, dtype=np.float64)
+    has = c > 0
+    if not has.any():
+        ax.text(0.5, 0.5, "no rewarding transitions in any context", ha="center", va="center", transform=ax.transAxes)
+    colors = layer_colors(a.shape[1])
+    for li in range(a.shape[1]):
+        if has.any():
+            ax.scatter(
+                c[has] * 100,
+                a[has, li] * 100,
+                s=8,
+                alpha=0.5,
+                color=colors[li],
+                label=f"{layer_names[li]} (mean {a[has, li].mean():.0%} vs {c[has].mean():.0%})",
+            )
+    ax.plot([0, 100], [0, 100], color="grey", ls="--", lw=1, label="attention = share of context")
+    top = max(5.0, float(np.nanmax(a[has]) * 100 * 1.05) if has.any() else 5.0)
+    ax.set(
+        xlabel="rewarding transitions, % of context",
+        ylabel="attention on them, %",
+        xlim=(0, max(5.0, float(c.max()) * 105)),
+        ylim=(0, min(top, 102)),
+        title="Attention on rewarding transitions",
+    )
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def comprehensive_figure(
+    mean_rows,
+    context_len,
+    layer_aligned,
+    fractions,
+    curves,
+    episode_share,
+    reward_attn,
+    reward_context,
+    *,
+    layer_names,
+    max_context: int,
+    recent_window: int,
+    smooth: int,
+    recency_threshold: float,
+    positions_80: float,
+    positions_90: float,
+    fraction_80: float,
+    fraction_90: float,
+    compressed_len=None,
+    title: str = "",
+) -> Figure:
+    """The six-panel overview (21 x 14 inches: 2100 x 1400 px at 100 dpi). Arrays as in the panel functions;
+    `recent_window` positions make the recent share of panel 2."""
+    fig = plt.figure(figsize=(21, 14), layout="constrained")
+    gs = fig.add_gridspec(3, 3, height_ratios=[1.1, 1, 1])
+    plot_attention_over_time(mean_rows, context_len, ax=fig.add_subplot(gs[0, :]))
+    recent = recent_share(mean_rows, context_len, recent_window)
+    plot_recent_vs_distant(recent, recent_window, smooth, recency_threshold, ax=fig.add_subplot(gs[1, 0]))
+    plot_context_growth(context_len, max_context, compressed_len, ax=fig.add_subplot(gs[1, 1]))
+    plot_relative_position(layer_aligned, layer_names, ax=fig.add_subplot(gs[1, 2]))
+    plot_compression_curve(
+        fractions, curves, positions_80, positions_90, fraction_80, fraction_90, ax=fig.add_subplot(gs[2, 0])
+    )
+    plot_episode_attention(episode_share, layer_names, ax=fig.add_subplot(gs[2, 1]))
+    plot_reward_attention(reward_attn, reward_context, layer_names, ax=fig.add_subplot(gs[2, 2]))
+    if title:
+        fig.suptitle(title, fontsize=14)
+    return fig
+
+
+# ---- detail figures ----------------------------------------------------------------------------
+def plot_step_attention(full_attn, layer_names, title: str = "") -> Figure:
+    """Full causal attention at one step. full_attn (L, H, n, n). Top row: query x key per layer
+    (heads averaged); bottom row: the last query row of every head (H x n)."""
+    a = np.asarray(full_attn, dtype=np.float64)
+    L, H, n, _ = a.shape
+    colors = layer_colors(L)
+    fig, axes = plt.subplots(
+        2, L, figsize=(max(7 * L, 8), 9), squeeze=False, height_ratios=[4, 1], layout="constrained"
+    )
+    norm = _log_norm(a[:, :, np.tril(np.ones((n, n), bool))])
+    upper = np.triu(np.ones((n, n), bool), 1)
+    for li in range(L):
+        m = np.ma.masked_where(upper, np.clip(a[li].mean(0), LOG_FLOOR / 10, None))
+        im = axes[0, li].imshow(m, cmap="magma", norm=norm, interpolation="nearest")
+        axes[0, li].set_title(f"{layer_names[li]} (heads averaged)", color=colors[li], fontweight="bold")
+        axes[0, li].set(xlabel="key position", ylabel="query position")
+        axes[1, li].imshow(
+            np.clip(a[li, :, -1, :], LOG_FLOOR / 10, None),
+            cmap="magma",
+            norm=norm,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        axes[1, li].set_yticks(range(H), [f"head {h}" for h in range(H)])
+        axes[1, li].set(xlabel="key position", title="last query row per head")
+    fig.colorbar(im, ax=axes[:, -1], label="attention weight (log colour scale)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _annotated(ax, values, title: str, label: str, fmt: str, cmap: str):
+    v = np.asarray(values, dtype=np.float64)
+    im = ax.imshow(v, cmap=cmap, aspect="auto")
+    mid = (np.nanmax(v) + np.nanmin(v)) / 2
+    for (li, h), x in np.ndenumerate(v):
+        ax.text(h, li, format(x, fmt), ha="center", va="center", color="white" if x < mid else "black", fontsize=9)
+    ax.set_xticks(range(v.shape[1]), [str(h) for h in range(v.shape[1])])
+    ax.set(xlabel="head", title=title)
+    ax.figure.colorbar(im, ax=ax, label=label)
+
+
+def plot_layer_head(entropy, max_attn, recent, layer_names, recent_window: int) -> Figure:
+    """Per layer x head: entropy (L, H) in nats, mean max attention (L, H), recent share (L, H)."""
+    ent, mx, rec = (np.asarray(x, dtype=np.float64) for x in (entropy, max_attn, recent))
+    L, H = ent.shape
+    colors = layer_colors(L)
+    fig, axes = plt.subplots(1, 3, figsize=(max(18, 3 * H + 12), max(5, 0.9 * L + 3)), layout="constrained")
+    _annotated(axes[0], ent, "Entropy (higher = spread out)", "entropy (nats)", ".2f", "viridis")
+    _annotated(axes[1], mx, "Max attention (higher = focused)", "mean largest weight", ".2f", "viridis")
+    for ax in axes[:2]:
+        ax.set_yticks(range(L), layer_names)
+        for tick, c in zip(ax.get_yticklabels(), colors, strict=True):
+            tick.set_color(c)
+    width = 0.8 / L
+    for li in range(L):
+        axes[2].bar(np.arange(H) + (li - (L - 1) / 2) * width, rec[li], width, color=colors[li], label=layer_names[li])
+    axes[2].set_xticks(range(H), [str(h) for h in range(H)])
+    axes[2].set(
+        xlabel="head",
+        ylabel=f"share on last {recent_window} positions",
+        ylim=(0, 1),
+        title="Recent-attention share per head",
+    )
+    axes[2].legend(fontsize=8)
+    return fig
+
+
+def plot_grid_attention(weight, visited, marks: dict | None = None, ax=None, title: str = "") -> Figure:
+    """Attention projected onto grid cells. weight, visited (G, G); marks: name -> (row, col) drawn
+    on top (e.g. "goal", "agent", "key", "door")."""
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(8, 7.5), layout="constrained")
+    fig = ax.figure
+    w = np.ma.masked_where(~np.asarray(visited, bool), np.asarray(weight, dtype=np.float64))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    im = ax.imshow(w, cmap=cmap, vmin=0, interpolation="nearest")
+    style = {
+        "goal": ("*", "red", 380),
+        "agent": ("o", "white", 160),
+        "key": ("P", "orange", 220),
+        "door": ("s", "magenta", 200),
+        "start": ("X", "black", 140),
+    }
+    for name, (r, c) in (marks or {}).items():
+        marker, color, size = style.get(name, ("D", "black", 120))
+        ax.scatter([c], [r], marker=marker, c=color, s=size, edgecolors="black", label=name, zorder=3)
+    G = w.shape[0]
+    ax.set_xticks(range(G))
+    ax.set_yticks(range(G))
+    ax.set(xlabel="column", ylabel="row", title=title or "Query attention per grid cell")
+    if marks and own:
+        fig.legend(loc="outside lower center", ncol=len(marks), fontsize=9)
+    elif marks:
+        ax.legend(fontsize=8)
+    fig.colorbar(im, ax=ax, label="attention summed per cell (grey: not in context)")
+    return fig
+
+
+def plot_head_profiles(aligned, layer_names) -> Figure:
+    """Per head, query attention by relative position over steps. aligned (S, L, H, R), NaN where absent."""
+    a = np.asarray(aligned, dtype=np.float64)
+    S, L, H, R = a.shape
+    reach = np.nonzero(np.isfinite(a).any((0, 1, 2)))[0]
+    R = int(reach[-1]) + 1 if len(reach) else R
+    colors = layer_colors(L)
+    fig, axes = plt.subplots(L, H, figsize=(max(5 * H, 8), max(3.5 * L, 4)), squeeze=False, layout="constrained")
+    norm = _log_norm(a[..., :R])
+    for li in range(L):
+        for h in range(H):
+            m = np.ma.masked_invalid(np.clip(a[:, li, h, :R].T, LOG_FLOOR / 10, None))
+            im = axes[li, h].imshow(
+                m,
+                aspect="auto",
+                cmap="magma",
+                norm=norm,
+                interpolation="nearest",
+                extent=(-0.5, S - 0.5, -R + 0.5, 0.5),
+                origin="upper",
+            )
+            axes[li, h].set_title(f"{layer_names[li]}, head {h}", color=colors[li], fontweight="bold")
+            axes[li, h].set(xlabel="evaluation step", ylabel="relative position")
+    fig.colorbar(im, ax=axes, label="attention weight (log colour scale)")
+    return fig

@@ -1,0 +1,392 @@
+"""Turn an attention capture into figures, metrics and a history-compression recommendation.
+
+    python analyze_attention.py --capture runs/attention/capture.pt --out figs/attention_analysis
+
+Writes into `--out`:
+    attention_analysis_comprehensive.png   six panels: attention over time, recent vs distant,
+                                           context growth, relative-position profile, compression
+                                           potential, attention per past episode and on rewards
+    attention_heatmap_step{N}.png          full query x key attention at up to `num_samples` steps
+    layer_head_analysis.png                entropy, max attention and recent share per layer x head
+    compression_recommendations.txt       the numbers, the detected pattern and the recommended
+                                           strategy with the values to use, all from the capture
+    attention_metrics.json                 the same for scripts; its "recommendation" object feeds
+                                           the compression code
+    analysis_config.json                   the resolved configuration
+
+Configuration precedence, lowest first: ANALYSIS_CONFIG below < the `analysis` section of a YAML file
+given with `--config` < command-line flags. The capture is read and checked before anything is
+written, and results are staged in a temporary folder, so bad input leaves no partial output.
+Other scripts call `analyze(capture_dict, out_dir, config)` or `main([...])`; both return the paths
+and numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+
+from analysis import metrics as M  # noqa: E402
+from analysis import plots as P  # noqa: E402
+from analysis import staged_output  # noqa: E402
+from analysis.capture_file import REQUIRED, load_capture  # noqa: E402
+from config import UserError, add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
+
+ANALYSIS_CONFIG = {
+    "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
+    "out": "figs/attention_analysis",  # output folder
+    "num_samples": 5,  # full-matrix heatmaps to draw (at most the capture's full_steps)
+    # Newest positions counted as "recent" (the query included). 5 follows the guide; one Darkroom
+    # episode is 20 steps, so the share on the last episode is reported as well.
+    "recent_window": 5,
+    "recency_threshold": 0.7,  # strong recency: share on the last recent_window positions >= this
+    "sparse_threshold": 0.3,  # sparse: 80% of attention within at most this fraction of the context
+    "sink_positions": 4,  # first context positions counted as attention sinks
+    "sink_threshold": 0.2,  # sinks matter when they hold at least this share of attention
+    "coverage": 0.9,  # attention a recommended window or top-k budget should retain
+    "ratio_margin": 0.2,  # extra positions on top of those needed (0.2 = 20% more)
+    "smooth": 0,  # moving-average window (steps) for time series; 0 = one episode (horizon)
+    "dpi": 100,  # PNG resolution; the overview is 21 x 14 inches
+}
+HELP = {
+    "capture": "capture file to analyse",
+    "out": "output folder",
+    "num_samples": "number of full-attention heatmaps",
+    "recent_window": "newest positions counted as recent",
+    "recency_threshold": "recent share that signals strong recency",
+    "sparse_threshold": "context fraction holding 80%% of attention that signals sparsity",
+    "sink_positions": "first positions counted as attention sinks",
+    "sink_threshold": "sink share that makes sinks worth keeping",
+    "coverage": "attention a recommended budget should keep",
+    "ratio_margin": "safety margin on the token budget",
+    "smooth": "moving-average window in steps (0 = horizon)",
+    "dpi": "PNG resolution",
+}
+SEMANTICS = (
+    "as in model/compression.py, compression_ratio is the fraction of the model's context kept: a budget of "
+    "round(compression_ratio * max_context) tokens, enforced every compression_interval steps once the "
+    "context holds more; the newest keep_recent tokens are kept as they are"
+)
+
+
+def check_config(cfg: dict) -> dict:
+    """Reject unknown keys and out-of-range values, naming the offender."""
+    check_keys(cfg, ANALYSIS_CONFIG, "analysis config")
+    for key in ("num_samples", "smooth"):
+        if int(cfg[key]) < 0:
+            raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
+    for key in ("recent_window", "sink_positions", "dpi"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("recency_threshold", "sparse_threshold", "sink_threshold", "coverage"):
+        if not 0 < float(cfg[key]) <= 1:
+            raise ValueError(f"{key} must be in (0, 1], got {cfg[key]}")
+    if float(cfg["ratio_margin"]) < 0:
+        raise ValueError(f"ratio_margin must be >= 0, got {cfg['ratio_margin']}")
+    return cfg
+
+
+def _check_capture(cap: dict) -> None:
+    missing = [k for k in REQUIRED if k not in cap] if isinstance(cap, dict) else list(REQUIRED)
+    if missing:
+        raise UserError(f"capture lacks {missing}")
+    qa = cap["query_attn"]
+    if qa.ndim != 4 or qa.shape[0] == 0:
+        raise UserError(f"capture query_attn must be (S, L, H, T) with S >= 1, got shape {tuple(qa.shape)}")
+
+
+def _env_name(meta: dict) -> str:
+    env = meta.get("env", "?")
+    return str(env.get("name", "?")) if isinstance(env, dict) else str(env)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _json_metrics(s: dict, layer_names: list[str]) -> dict:
+    plain = {k: v for k, v in s.items() if not k.endswith(("_lh", "_per_step")) and k != "context_len"}
+    plain["layer_names"] = layer_names
+    plain["per_head"] = {k.removesuffix("_lh"): np.round(s[k], 6).tolist() for k in s if k.endswith("_lh")}
+    return plain
+
+
+def _pattern_tests(s: dict, cfg: dict) -> list[str]:
+    def check(value: float, op: str, threshold: float) -> str:
+        ok = value >= threshold if op == ">=" else value <= threshold
+        return f"{_pct(value)} {op} {_pct(threshold)}? {'yes' if ok else 'no'}"
+
+    rw, n_sink = cfg["recent_window"], cfg["sink_positions"]
+    sink_recent = s["sink_share"] + s["recent_share"]
+    return [
+        (
+            f"1. sinks + recency : first {n_sink} positions {check(s['sink_share'], '>=', cfg['sink_threshold'])}; "
+            f"with the last {rw} {check(sink_recent, '>=', cfg['recency_threshold'])} -> sink_window"
+        ),
+        f"2. strong recency  : last {rw} positions {check(s['recent_share'], '>=', cfg['recency_threshold'])} -> fixed_window",
+        (
+            "3. sparse          : context fraction holding 80% "
+            f"{check(s['fraction_for_80'], '<=', cfg['sparse_threshold'])} -> topk"
+        ),
+        "4. otherwise uniform -> pooling",
+    ]
+
+
+def _metric_rows(s: dict, cfg: dict) -> list[tuple[str, str]]:
+    cov = _pct(cfg["coverage"])
+    rows = [
+        ("average sequence length", f"{s['mean_context_len']:.1f} tokens (largest {s['max_context_len']})"),
+        (
+            "positions holding 80% of attention",
+            f"{s['positions_for_80']:.1f} ({_pct(s['fraction_for_80'])} of context)",
+        ),
+        (
+            "positions holding 90% of attention",
+            f"{s['positions_for_90']:.1f} ({_pct(s['fraction_for_90'])} of context)",
+        ),
+        (f"attention on the last {cfg['recent_window']} positions", _pct(s["recent_share"])),
+        (f"attention on the last episode ({s['horizon']} positions)", _pct(s["last_episode_share"])),
+        (f"attention on the first {cfg['sink_positions']} positions", f"{_pct(s['sink_share'])} (sinks)"),
+        ("mean entropy per head", f"{s['entropy_nats']:.3f} nats ({s['entropy_normalised']:.2f} of uniform)"),
+        ("mean largest weight per head", f"{s['max_attention']:.3f}"),
+        ("longest contexts", f"{s['long_context_len']:.1f} tokens, {s['n_long_context_steps']} steps"),
+        ("  positions holding 90% there", f"{s['positions_for_90_long']:.1f} ({_pct(s['fraction_for_90_long'])})"),
+        (f"  newest window holding {cov} there", f"{s['window_for_coverage']} positions ({_pct(s['window_share'])})"),
+        (
+            f"  sinks + newest window holding {cov}",
+            f"{cfg['sink_positions']} + {s['window_with_sinks_for_coverage']} ({_pct(s['window_with_sinks_share'])})",
+        ),
+    ]
+    if s["reward_context_share"] is None:
+        rows.append(("rewarding transitions", "none in any context"))
+    else:
+        shares = f"{_pct(s['reward_context_share'])} of context, {_pct(s['reward_attention_share'])} of attention"
+        rows.append(("rewarding transitions", f"{shares} ({s['reward_enrichment']:.1f}x their share)"))
+    episodes = ", ".join(f"{-i}: {_pct(v)}" for i, v in enumerate(s["episode_share"]) if v is not None)
+    rows.append(("attention per episode (0 = current)", episodes))
+    return rows
+
+
+def _derivation_lines(s: dict, rec: dict, der: dict, cfg: dict) -> list[str]:
+    T, B, n_sink, cov = der["max_context"], der["budget_tokens"], cfg["sink_positions"], _pct(cfg["coverage"])
+    scaled = f"{_pct(s['fraction_for_90_long'])} of the longest contexts holds 90%, x max_context {T}"
+    needed_why = {
+        "sink_window": f"{n_sink} sinks + the newest {s['window_with_sinks_for_coverage']}, together holding {cov}",
+        "fixed_window": f"the newest window holding {cov} of attention at the longest contexts",
+        "topk": scaled,
+        "pooling": scaled,
+    }[rec["strategy"]]
+    keep_why = {
+        "sink_window": f"budget {B} - n_sink {n_sink}, the recent part of the sink window",
+        "fixed_window": "that window, kept as it is; older tokens are merged into the rest of the budget",
+        "topk": "min(recent_window, budget): the newest tokens have no attention history yet (H2O)",
+        "pooling": "min(recent_window, budget), kept as they are; older tokens are pooled",
+    }[rec["strategy"]]
+    needed = f"{der['positions_needed']:.1f}"
+    lines = [
+        "How these values follow from the numbers above:",
+        f"  positions needed     : {needed} ({needed_why})",
+        f"  token budget         : ceil((1 + {cfg['ratio_margin']}) x {needed}), at most {T} = {der['budget_wanted']}",
+        f"  compression_ratio    : {der['budget_wanted']} / max_context {T}, rounded up to 0.01 = {rec['compression_ratio']}",
+        f"                         (a budget of round({rec['compression_ratio']} x {T}) = {B} tokens)",
+        f"  compression_interval : the budget clipped to [1, episode length {s['horizon']}] = {rec['compression_interval']}",
+        "                         (the context stays under about twice the budget, compressed at least once an episode)",
+        f"  keep_recent          : {rec['keep_recent']} ({keep_why})",
+        textwrap.fill(f"{SEMANTICS}.", 100, initial_indent="  meaning              : ", subsequent_indent=" " * 25),
+    ]
+    if rec["strategy"] == "pooling":
+        lines.append("  window_size          : left unset, so older tokens are pooled in windows as large as needed")
+        if rec["compression_ratio"] >= 0.9:
+            lines.append(
+                "  note: 90% of attention needs nearly the whole context, so compression will likely cost return;"
+                " check that the model is trained, or try another checkpoint."
+            )
+    if s["sink_share"] >= cfg["sink_threshold"] and rec["strategy"] != "sink_window":
+        lines.append(
+            f"  note: the first {n_sink} positions hold {_pct(s['sink_share'])} of attention; keep them"
+            " (sink_window, StreamingLLM arXiv 2309.17453, or a top-k that scores them high)."
+        )
+    return lines
+
+
+def _report(s: dict, rec: dict, der: dict, cfg: dict, meta: dict, layer_names: list[str]) -> str:
+    rows = _metric_rows(s, cfg)
+    width = max(len(k) for k, _ in rows)
+    lines = [
+        "Attention analysis and history-compression recommendation",
+        "==========================================================",
+        f"Capture: env {_env_name(meta)}, task {meta.get('task', '?')}, {s['n_steps']} evaluation steps,",
+        f"{s['n_layer']} layers x {s['n_head']} heads, model maximum context {s['max_context']} tokens, "
+        + f"episode length {s['horizon']}.",
+        f"Averages are over the {s['n_informative_steps']} steps whose context holds more than "
+        + f"{cfg['recent_window'] + cfg['sink_positions']} tokens (recent_window + sink_positions),",
+        "using the newest token's attention averaged over layers and heads (what a compression shared by",
+        "all heads sees). Budgets are sized on the longest contexts, where they are enforced.",
+        "",
+        "Metrics",
+        "-------",
+        *[f"{k:<{width}} : {v}" for k, v in rows],
+        "",
+        "Per layer (heads averaged)",
+    ]
+    for li, name in enumerate(layer_names):
+        recent, ent = float(s["recent_share_lh"][li].mean()), float(s["entropy_lh"][li].mean())
+        mx = float(s["max_attention_lh"][li].mean())
+        lines.append(f"  {name:<20} recent share {_pct(recent)}, entropy {ent:.3f} nats, max weight {mx:.3f}")
+    lines += ["", "Pattern", "-------", "Tests, first match wins:"]
+    lines += ["  " + t for t in _pattern_tests(s, cfg)]
+    lines += [f"Detected pattern: {rec['pattern']}", "", "Recommendation", "--------------"]
+    lines += [f"{k:<20} = {v}" for k, v in rec.items()]
+    lines += ["", *_derivation_lines(s, rec, der, cfg)]
+    lines += [
+        "",
+        "Expected speedup (estimate)",
+        "---------------------------",
+        f"Estimated attention-cost speedup: {rec['estimated_speedup']:.2f}x = mean uncompressed context length "
+        + f"{s['mean_context_len']:.1f} / mean compressed length {der['mean_compressed_len']:.1f}.",
+        f"The compressed lengths replay this capture's {s['n_steps']} steps under the schedule above; with a",
+        "key/value cache the attention cost of a step grows with the tokens in context. Embeddings, MLPs and",
+        "the environment do not shrink, so the wall-clock gain is smaller: compression_template.py measures",
+        "it, together with the change in return.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _heatmap_indices(n_full: int, num_samples: int) -> list[int]:
+    if n_full == 0 or num_samples == 0:
+        return []
+    return sorted({round(i) for i in np.linspace(0, n_full - 1, min(num_samples, n_full))})
+
+
+def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> dict:
+    """Compute every metric of `capture`, draw the figures and write all outputs into `out_dir`.
+
+    capture : a capture dict (format v1, see `analysis/capture_file.py`)
+    config  : keys of ANALYSIS_CONFIG to override (unknown keys are errors)
+    Returns {"paths": {name: Path}, "metrics": dict, "recommendation": dict, "pattern": str}.
+    """
+    config = config or {}
+    cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)})  # None: in memory
+    _check_capture(capture)
+    meta = dict(capture["meta"])
+    rw, n_sink = int(cfg["recent_window"]), int(cfg["sink_positions"])
+    s = M.summarize(capture, rw, n_sink, float(cfg["coverage"]))
+    L = s["n_layer"]
+    layer_names = list(meta.get("layer_names") or [f"layer {i}" for i in range(L)])[:L]
+    layer_names = [f"layer {i}" if i >= len(layer_names) else str(layer_names[i]) for i in range(L)]
+    out = M.recommend(s, cfg)
+    rec, der = out["recommendation"], out["derivation"]
+
+    # Arrays for the figures.
+    n = s["context_len"]
+    rows = M.normalise_rows(capture["query_attn"], n)  # (S, L, H, T)
+    layer_rows = rows.mean(2)  # (S, L, T)
+    mean_rows = M.normalise_rows(rows.mean((1, 2)), n)  # (S, T)
+    fractions, curves = M.cumulative_attention_curve(mean_rows, n)
+    ctx_step = M.to_numpy(capture["ctx_step"])
+    n_back = math.ceil(s["max_context"] / max(s["horizon"], 1)) + 1
+    ep_layers = M.episode_attention(layer_rows, n, ctx_step, capture["episode"], n_back)  # (S, L, E)
+    r_attn, r_ctx = M.reward_attention(layer_rows, n, ctx_step, capture["reward"])
+    smooth = int(cfg["smooth"]) or s["horizon"]
+    dpi = int(cfg["dpi"])
+
+    metrics_doc = {
+        "format": "ad-attention-metrics",
+        "version": 1,
+        "capture": {
+            k: meta.get(k) for k in ("checkpoint", "env", "task", "seed", "max_context", "horizon", "n_layer", "n_head")
+        },
+        "metrics": _json_metrics(s, layer_names),
+        "pattern": {"name": rec["pattern"], "tests": _pattern_tests(s, cfg)},
+        "recommendation": rec,
+        "derivation": der,
+        "recommendation_semantics": SEMANTICS,
+        "config": cfg,
+    }
+    names = {
+        "comprehensive": "attention_analysis_comprehensive.png",
+        "layer_head": "layer_head_analysis.png",
+        "recommendations": "compression_recommendations.txt",
+        "metrics": "attention_metrics.json",
+        "config": "analysis_config.json",
+    }
+    full_steps = [int(x) for x in M.to_numpy(capture["full_steps"]).reshape(-1)]
+    episode, timestep = M.to_numpy(capture["episode"]), M.to_numpy(capture["timestep"])
+    heatmaps = {}
+    for k in _heatmap_indices(min(len(full_steps), len(capture["full_attn"])), int(cfg["num_samples"])):
+        heatmaps[k] = f"attention_heatmap_step{full_steps[k]}.png"
+
+    title = (
+        f"Attention analysis: {rec['pattern']} -> {rec['strategy']} "
+        f"(compression_ratio {rec['compression_ratio']}, keep_recent {rec['keep_recent']})"
+    )
+    out_dir = Path(out_dir)
+    with staged_output(out_dir) as stage:
+        fig = P.comprehensive_figure(
+            mean_rows,
+            n,
+            M.right_align(layer_rows, n),
+            fractions,
+            curves,
+            ep_layers,
+            r_attn,
+            r_ctx,
+            layer_names=layer_names,
+            max_context=s["max_context"],
+            recent_window=rw,
+            smooth=smooth,
+            recency_threshold=float(cfg["recency_threshold"]),
+            positions_80=s["positions_for_80"],
+            positions_90=s["positions_for_90"],
+            fraction_80=s["fraction_for_80"],
+            fraction_90=s["fraction_for_90"],
+            compressed_len=out["compressed_len"],
+            title=title,
+        )
+        P.save_figure(fig, stage / names["comprehensive"], dpi)
+        for k, fname in heatmaps.items():
+            step = full_steps[k]
+            fa = M.to_numpy(capture["full_attn"][k])  # (L, H, n, n)
+            ep, ts = int(episode[step]), int(timestep[step])
+            t = f"Attention at step {step} (episode {ep}, t = {ts}), {fa.shape[-1]} tokens"
+            P.save_figure(P.plot_step_attention(fa, layer_names, t), stage / fname, dpi)
+        fig = P.plot_layer_head(s["entropy_lh"], s["max_attention_lh"], s["recent_share_lh"], layer_names, rw)
+        P.save_figure(fig, stage / names["layer_head"], dpi)
+        (stage / names["recommendations"]).write_text(_report(s, rec, der, cfg, meta, layer_names))
+        (stage / names["metrics"]).write_text(json.dumps(metrics_doc, indent=2, default=str))
+        (stage / names["config"]).write_text(json.dumps(cfg, indent=2))
+
+    paths = {k: out_dir / v for k, v in names.items()}
+    paths["heatmaps"] = [out_dir / f for f in heatmaps.values()]
+    return {"paths": paths, "metrics": metrics_doc["metrics"], "recommendation": rec, "pattern": rec["pattern"]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file whose 'analysis' section overrides ANALYSIS_CONFIG")
+    add_config_flags(parser, ANALYSIS_CONFIG, HELP)
+    args = parser.parse_args(argv)
+    ycfg = load_yaml(args.config) if args.config else {}
+    cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None))
+    capture = load_capture(cfg["capture"])  # checked before anything is written
+    result = analyze(capture, cfg["out"], cfg)
+    rec = result["recommendation"]
+    print(
+        f"{rec['pattern']}: {rec['strategy']} with compression_ratio {rec['compression_ratio']}, "
+        f"keep_recent {rec['keep_recent']}, every {rec['compression_interval']} steps "
+        f"(estimated speedup {rec['estimated_speedup']:.2f}x); results in {cfg['out']}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

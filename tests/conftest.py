@@ -1,0 +1,100 @@
+"""Shared test helpers: a small synthetic attention capture (format v1) built without a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]])
+
+
+def _profile(n: int, tau: float, sink: float) -> np.ndarray:
+    """Attention over n positions (oldest first): exponential decay with distance from the newest,
+    plus `sink` extra weight on position 0; sums to 1."""
+    w = np.exp(-np.arange(n)[::-1] / tau)
+    w = w / w.sum() * (1 - sink)
+    w[0] += sink
+    return w
+
+
+def build_capture(
+    S: int = 60,
+    L: int = 2,
+    H: int = 2,
+    T: int = 24,
+    horizon: int = 5,
+    grid: int = 3,
+    full_steps=None,
+    taus=None,
+    sink: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """A valid capture dict (without the format/version keys that `save_capture` adds).
+
+    Each layer/head attends with an exponential recency profile (time constants `taus`, shape (L, H));
+    `sink` adds weight to the oldest token held. The agent random-walks a grid x grid room whose goal
+    is the far corner; episodes last `horizon` steps. Full matrices default to steps S//6, S//2, S-1.
+    """
+    rng = np.random.default_rng(seed)
+    full_steps = (S // 6, S // 2, S - 1) if full_steps is None else full_steps
+    taus = np.broadcast_to(np.asarray(2.0 if taus is None else taus, dtype=float), (L, H))
+    n = np.minimum(np.arange(S) + 1, T)
+    ctx_step = np.full((S, T), -1)
+    query = np.zeros((S, L, H, T))
+    for s in range(S):
+        ctx_step[s, : n[s]] = np.arange(s - n[s] + 1, s + 1)
+        for li in range(L):
+            for h in range(H):
+                query[s, li, h, : n[s]] = _profile(n[s], taus[li, h], sink)
+    start, goal = np.array([grid // 2] * 2), np.array([grid - 1] * 2)
+    state, action, reward = np.zeros(S, int), rng.integers(0, 5, S), np.zeros(S)
+    pos = start.copy()
+    for s in range(S):
+        if s % horizon == 0:
+            pos, r = start.copy(), 0.0
+        state[s], reward[s] = pos[0] * grid + pos[1], r
+        pos = np.clip(pos + MOVES[action[s]], 0, grid - 1)
+        r = float((pos == goal).all())
+    full = []
+    for k in full_steps:
+        m = np.zeros((L, H, n[k], n[k]))
+        for li in range(L):
+            for h in range(H):
+                for q in range(n[k]):
+                    m[li, h, q, : q + 1] = _profile(q + 1, taus[li, h], sink)
+        full.append(torch.tensor(m, dtype=torch.float32))
+    episode = np.arange(S) // horizon
+    return {
+        "meta": {
+            "checkpoint": "synthetic",
+            "env": {"name": "darkroom", "size": grid, "horizon": horizon},
+            "task": {"goal": goal.tolist()},
+            "seed": seed,
+            "greedy": True,
+            "eval_timesteps": S,
+            "max_context": T,
+            "horizon": horizon,
+            "n_layer": L,
+            "n_head": H,
+            "layer_names": [f"blocks.{i}.attn" for i in range(L)],
+            "grid_size": grid,
+        },
+        "query_attn": torch.tensor(query, dtype=torch.float16),
+        "context_len": torch.tensor(n, dtype=torch.long),
+        "ctx_step": torch.tensor(ctx_step, dtype=torch.long),
+        "state": torch.tensor(state, dtype=torch.long),
+        "action": torch.tensor(action, dtype=torch.long),
+        "reward": torch.tensor(reward, dtype=torch.float32),
+        "episode": torch.tensor(episode, dtype=torch.long),
+        "timestep": torch.tensor(np.arange(S) % horizon, dtype=torch.long),
+        "full_steps": torch.tensor(list(full_steps), dtype=torch.long),
+        "full_attn": full,
+        "returns": torch.tensor(np.bincount(episode, weights=reward), dtype=torch.float32),
+    }
+
+
+@pytest.fixture
+def make_capture():
+    """The `build_capture` function, for tests that need a synthetic capture."""
+    return build_capture
