@@ -205,7 +205,6 @@ def main(argv=None) -> dict:
     if cfg["tasks"] not in ("test", "train"):
         raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
     tasks = spec.tasks_for(cfg["tasks"])
-    torch.set_grad_enabled(False)
     bench = Bench(model, spec, tasks, cfg)
     try:
         run_episodes(model, bench.venv, spec, 1, engine=cfg["engine"])  # warm-up, untimed

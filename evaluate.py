@@ -66,6 +66,8 @@ def evaluate(model, spec, tasks: list[dict], episodes: int, seeds: list[int], gr
         venv.close()
     returns = np.stack([r["returns"] for r in runs])  # (n_seeds, n_tasks, episodes)
     opt = np.array([spec.optimal_return(t) for t in tasks])
+    if (opt <= 0).any():
+        raise UserError("a task's optimal return is 0 (horizon too short to reach it): returns cannot be normalised")
     norm = returns / opt[None, :, None]
     return {
         "tasks": tasks,
@@ -129,9 +131,9 @@ def main(argv=None) -> dict:
     model, meta = load_model(none_or(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], str), device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
-    torch.set_grad_enabled(False)
     seeds = list(range(cfg["seed"], cfg["seed"] + cfg["num_seeds"]))
-    results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"])
+    with torch.no_grad():
+        results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"])
     results["checkpoint"] = str(cfg["checkpoint"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,6 @@ def capture(cfg: dict) -> tuple[dict, dict]:
     if not 0 <= cfg["task"] < len(tasks):
         raise UserError(f"--task must be in [0, {len(tasks) - 1}] for the {len(tasks)} {cfg['tasks']} tasks, got {cfg['task']}")
     steps = cfg["eval_timesteps"] or default_eval_timesteps(spec.horizon)
-    torch.set_grad_enabled(False)
     cap = record_rollout(model, spec, tasks[cfg["task"]], steps, seed=cfg["seed"], greedy=cfg["greedy"], num_full=cfg["num_full"])
     cap["meta"]["checkpoint"] = str(cfg["checkpoint"])
     returns = cap["returns"].tolist()

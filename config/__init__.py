@@ -92,6 +92,13 @@ def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None 
     out = dict(defaults)
     if yaml_section:
         check_keys(yaml_section, defaults, "config")
+        for key, value in yaml_section.items():
+            want = defaults[key]
+            ok = value is None or want is None or isinstance(value, type(want)) or (isinstance(want, float) and isinstance(value, int))
+            if isinstance(want, bool) != isinstance(value, bool) and value is not None:
+                ok = False
+            if not ok:
+                raise UserError(f"config key {key!r} must be {type(want).__name__}, got {value!r} ({type(value).__name__})")
         out.update(yaml_section)
     for key in defaults:
         value = getattr(args, key, None)

@@ -99,7 +99,7 @@ class EnvSpec:
         if self.name == "key_to_door":
             d1 = max(int(np.abs(np.asarray(task["key"]) - centre).sum()), 1)
             d2 = np.abs(np.asarray(task["door"]) - np.asarray(task["key"])).sum()
-            return float((d1 <= self.horizon) + (d1 + d2 <= self.horizon))
+            return float(int(d1 <= self.horizon) + int(d1 + d2 <= self.horizon))
         goal = np.array(task["goal"]) if self.name == "darkroom" else np.array([self.size - 1] * 2)
         dist = int(np.abs(goal - centre).sum())
         # reward on every step that ends on the goal: steps max(dist, 1) .. horizon

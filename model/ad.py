@@ -36,6 +36,10 @@ class ADConfig:
     n_layer, n_head, d_model : transformer size; d_model / n_head must be even (rotary pairs)
     dropout     : dropout on embeddings, attention and residual branches (training only)
     rope_base   : rotary frequency base
+    grid_size   : > 0: states are cells of a grid_size x grid_size grid and are embedded as
+                  row + column embeddings (shared across cells of a row or column, which lets
+                  "go to where the reward was" carry over to goals never seen in training);
+                  0: one embedding per state id
     """
 
     n_states: int = 81
@@ -47,6 +51,7 @@ class ADConfig:
     d_model: int = 64
     dropout: float = 0.1
     rope_base: float = 10000.0
+    grid_size: int = 0
 
     def __post_init__(self):
         for name in ("n_states", "n_actions", "horizon", "max_context", "n_layer", "n_head", "d_model"):
@@ -54,6 +59,8 @@ class ADConfig:
                 raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model/n_head must be an even integer, got {self.d_model}/{self.n_head}")
+        if self.grid_size and self.grid_size**2 != self.n_states:
+            raise ValueError(f"grid_size**2 must equal n_states, got {self.grid_size}**2 != {self.n_states}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -182,7 +189,11 @@ class ADTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.d_model
-        self.state_emb = nn.Embedding(cfg.n_states, D)
+        if cfg.grid_size:
+            self.row_emb = nn.Embedding(cfg.grid_size, D)
+            self.col_emb = nn.Embedding(cfg.grid_size, D)
+        else:
+            self.state_emb = nn.Embedding(cfg.n_states, D)
         self.action_emb = nn.Embedding(cfg.n_actions + 1, D)
         self.reward_emb = nn.Linear(1, D)
         self.time_emb = nn.Embedding(cfg.horizon, D)
@@ -201,7 +212,11 @@ class ADTransformer(nn.Module):
 
     def embed(self, tok: Tokens) -> torch.Tensor:
         """Tokens (B, T) -> input embeddings (B, T, D)."""
-        x = self.state_emb(tok.states) + self.action_emb(tok.prev_actions) + self.time_emb(tok.timesteps)
+        if self.cfg.grid_size:
+            s = self.row_emb(tok.states // self.cfg.grid_size) + self.col_emb(tok.states % self.cfg.grid_size)
+        else:
+            s = self.state_emb(tok.states)
+        x = s + self.action_emb(tok.prev_actions) + self.time_emb(tok.timesteps)
         return self.drop(x + self.reward_emb(tok.prev_rewards.unsqueeze(-1).float()))
 
     def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+        why = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else str(e).splitlines()[0][:160]
+        raise UserError(f"cannot read checkpoint {path}: {why}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not an AD checkpoint (expected keys 'model' and 'config')")
     return ckpt

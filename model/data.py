@@ -52,10 +52,14 @@ class HistoryData:
                 with np.load(f) as d:
                     if json.loads(str(d["task"])) != task:
                         raise UserError(f"{f} holds task {d['task']}, expected {json.dumps(task)}")
+                    if int(d["horizon"]) != spec.horizon:
+                        raise UserError(f"{f} was collected with horizon {int(d['horizon'])}, the env config says {spec.horizon}")
                     states.append(spec.state_index(d["states"].astype(np.int64)).astype(np.int16))
                     actions.append(d["actions"].astype(np.int8))
                     rewards.append(d["rewards"].astype(np.float32))
-            except (OSError, KeyError, ValueError) as e:
+            except UserError:
+                raise
+            except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
                 raise UserError(f"corrupt learning history {f}: {e}") from None
         n = min(s.shape[1] for s in states) // spec.horizon * spec.horizon
         cat = lambda xs: np.concatenate([x[:, :n] for x in xs])  # noqa: E731

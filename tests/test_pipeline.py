@@ -1,0 +1,438 @@
+"""End-to-end tests of the scripts: collect -> train -> evaluate on a 3x3 Darkroom (config/tiny.yaml),
+checkpoints, the YAML config loader, bad input (exit code 2) and a 2-process torchrun training step.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_pipeline.py
+
+The scripts' `main([...])` run in-process into `tmp_path`; bad-input runs and torchrun run as
+subprocesses, because exit codes and stderr are what they are about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import collect
+import evaluate
+import train
+from config import UserError, load_yaml, section
+from env import MOVES, get_spec
+from model.ad import ADTransformer
+from model.checkpoint import load_model, read_checkpoint
+from model.data import HistoryData
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "config"
+TINY = CONFIG_DIR / "tiny.yaml"
+TINY_ENV = {"name": "darkroom", "size": 3, "horizon": 6, "n_holdout": 2, "split_seed": 0}
+N_STREAMS, N_EPISODES = 4, 4
+ENV_KEYS = ["name", "size", "horizon", "n_holdout", "split_seed"]
+EVAL_KEYS = {
+    "tasks", "episodes", "seed", "seeds", "greedy", "engine", "return_per_episode", "normalized_return_per_episode",
+    "per_task", "env_steps_per_second", "time_s", "mean_context_length", "checkpoint",
+}  # fmt: skip
+
+
+def _subprocess_env() -> dict:
+    return os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def _evaluate(argv: list[str]) -> tuple[dict, bool]:
+    """evaluate.main in-process; returns (results, whether it left autograd globally disabled)."""
+    with torch.enable_grad():  # restores the grad mode on exit whatever main does to it
+        results = evaluate.main(argv)
+        leaked = not torch.is_grad_enabled()
+    return results, leaked
+
+
+# ---- module-scoped tiny run ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spec():
+    return get_spec(TINY_ENV)
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    results = collect.main(["--config", str(TINY), "--out", str(out), "--n-streams", str(N_STREAMS),
+                            "--timesteps", str(N_STREAMS * N_EPISODES * 6), "--workers", "1"])  # fmt: skip
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def trained(collected, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    path = train.main(["--config", str(TINY), "--data", str(collected[0]), "--out", str(out), "--steps", "3"])
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    results, leaked = _evaluate(["--checkpoint", str(trained), "--episodes", "2", "--greedy", "--device", "cpu", "--out", str(out)])
+    return out, results, leaked
+
+
+# ---- collect -------------------------------------------------------------------------------------
+def test_collect_writes_one_consistent_history_per_task(collected, spec):
+    out, results = collected
+    tasks = spec.tasks()
+    assert sorted(p.name for p in out.glob("task_*.npz")) == [f"task_{i:04d}.npz" for i in range(9)]
+    assert not list(out.glob("*.tmp"))
+    assert sorted(r["task_idx"] for r in results) == list(range(9))
+    meta = json.loads((out / "collect_config.json").read_text())
+    assert meta["env"] == TINY_ENV and meta["collect"]["n_streams"] == N_STREAMS
+    H, N = spec.horizon, N_EPISODES * spec.horizon
+    for i, task in enumerate(tasks):
+        with np.load(out / f"task_{i:04d}.npz") as d:
+            assert json.loads(str(d["task"])) == task and int(d["horizon"]) == H
+            s, a, r, s2, done = (d[k] for k in ("states", "actions", "rewards", "next_states", "dones"))
+        assert s.shape == s2.shape == (N_STREAMS, N, 2)
+        assert a.shape == r.shape == done.shape == (N_STREAMS, N)
+        assert r.dtype == np.float32 and done.dtype == bool
+        assert ((a >= 0) & (a < 5)).all()
+        # every transition obeys the environment: a move clipped to the grid, reward 1 on the goal
+        moved = np.clip(s.astype(np.int64) + MOVES[a.astype(np.int64)], 0, spec.size - 1)
+        np.testing.assert_array_equal(s2, moved)
+        np.testing.assert_array_equal(r, (s2 == np.array(task["goal"])).all(-1).astype(np.float32))
+        # episodes are whole: a done every `horizon` steps, the next one starts in the centre
+        np.testing.assert_array_equal(done, np.tile(np.arange(N) % H == H - 1, (N_STREAMS, 1)))
+        assert (s[:, ::H] == spec.size // 2).all()
+        np.testing.assert_array_equal(s[:, 1:][~done[:, :-1]], s2[:, :-1][~done[:, :-1]])
+
+
+def test_collect_resumes_with_the_missing_tasks(collected, tmp_path, capsys):
+    out = tmp_path / "data"
+    shutil.copytree(collected[0], out)
+    (out / "task_0003.npz").unlink()
+    before = (out / "task_0005.npz").stat().st_mtime_ns
+    results = collect.main(["--config", str(TINY), "--out", str(out)])
+    assert [r["task_idx"] for r in results] == [3]
+    assert (out / "task_0003.npz").is_file() and (out / "task_0005.npz").stat().st_mtime_ns == before
+    assert collect.main(["--config", str(TINY), "--out", str(out)]) == []
+    assert "9 of 9 tasks already collected" in capsys.readouterr().out
+
+
+def test_collect_rejects_bad_numbers(tmp_path):
+    with pytest.raises(UserError, match="timesteps"):
+        collect.main(["--config", str(TINY), "--out", str(tmp_path / "d"), "--timesteps", "10"])
+    with pytest.raises(UserError, match="n-streams"):
+        collect.main(["--config", str(TINY), "--out", str(tmp_path / "d"), "--n-streams", "0"])
+    with pytest.raises(UserError, match="tasks"):
+        collect.main(["--config", str(TINY), "--out", str(tmp_path / "d"), "--tasks", "some"])
+    assert not (tmp_path / "d").exists()
+
+
+# ---- train and checkpoints -----------------------------------------------------------------------
+def test_train_writes_every_artifact(trained, collected, spec):
+    out = trained.parent
+    assert trained == out / "model.pt"
+    assert {p.name for p in out.iterdir()} >= {"model.pt", "train_state.pt", "metrics.jsonl", "train_config.json"}
+    assert not list(out.glob("*.tmp"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 for r in rows)
+    assert "val_loss" not in rows[0] and all("val_loss" in r and "val_acc" in r for r in rows[1:])  # eval_every 2 + last
+    meta = json.loads((out / "train_config.json").read_text())
+    assert meta["env"] == TINY_ENV
+    assert meta["model"]["max_context"] == 12 and meta["model"]["n_states"] == 9
+    assert meta["train"]["world_size"] == 1 and meta["train"]["episode_strides"] == [1, 2]
+    state = read_checkpoint(out / "train_state.pt")
+    assert state["step"] == 3 and {"optimizer", "scheduler"} <= set(state)
+
+
+def test_load_model_restores_the_trained_network(trained, spec):
+    model, meta = load_model(trained)
+    ckpt = torch.load(trained, weights_only=True)
+    assert isinstance(model, ADTransformer) and not model.training
+    assert ckpt["step"] == 3 and meta == ckpt["config"]
+    assert meta["env"] == TINY_ENV and get_spec(meta["env"]) == spec
+    cfg = model.cfg
+    assert (cfg.n_states, cfg.n_actions, cfg.horizon, cfg.max_context) == (9, 5, 6, 12)
+    assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout) == (2, 2, 16, 0.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+
+
+def test_load_model_uses_weights_only(trained, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_model(trained)
+    assert calls == [True]
+
+
+def test_bad_checkpoints_raise_user_errors(trained, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(256))
+    with pytest.raises(UserError, match="cannot read"):
+        load_model(garbage)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(trained.read_bytes()[:2000])
+    with pytest.raises(UserError, match="cannot read"):
+        load_model(truncated)
+    # an object that is not plain data: weights_only refuses to unpickle it
+    ckpt = torch.load(trained, weights_only=True)
+    code = tmp_path / "object.pt"
+    torch.save({"model": ckpt["model"], "config": argparse.Namespace(**ckpt["config"])}, code)
+    with pytest.raises(UserError, match="cannot read"):
+        load_model(code)
+    wrong_keys = tmp_path / "wrong_keys.pt"
+    torch.save({"weights": ckpt["model"]}, wrong_keys)
+    with pytest.raises(UserError, match="not an AD checkpoint"):
+        load_model(wrong_keys)
+    misfit = tmp_path / "misfit.pt"
+    torch.save({"model": ckpt["model"], "config": ckpt["config"] | {"model": ckpt["config"]["model"] | {"n_layer": 3}}}, misfit)
+    with pytest.raises(UserError, match="does not fit"):
+        load_model(misfit)
+
+
+def test_train_resumes_from_its_state(trained, collected, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(trained.parent, out)
+    train.main(["--config", str(TINY), "--data", str(collected[0]), "--out", str(out), "--steps", "4", "--resume"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert torch.load(out / "model.pt", weights_only=True)["step"] == 4
+
+
+def test_train_rejects_a_context_the_histories_cannot_fill(collected, tmp_path):
+    with pytest.raises(UserError, match="too short"):
+        train.main(["--config", str(TINY), "--data", str(collected[0]), "--out", str(tmp_path / "c"), "--context", "25"])
+    with pytest.raises(UserError, match="missing learning history"):
+        train.main(["--config", str(TINY), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+
+
+def test_histories_of_another_horizon_are_rejected(collected):
+    spec20 = get_spec(TINY_ENV | {"horizon": 20})
+    with pytest.raises(UserError, match="horizon"):
+        HistoryData.from_dir(collected[0], spec20, spec20.tasks(), 12)
+
+
+def test_a_damaged_history_is_a_user_error(collected, spec, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(collected[0], out)
+    f = out / "task_0000.npz"
+    f.write_bytes(f.read_bytes()[:500])
+    with pytest.raises(UserError, match="corrupt"):
+        HistoryData.from_dir(out, spec, spec.tasks(), 12)
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+def test_evaluate_writes_results_and_curve(evaluated, spec):
+    out, results, _ = evaluated
+    assert {p.name for p in out.iterdir()} >= {"eval_results.json", "in_context_curve.png"}
+    assert not list(out.glob("*.tmp*"))
+    assert (out / "in_context_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert EVAL_KEYS <= set(saved)
+    held = spec.tasks_for("test")
+    assert saved["tasks"] == held and len(held) == 2
+    assert saved["episodes"] == 2 and saved["seeds"] == [0] and saved["greedy"] is True and saved["engine"] == "kv"
+    assert len(saved["return_per_episode"]) == len(saved["normalized_return_per_episode"]) == 2
+    norm = []
+    for pt, task in zip(saved["per_task"], held):
+        assert {"task", "optimal_return", "returns", "returns_per_seed"} <= set(pt)
+        assert pt["task"] == task and pt["optimal_return"] == spec.optimal_return(task)
+        assert len(pt["returns"]) == 2 and np.shape(pt["returns_per_seed"]) == (1, 2)
+        assert all(0 <= r <= pt["optimal_return"] for r in pt["returns"])
+        norm.append(np.array(pt["returns"]) / pt["optimal_return"])
+    np.testing.assert_allclose(saved["normalized_return_per_episode"], np.mean(norm, 0))
+    assert saved["mean_context_length"] == pytest.approx(6.5)  # 1..12 tokens, never more than max_context
+    assert saved["env_steps_per_second"] > 0
+
+
+def test_evaluate_engines_agree_within_max_context(evaluated, trained, tmp_path):
+    # 2 episodes x 6 steps = 12 tokens = max_context: the kv and rerun engines must act identically
+    _, kv, _ = evaluated
+    rerun, _ = _evaluate(["--checkpoint", str(trained), "--episodes", "2", "--greedy", "--engine", "rerun",
+                          "--num-seeds", "2", "--device", "cpu", "--out", str(tmp_path / "rerun")])  # fmt: skip
+    assert rerun["engine"] == "rerun" and rerun["seeds"] == [0, 1]
+    for a, b in zip(kv["per_task"], rerun["per_task"]):
+        assert b["returns_per_seed"] == [a["returns"], a["returns"]]  # greedy: every seed acts the same
+
+
+def test_evaluate_main_leaves_autograd_alone(evaluated):
+    assert not evaluated[2]
+
+
+# ---- bad input: exit code 2, one line, no traceback, nothing written -----------------------------
+@pytest.fixture(scope="module")
+def bad_runs(trained, tmp_path_factory):
+    """Every bad-input command started at once (they are independent); returns name -> (proc, out dir)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    garbage = tmp / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint\n" * 20)
+    ev = [sys.executable, "evaluate.py", "--device", "cpu"]
+    cases = {
+        "missing_checkpoint": (ev + ["--checkpoint", str(tmp / "missing.pt")], "not found"),
+        "corrupt_checkpoint": (ev + ["--checkpoint", str(garbage)], "cannot read"),
+        "zero_episodes": (ev + ["--checkpoint", str(trained), "--episodes", "0"], "episodes"),
+        "unknown_engine": (ev + ["--checkpoint", str(trained), "--engine", "warp"], "engine"),
+        "collect_unknown_env": ([sys.executable, "collect.py", "--env", "cave"], "unknown environment 'cave'"),
+        "train_missing_data": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(tmp / "none")], "missing"),
+    }
+    procs = {}
+    for name, (cmd, match) in cases.items():
+        out = tmp / f"out_{name}"
+        p = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        procs[name] = (p, out, match)
+    done = {}
+    try:
+        for name, (p, out, match) in procs.items():
+            stdout, stderr = p.communicate(timeout=120)
+            done[name] = (p.returncode, stdout, stderr, out, match)
+    finally:
+        for p, _, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+@pytest.mark.parametrize(
+    "case", ["missing_checkpoint", "corrupt_checkpoint", "zero_episodes", "unknown_engine", "collect_unknown_env", "train_missing_data"]
+)
+def test_bad_input_exits_2_with_one_line(bad_runs, case):
+    rc, _, stderr, out, match = bad_runs[case]
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert match in lines[0]
+    assert "Traceback" not in stderr
+    assert not out.exists()
+
+
+# ---- configs -------------------------------------------------------------------------------------
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_include_merges_underneath(tmp_path):
+    _write(tmp_path / "shared" / "a.yaml", "env: {name: darkroom, size: 9}\ntrain: {steps: 10, lr: 0.5}\nmodel: {n_layer: 3}\n")
+    _write(tmp_path / "shared" / "b.yaml", "include: a.yaml\ntrain: {steps: 20, batch_size: 8}\n")
+    _write(tmp_path / "extra.yaml", "model: {n_layer: 5, d_model: 32}\n")
+    top = _write(tmp_path / "top.yaml", "include: [shared/b.yaml, extra.yaml]\nenv: {size: 5}\ntrain: {lr: 0.25}\n")
+    cfg = load_yaml(top)
+    assert cfg["env"] == {"name": "darkroom", "size": 5}
+    assert cfg["train"] == {"steps": 20, "lr": 0.25, "batch_size": 8}  # sections merge key by key
+    assert cfg["model"] == {"n_layer": 5, "d_model": 32}  # later includes win over earlier ones
+    assert cfg["_source"] == str(top) and "include" not in cfg
+
+
+def test_loader_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_yaml(tmp_path / "none.yaml")
+    with pytest.raises(UserError, match="not found"):
+        load_yaml(_write(tmp_path / "inc.yaml", "include: gone.yaml\n"))
+    _write(tmp_path / "c1.yaml", "include: c2.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_yaml(_write(tmp_path / "c2.yaml", "include: c1.yaml\n"))
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_yaml(_write(tmp_path / "bad.yaml", "train: {steps: [1\n"))
+    with pytest.raises(UserError, match="mapping"):
+        load_yaml(_write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    with pytest.raises(UserError, match="mapping"):
+        section(load_yaml(_write(tmp_path / "sec.yaml", "train: 3\n")), "train", train.TRAIN_CONFIG)
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    bad = _write(tmp_path / "bad.yaml", f"include: {TINY}\ntrain: {{stepz: 5}}\n")
+    with pytest.raises(UserError, match="stepz") as e:
+        train.parse(["--config", str(bad)])
+    assert str(bad) in str(e.value)
+    env_bad = _write(tmp_path / "env_bad.yaml", "env: {name: darkroom, sise: 3}\n")
+    for parse in (train.parse, collect.main):
+        with pytest.raises(UserError, match="sise") as e:
+            parse(["--config", str(env_bad), "--out", str(tmp_path / "o")])
+        assert str(env_bad) in str(e.value)
+    model_bad = _write(tmp_path / "model_bad.yaml", "model: {layers: 3}\n")
+    with pytest.raises(UserError, match=r"layers.*model_bad\.yaml"):
+        train.parse(["--config", str(model_bad)])
+    collect_bad = _write(tmp_path / "collect_bad.yaml", "collect: {streams: 3}\n")
+    with pytest.raises(UserError, match=r"streams.*collect_bad\.yaml"):
+        collect.main(["--config", str(collect_bad)])
+    assert not (tmp_path / "o").exists()
+
+
+def test_flags_override_yaml_which_overrides_defaults():
+    cfg = train.parse(["--config", str(TINY), "--steps", "7", "--context", "6"])
+    assert (cfg["steps"], cfg["context"]) == (7, 6)  # flags
+    assert (cfg["n_layer"], cfg["batch_size"], cfg["episode_strides"]) == (2, 4, [1, 2])  # tiny.yaml
+    assert (cfg["lr"], cfg["grad_clip"]) == (0.001, 1.0)  # base.yaml (= the defaults)
+    assert (cfg["env"], cfg["size"], cfg["env_extra"]) == ("darkroom", 3, {"horizon": 6, "n_holdout": 2, "split_seed": 0})
+
+
+def test_base_yaml_equals_the_script_defaults():
+    base = load_yaml(CONFIG_DIR / "base.yaml")
+    assert set(base) <= {"collect", "model", "train", "_source"}
+    for name in ("model", "train"):
+        for key, value in base.get(name, {}).items():
+            assert value == train.TRAIN_CONFIG[key] and type(value) is type(train.TRAIN_CONFIG[key]), (name, key)
+    for key, value in base.get("collect", {}).items():
+        assert value == collect.COLLECT_CONFIG[key] and type(value) is type(collect.COLLECT_CONFIG[key]), key
+    assert train.parse(["--config", str(CONFIG_DIR / "base.yaml")]) == train.parse([])
+
+
+@pytest.mark.parametrize("name, family", [("darkroom", "darkroom"), ("darkroom_permuted", "darkroom_permuted"),
+                                          ("key_to_door", "key_to_door"), ("tiny", "darkroom")])  # fmt: skip
+def test_shipped_configs_are_valid(name, family):
+    path = CONFIG_DIR / f"{name}.yaml"
+    assert "\ninclude: base.yaml\n" in path.read_text()
+    cfg = load_yaml(path)
+    assert set(cfg) == {"env", "collect", "model", "train", "_source"}
+    env_sec = section(cfg, "env", ENV_KEYS)
+    spec = get_spec(env_sec)
+    assert spec.name == family
+    section(cfg, "collect", collect.COLLECT_CONFIG)
+    tcfg = train.parse(["--config", str(path)])
+    assert tcfg["env"] == family and get_spec({"name": tcfg["env"], "size": tcfg["size"], **tcfg["env_extra"]}) == spec
+    # the histories the collect section asks for can fill the training context at every stride
+    ccfg = collect.COLLECT_CONFIG | cfg["collect"]
+    episodes = ccfg["timesteps"] // ccfg["n_streams"] // spec.horizon
+    for k in tcfg["episode_strides"]:
+        assert ((episodes - k) // k + 1) * spec.horizon >= tcfg["context"], (name, k)
+    assert ccfg["out"] == tcfg["data"]
+
+
+# ---- distributed training ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes(collected, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "train.py", "--config", str(TINY), "--data", str(collected[0]), "--out", str(out), "--steps", "2",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.pt").is_file()
+    _, meta = load_model(out / "model.pt")
+    assert meta["train"]["world_size"] == 2 and torch.load(out / "model.pt", weights_only=True)["step"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone logs
