@@ -38,6 +38,7 @@ EVAL_CONFIG = {
     "vec_env": "dummy",  # dummy | subproc (stable-baselines3 VecEnv) | batched (all envs in one numpy call)
     "engine": "kv",  # kv | rerun
     "device": "auto",  # auto | cpu | cuda
+    "source_data": "none",  # folder of collect.py histories: also report the source PPO's own curve on these tasks
     "out": "runs/eval",
 }
 HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions"}
@@ -88,14 +89,31 @@ def evaluate(model, spec, tasks: list[dict], episodes: int, seeds: list[int], gr
     }
 
 
+def source_curve(data_dir, spec, tasks: list[dict]) -> np.ndarray:
+    """The source learner's normalised return per episode on `tasks`, mean over tasks and streams."""
+    from model.data import HistoryData
+
+    curves = []
+    for task in tasks:
+        d = HistoryData.from_dir(data_dir, spec, [task], context=1)
+        n_ep = d.n_episodes
+        ret = d.rewards[:, : n_ep * spec.horizon].reshape(d.n_streams, n_ep, spec.horizon).sum(-1)
+        curves.append(ret.mean(0) / spec.optimal_return(task))
+    return np.mean(curves, axis=0)
+
+
 def plot_curve(results: dict, path: Path, title: str = "In-context learning on held-out tasks") -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     ep = np.arange(1, results["episodes"] + 1)
+    if "source_normalized_return_per_episode" in results:
+        src = results["source_normalized_return_per_episode"]
+        ax.plot(np.arange(1, len(src) + 1), src, color="tab:gray", lw=1.5, ls=":", label="source PPO (its own learning, per stream)")
     for pt in results["per_task"]:
         ax.plot(ep, np.array(pt["returns"]) / pt["optimal_return"], color="tab:blue", alpha=0.25, lw=1)
     ax.plot(ep, results["normalized_return_per_episode"], color="tab:blue", lw=2.5, label=f"mean over {len(results['tasks'])} tasks")
     ax.axhline(1.0, color="k", ls="--", lw=1, label="optimal")
-    ax.set(xlabel="episode (in context, no weight updates)", ylabel="return / optimal return", title=title, ylim=(-0.05, 1.1))
+    ax.set(xlabel="episode (AD: in context, no weight updates)", ylabel="return / optimal return", title=title, ylim=(-0.05, 1.1))
+    ax.set_xlim(0.5, max(results["episodes"], len(results.get("source_normalized_return_per_episode", []))) + 0.5)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -135,6 +153,10 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"])
     results["checkpoint"] = str(cfg["checkpoint"])
+    if none_or(cfg["source_data"], str):
+        src = source_curve(cfg["source_data"], spec, tasks)
+        results["source_normalized_return_per_episode"] = src.tolist()
+        results["source_final_normalized_return"] = float(src[-10:].mean())
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "eval_results.json.tmp"
@@ -142,6 +164,8 @@ def main(argv=None) -> dict:
     os.replace(tmp, out / "eval_results.json")
     plot_curve(results, out / "in_context_curve.png")
     print_table(results)
+    if "source_final_normalized_return" in results:
+        print(f"source PPO on the same tasks: normalised return {results['source_final_normalized_return']:.3f} over its last 10 episodes")
     print(f"wrote {out / 'eval_results.json'} and {out / 'in_context_curve.png'}")
     return results
 

@@ -31,7 +31,7 @@ from model.checkpoint import read_checkpoint, resolve_device, save_atomic
 from model.data import HistoryData
 
 TRAIN_CONFIG = {
-    "data": "data/darkroom",  # folder written by collect.py
+    "data": ["data/darkroom"],  # folder(s) written by collect.py
     "out": "checkpoints/my_ad",  # model.pt, train_state.pt, metrics.jsonl, train_config.json
     "env": "darkroom",
     "size": 9,
@@ -40,6 +40,7 @@ TRAIN_CONFIG = {
     "n_head": 4,
     "d_model": 64,
     "dropout": 0.1,
+    "grid_embedding": True,  # embed states as row + column of the grid (False: one embedding per state)
     "episode_strides": [4],  # keep every k-th episode of a stream; one k drawn per window
     "steps": 3000,
     "batch_size": 32,  # windows per step (per process under torchrun)
@@ -56,7 +57,7 @@ TRAIN_CONFIG = {
     "resume": False,  # continue from OUT/train_state.pt
 }
 HELP = {"episode_strides": "episode subsampling strides of the learning histories", "resume": "continue from OUT/train_state.pt"}
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")
+MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -93,7 +94,7 @@ def parse(argv=None) -> dict:
         flat["env"] = env_sec.pop("name")
     if "size" in env_sec:
         flat["size"] = env_sec.pop("size")
-    model_sec = section(ycfg, "model", MODEL_KEYS + ("context",))
+    model_sec = section(ycfg, "model", MODEL_KEYS + ("context", "grid_embedding"))
     flat.update(model_sec)
     flat.update(section(ycfg, "train", TRAIN_CONFIG))
     cfg = resolve(TRAIN_CONFIG, args, flat)
@@ -128,6 +129,7 @@ def main(argv=None) -> Path:
 
     mcfg = ADConfig(
         n_states=spec.n_states, n_actions=spec.n_actions, horizon=spec.horizon, max_context=cfg["context"],
+        grid_size=spec.size if cfg["grid_embedding"] else 0,
         **{k: cfg[k] for k in MODEL_KEYS},
     )  # fmt: skip
     model = ADTransformer(mcfg).to(device)

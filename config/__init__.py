@@ -92,8 +92,10 @@ def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None 
     out = dict(defaults)
     if yaml_section:
         check_keys(yaml_section, defaults, "config")
-        for key, value in yaml_section.items():
+        for key, value in list(yaml_section.items()):
             want = defaults[key]
+            if isinstance(want, list) and not isinstance(value, list):
+                value = yaml_section[key] = [value]
             ok = value is None or want is None or isinstance(value, type(want)) or (isinstance(want, float) and isinstance(value, int))
             if isinstance(want, bool) != isinstance(value, bool) and value is not None:
                 ok = False

@@ -41,10 +41,11 @@ class HistoryData:
 
     @classmethod
     def from_dir(cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,)) -> HistoryData:
-        data_dir = Path(data_dir)
+        """Histories of `tasks` from one folder written by collect.py, or from several (a list)."""
+        dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
         all_tasks = spec.tasks()
         states, actions, rewards = [], [], []
-        for task in tasks:
+        for data_dir, task in ((d, t) for d in dirs for t in tasks):
             f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
             if not f.is_file():
                 raise UserError(f"missing learning history {f} for task {json.dumps(task)}: run collect.py first")

@@ -414,7 +414,7 @@ def test_shipped_configs_are_valid(name, family):
     episodes = ccfg["timesteps"] // ccfg["n_streams"] // spec.horizon
     for k in tcfg["episode_strides"]:
         assert ((episodes - k) // k + 1) * spec.horizon >= tcfg["context"], (name, k)
-    assert ccfg["out"] == tcfg["data"]
+    assert [ccfg["out"]] == tcfg["data"]
 
 
 # ---- distributed training ------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""The one-click pipeline on a tiny model, and the documentation's commands against the scripts' flags."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_attention_analysis
+from env import get_spec
+from model import ADConfig, ADTransformer
+from model.checkpoint import save_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["README.md", "ATTENTION_ANALYSIS_README.md"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
+    model = ADTransformer(ADConfig(n_states=9, n_actions=5, horizon=5, max_context=30, n_layer=2, n_head=2, d_model=16, dropout=0.0, grid_size=3))
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_atomic({"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path)
+    return path
+
+
+def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsys):
+    out, cap = tmp_path / "figs", tmp_path / "cap"
+    res = run_attention_analysis.main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(cap), "--device", "cpu"])
+    assert (cap / "capture.pt").is_file()
+    for name in ("attention_analysis_comprehensive.png", "compression_recommendations.txt", "layer_head_analysis.png",
+                 "attention_metrics.json", "compression_results.json", "analysis_config.json"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert len(list(out.glob("attention_heatmap_step*.png"))) >= 1
+    rows = json.loads((out / "compression_results.json").read_text())["rows"]
+    rec = json.loads((out / "attention_metrics.json").read_text())["recommendation"]
+    assert rows[0]["strategy"] == rec["strategy"] and rows[0]["ratio"] == rec["compression_ratio"]
+    assert res["compression"]["speedup"] > 0
+    printed = capsys.readouterr().out
+    assert "Recommended:" in printed and "Measured" in printed and str(out) in printed
+
+
+def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path):
+    out = tmp_path / "figs"
+    run_attention_analysis.main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(tmp_path / "c"), "--skip-compression"])
+    assert (out / "attention_metrics.json").is_file() and not (out / "compression_results.json").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "run_attention_analysis.py"), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr and not (tmp_path / "x").exists()
+
+
+def _doc_commands():
+    """Every `python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...` line in the docs' code blocks."""
+    cmds = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0].strip()
+                m = re.search(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)", line)
+                if m and not line.startswith("pip"):
+                    cmds.append((doc, m.group(1), shlex.split(m.group(2))))
+    return cmds
+
+
+def test_docs_exist_and_have_commands():
+    cmds = _doc_commands()
+    scripts = {c[1] for c in cmds}
+    for s in ("run_attention_analysis.py", "collect.py", "train.py", "evaluate.py", "compression_template.py", "analyze_attention.py"):
+        assert s in scripts, f"{s} is not shown in the docs"
+
+
+_HELP: dict = {}
+
+
+@pytest.mark.parametrize("doc, script, args", _doc_commands() if all((ROOT / d).exists() for d in DOCS) else [])
+def test_doc_command_flags_exist(doc, script, args):
+    """Each documented command names a script that exists and only flags that script accepts."""
+    path = ROOT / script
+    assert path.is_file(), f"{doc}: {script} does not exist"
+    if script not in _HELP:
+        r = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        _HELP[script] = r.stdout
+    for a in args:
+        if a.startswith("--"):
+            flag = a.split("=")[0]
+            assert re.search(rf"{re.escape(flag)}\b", _HELP[script]), f"{doc}: {script} has no flag {flag}"

@@ -1,0 +1,54 @@
+"""The shipped default model: loads safely, and a short evaluation reproduces its recorded numbers."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from env import get_spec
+from evaluate import evaluate
+from model.checkpoint import DEFAULT_CHECKPOINT, load_model
+
+RESULTS = DEFAULT_CHECKPOINT.parent / "eval_results.json"
+
+
+def test_default_checkpoint_is_plain_data():
+    assert DEFAULT_CHECKPOINT.is_file(), "the default model is missing from checkpoints/darkroom_ad/"
+    ckpt = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert set(ckpt) >= {"model", "config", "step"}
+    assert "optimizer" not in ckpt  # the shipped file holds weights and config only
+    assert DEFAULT_CHECKPOINT.stat().st_size < 5_000_000
+
+
+def test_default_model_trained_on_training_tasks_only():
+    _, meta = load_model()
+    spec = get_spec(meta["env"])
+    train, held = spec.split()
+    assert len(train) == 73 and len(held) == 8
+    assert meta["model"]["max_context"] >= 240
+
+
+def test_short_evaluation_reproduces_recorded_returns():
+    recorded = json.loads(Path(RESULTS).read_text())
+    seed = recorded["seeds"][0]
+    model, meta = load_model()
+    spec = get_spec(meta["env"])
+    tasks = spec.tasks_for("test")
+    assert recorded["tasks"] == tasks
+    n = 4  # the first episodes of the recorded run, same seed: the same sampled actions
+    with torch.no_grad():
+        short = evaluate(model, spec, tasks, n, [seed], greedy=recorded["greedy"], progress=False)
+    got = np.array([pt["returns"] for pt in short["per_task"]])
+    want = np.array([pt["returns_per_seed"][0][:n] for pt in recorded["per_task"]])
+    np.testing.assert_allclose(got, want)
+
+
+def test_recorded_results_meet_the_quality_bar():
+    r = json.loads(Path(RESULTS).read_text())
+    norm = np.array(r["normalized_return_per_episode"])
+    assert len(r["seeds"]) >= 3 and r["episodes"] == 50 and not r["greedy"]
+    per_task = np.array([np.array(pt["returns"]) / pt["optimal_return"] for pt in r["per_task"]])
+    assert norm[30:50].mean() >= 0.90
+    assert per_task[:, 30:50].mean(1).min() >= 0.75
+    assert norm[0] <= 0.5
