@@ -202,6 +202,7 @@ class ADTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.n_actions)
         self.apply(self._init)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position, for step()
 
     @staticmethod
     def _init(m):
@@ -241,7 +242,11 @@ class ADTransformer(nn.Module):
     @torch.no_grad()
     def step_embeddings(self, x: torch.Tensor, cache) -> torch.Tensor:
         pos = cache.advance()
-        cos, sin = rope_cos_sin(torch.tensor([pos], device=x.device), self.cfg.head_size, self.cfg.rope_base)
+        table = self._rope_table
+        if table is None or pos >= len(table[0]) or table[0].device != x.device:
+            n = max(2 * pos, 4096)  # grow geometrically; same float64 angles as rope_cos_sin(pos)
+            table = self._rope_table = rope_cos_sin(torch.arange(n, device=x.device), self.cfg.head_size, self.cfg.rope_base)
+        cos, sin = table[0][pos : pos + 1], table[1][pos : pos + 1]  # (1, Dh/2)
         for i, blk in enumerate(self.blocks):
             x = blk.step(x, cos, sin, cache, i)
         return self.head(self.ln_f(x))[:, -1]

@@ -63,7 +63,8 @@ def test_every_test_marker_precedes_a_python_block():
 def test_guide_example_runs(line, code, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # examples' temporary folders land here
+    # the examples' temporary folders land in pytest's tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     # a fresh module per example: dataclasses and pickling look classes up in sys.modules
     module = types.ModuleType(f"guide_example_line{line}")
     monkeypatch.setitem(sys.modules, module.__name__, module)

@@ -59,7 +59,9 @@ def _doc_commands():
     cmds = []
     for doc in DOCS:
         text = (ROOT / doc).read_text()
-        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
+        for lang, block in re.findall(r"^```(\w*)[ \t]*\n(.*?)^```", text, flags=re.S | re.M):
+            if lang not in ("", "bash", "sh", "console"):
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#")[0].strip()
                 m = re.search(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)", line)
