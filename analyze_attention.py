@@ -133,10 +133,7 @@ def _pattern_tests(s: dict, cfg: dict) -> list[str]:
             f"with the last {rw} {check(sink_recent, '>=', cfg['recency_threshold'])} -> sink_window"
         ),
         f"2. strong recency  : last {rw} positions {check(s['recent_share'], '>=', cfg['recency_threshold'])} -> fixed_window",
-        (
-            "3. sparse          : context fraction holding 80% "
-            f"{check(s['fraction_for_80'], '<=', cfg['sparse_threshold'])} -> topk"
-        ),
+        (f"3. sparse          : context fraction holding 80% {check(s['fraction_for_80'], '<=', cfg['sparse_threshold'])} -> topk"),
         "4. otherwise uniform -> pooling",
     ]
 
@@ -302,9 +299,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     metrics_doc = {
         "format": "ad-attention-metrics",
         "version": 1,
-        "capture": {
-            k: meta.get(k) for k in ("checkpoint", "env", "task", "seed", "max_context", "horizon", "n_layer", "n_head")
-        },
+        "capture": {k: meta.get(k) for k in ("checkpoint", "env", "task", "seed", "max_context", "horizon", "n_layer", "n_head")},
         "metrics": _json_metrics(s, layer_names),
         "pattern": {"name": rec["pattern"], "tests": _pattern_tests(s, cfg)},
         "recommendation": rec,

@@ -29,8 +29,9 @@ COLLECT_CONFIG = {
     "size": 9,  # grid side
     "out": "data/darkroom",  # one task_XXXX.npz per task
     "tasks": "all",  # all | train | test
-    "n_streams": 100,  # parallel environments per PPO learner (= learning histories per task)
-    "timesteps": 100_000,  # PPO timesteps per task, all streams together
+    "n_streams": 100,  # parallel environments per PPO learner
+    "n_learners": 1,  # independent PPO learners per task (histories per task = n_learners * n_streams)
+    "timesteps": 100_000,  # PPO timesteps per learner, all its streams together
     "workers": 2,  # tasks collected in parallel processes
     "seed": 0,
     "learning_rate": 1e-3,
@@ -75,28 +76,31 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
             self.rows["dones"].append(np.array(loc["dones"], dtype=bool, copy=True))
             return True
 
-    rec = Recorder()
-    model = PPO(
-        "MlpPolicy",
-        vec,
-        n_steps=n_steps,
-        batch_size=min(cfg["batch_size"], n_steps * n),
-        n_epochs=cfg["n_epochs"],
-        learning_rate=cfg["learning_rate"],
-        ent_coef=cfg["ent_coef"],
-        gamma=0.99,
-        seed=cfg["seed"] + task_idx,
-        device="cpu",
-        verbose=0,
-    )
-    model.learn(total_timesteps=cfg["timesteps"], callback=rec)
-    # time-major lists -> (n_streams, n_steps, ...) arrays
-    arrays = {k: np.stack(v, axis=1) for k, v in rec.rows.items()}
+    learners = []
+    for j in range(cfg["n_learners"]):
+        rec = Recorder()
+        model = PPO(
+            "MlpPolicy",
+            vec,
+            n_steps=n_steps,
+            batch_size=min(cfg["batch_size"], n_steps * n),
+            n_epochs=cfg["n_epochs"],
+            learning_rate=cfg["learning_rate"],
+            ent_coef=cfg["ent_coef"],
+            gamma=0.99,
+            seed=cfg["seed"] + 1000 * task_idx + j,
+            device="cpu",
+            verbose=0,
+        )
+        model.learn(total_timesteps=cfg["timesteps"], callback=rec)
+        vec.reset()
+        learners.append({k: np.stack(v, axis=1) for k, v in rec.rows.items()})  # (n_streams, n_steps, ...)
+    arrays = {k: np.concatenate([lr[k] for lr in learners]) for k in learners[0]}
     arrays["states"] = arrays["states"].astype(np.int8)
     arrays["next_states"] = arrays["next_states"].astype(np.int8)
     arrays["actions"] = arrays["actions"].astype(np.int8)
     n_ep = arrays["rewards"].shape[1] // horizon
-    ep_returns = arrays["rewards"][:, : n_ep * horizon].reshape(n, n_ep, horizon).sum(-1)  # (S, E)
+    ep_returns = arrays["rewards"][:, : n_ep * horizon].reshape(-1, n_ep, horizon).sum(-1)  # (S, E)
     final = Path(out_dir) / f"task_{task_idx:04d}.npz"
     tmp = final.with_suffix(".tmp")
     with open(tmp, "wb") as f:
@@ -120,7 +124,7 @@ def main(argv=None) -> list[dict]:
         cfg["size"] = env_sec.pop("size")
     env_sec.pop("size", None)
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
-    for key in ("n_streams", "timesteps", "workers"):
+    for key in ("n_streams", "n_learners", "timesteps", "workers"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
@@ -149,7 +153,9 @@ def main(argv=None) -> list[dict]:
         for fut in bar:
             r = fut.result()
             results.append(r)
-            bar.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}, optimal {spec.optimal_return(r['task']):.0f}")
+            bar.write(
+                f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}, optimal {spec.optimal_return(r['task']):.0f}"
+            )
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results

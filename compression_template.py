@@ -226,7 +226,9 @@ def main(argv=None) -> dict:
     if cfg["sweep"]:
         plot_tradeoff(rows, out / "compression_tradeoff.png")
     if best:
-        print(f"fastest within 5% loss: {best['strategy']} ratio {best['ratio']} -> {best['speedup']:.2f}x, loss {100 * best['performance_loss']:.1f}%")
+        print(
+            f"fastest within 5% loss: {best['strategy']} ratio {best['ratio']} -> {best['speedup']:.2f}x, loss {100 * best['performance_loss']:.1f}%"
+        )
     else:
         print("no configuration stayed within 5% loss")
     print(f"wrote {out / 'compression_results.json'}")

@@ -55,7 +55,18 @@ def make_vec_env(spec, tasks: list[dict], kind: str):
     return SubprocVecEnv(fns, start_method="spawn") if kind == "subproc" else DummyVecEnv(fns)
 
 
-def evaluate(model, spec, tasks: list[dict], episodes: int, seeds: list[int], greedy=False, vec_env="dummy", engine="kv", compression=None, progress=True) -> dict:
+def evaluate(
+    model,
+    spec,
+    tasks: list[dict],
+    episodes: int,
+    seeds: list[int],
+    greedy=False,
+    vec_env="dummy",
+    engine="kv",
+    compression=None,
+    progress=True,
+) -> dict:
     """Run every task in one VecEnv for each seed; returns the eval_results dict."""
     venv = make_vec_env(spec, tasks, vec_env)
     try:
@@ -80,7 +91,12 @@ def evaluate(model, spec, tasks: list[dict], episodes: int, seeds: list[int], gr
         "return_per_episode": returns.mean((0, 1)).tolist(),
         "normalized_return_per_episode": norm.mean((0, 1)).tolist(),
         "per_task": [
-            {"task": t, "optimal_return": float(opt[i]), "returns": returns[:, i].mean(0).tolist(), "returns_per_seed": returns[:, i].tolist()}
+            {
+                "task": t,
+                "optimal_return": float(opt[i]),
+                "returns": returns[:, i].mean(0).tolist(),
+                "returns_per_seed": returns[:, i].tolist(),
+            }
             for i, t in enumerate(tasks)
         ],
         "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
@@ -127,7 +143,9 @@ def print_table(results: dict) -> None:
     print(f"{'task':<22}{'optimal':>8}{'episode 1':>11}{'last 10':>9}{'normalised':>12}")
     for pt in results["per_task"]:
         r = np.array(pt["returns"])
-        print(f"{json.dumps(pt['task']):<22}{pt['optimal_return']:>8.0f}{r[0]:>11.2f}{r[-10:].mean():>9.2f}{r[-10:].mean() / pt['optimal_return']:>12.3f}")
+        print(
+            f"{json.dumps(pt['task']):<22}{pt['optimal_return']:>8.0f}{r[0]:>11.2f}{r[-10:].mean():>9.2f}{r[-10:].mean() / pt['optimal_return']:>12.3f}"
+        )
     norm = np.array(results["normalized_return_per_episode"])
     print(f"mean normalised return: episode 1 {norm[0]:.3f}, last 10 episodes {norm[-10:].mean():.3f}; "
           f"{results['env_steps_per_second']:.0f} env steps/s")  # fmt: skip

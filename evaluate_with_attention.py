@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from analysis.capture_file import save_capture
 from analysis.record import default_eval_timesteps, record_rollout
@@ -55,7 +54,12 @@ def capture(cfg: dict) -> tuple[dict, dict]:
     cap = record_rollout(model, spec, tasks[cfg["task"]], steps, seed=cfg["seed"], greedy=cfg["greedy"], num_full=cfg["num_full"])
     cap["meta"]["checkpoint"] = str(cfg["checkpoint"])
     returns = cap["returns"].tolist()
-    summary = {"task": tasks[cfg["task"]], "optimal_return": spec.optimal_return(tasks[cfg["task"]]), "returns": returns, "seed": cfg["seed"]}
+    summary = {
+        "task": tasks[cfg["task"]],
+        "optimal_return": spec.optimal_return(tasks[cfg["task"]]),
+        "returns": returns,
+        "seed": cfg["seed"],
+    }
     return cap, summary
 
 

@@ -80,7 +80,12 @@ def main(argv=None) -> dict:
 
     out = Path(cfg["out"])
     print(f"\nDone in {time.time() - t_start:.0f} s. Outputs in {out}/:")
-    for name in ("attention_analysis_comprehensive.png", "compression_recommendations.txt", "layer_head_analysis.png", "attention_metrics.json"):
+    for name in (
+        "attention_analysis_comprehensive.png",
+        "compression_recommendations.txt",
+        "layer_head_analysis.png",
+        "attention_metrics.json",
+    ):
         print(f"  {name}")
     print(f"  attention_heatmap_step*.png ({len(res['paths']['heatmaps'])} files)")
     print(f"Attention: 80% on {met['positions_for_80']:.0f} positions ({100 * met['fraction_for_80']:.0f}% of the context), "

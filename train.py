@@ -41,7 +41,7 @@ TRAIN_CONFIG = {
     "d_model": 64,
     "dropout": 0.1,
     "grid_embedding": True,  # embed states as row + column of the grid (False: one embedding per state)
-    "episode_strides": [4],  # keep every k-th episode of a stream; one k drawn per window
+    "episode_strides": [1, 2, 4],  # keep every k-th episode of a stream; one k drawn per window
     "steps": 3000,
     "batch_size": 32,  # windows per step (per process under torchrun)
     "lr": 1e-3,
@@ -162,7 +162,10 @@ def main(argv=None) -> Path:
     def save(final: bool = False):
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_atomic({"model": weights, "config": meta, "step": step}, out / "model.pt")
-        save_atomic({"model": weights, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, out / "train_state.pt")
+        save_atomic(
+            {"model": weights, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            out / "train_state.pt",
+        )
 
     model.train()
     t0 = time.time()

@@ -114,9 +114,7 @@ def grid_view(capture: dict, step: int, layer: int = -1, head: int = -1) -> tupl
     size = int(capture["meta"]["grid_size"])
     n = M.to_numpy(capture["context_len"])
     rows = M.normalise_rows(capture["query_attn"][step : step + 1], n[step : step + 1])[0]  # (L, H, T)
-    weight, visited = M.grid_attention(
-        _select(rows, layer, head), M.to_numpy(capture["ctx_step"])[step], capture["state"], size * size
-    )
+    weight, visited = M.grid_attention(_select(rows, layer, head), M.to_numpy(capture["ctx_step"])[step], capture["state"], size * size)
     return weight.reshape(size, size), visited.reshape(size, size)
 
 

@@ -36,7 +36,20 @@ from config import UserError
 
 CAPTURE_FORMAT = "ad-attention-capture"
 CAPTURE_VERSION = 1
-REQUIRED = ("meta", "query_attn", "context_len", "ctx_step", "state", "action", "reward", "episode", "timestep", "full_steps", "full_attn", "returns")
+REQUIRED = (
+    "meta",
+    "query_attn",
+    "context_len",
+    "ctx_step",
+    "state",
+    "action",
+    "reward",
+    "episode",
+    "timestep",
+    "full_steps",
+    "full_attn",
+    "returns",
+)
 
 
 def save_capture(cap: dict, path: str | Path) -> Path:

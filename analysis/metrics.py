@@ -303,10 +303,7 @@ def recommend(summary: dict, cfg: dict) -> dict:
     """
     rw, n_sink = int(cfg["recent_window"]), int(cfg["sink_positions"])
     T = int(summary["max_context"])
-    if (
-        summary["sink_share"] >= cfg["sink_threshold"]
-        and summary["sink_share"] + summary["recent_share"] >= cfg["recency_threshold"]
-    ):
+    if summary["sink_share"] >= cfg["sink_threshold"] and summary["sink_share"] + summary["recent_share"] >= cfg["recency_threshold"]:
         pattern, strategy = "sink_plus_recency", "sink_window"
         needed = n_sink + summary["window_with_sinks_for_coverage"]
     elif summary["recent_share"] >= cfg["recency_threshold"]:

@@ -142,9 +142,7 @@ def plot_relative_position(aligned, layer_names, ax=None) -> Figure:
     for li in range(a.shape[1]):
         mean, lo, hi = _band(a[:, li, :R])
         ax.plot(x, np.clip(mean, LOG_FLOOR / 10, None), color=colors[li], lw=1.5, label=f"{layer_names[li]} mean")
-        ax.fill_between(
-            x, np.clip(lo, LOG_FLOOR / 10, None), np.clip(hi, LOG_FLOOR / 10, None), color=colors[li], alpha=0.2
-        )
+        ax.fill_between(x, np.clip(lo, LOG_FLOOR / 10, None), np.clip(hi, LOG_FLOOR / 10, None), color=colors[li], alpha=0.2)
     ax.set_yscale("log")
     ax.set(
         xlabel="relative position (0 = current query, -N = N steps ago)",
@@ -279,9 +277,7 @@ def comprehensive_figure(
     plot_recent_vs_distant(recent, recent_window, smooth, recency_threshold, ax=fig.add_subplot(gs[1, 0]))
     plot_context_growth(context_len, max_context, compressed_len, ax=fig.add_subplot(gs[1, 1]))
     plot_relative_position(layer_aligned, layer_names, ax=fig.add_subplot(gs[1, 2]))
-    plot_compression_curve(
-        fractions, curves, positions_80, positions_90, fraction_80, fraction_90, ax=fig.add_subplot(gs[2, 0])
-    )
+    plot_compression_curve(fractions, curves, positions_80, positions_90, fraction_80, fraction_90, ax=fig.add_subplot(gs[2, 0]))
     plot_episode_attention(episode_share, layer_names, ax=fig.add_subplot(gs[2, 1]))
     plot_reward_attention(reward_attn, reward_context, layer_names, ax=fig.add_subplot(gs[2, 2]))
     if title:
@@ -296,9 +292,7 @@ def plot_step_attention(full_attn, layer_names, title: str = "") -> Figure:
     a = np.asarray(full_attn, dtype=np.float64)
     L, H, n, _ = a.shape
     colors = layer_colors(L)
-    fig, axes = plt.subplots(
-        2, L, figsize=(max(7 * L, 8), 9), squeeze=False, height_ratios=[4, 1], layout="constrained"
-    )
+    fig, axes = plt.subplots(2, L, figsize=(max(7 * L, 8), 9), squeeze=False, height_ratios=[4, 1], layout="constrained")
     norm = _log_norm(a[:, :, np.tril(np.ones((n, n), bool))])
     upper = np.triu(np.ones((n, n), bool), 1)
     for li in range(L):

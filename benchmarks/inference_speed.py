@@ -57,7 +57,11 @@ def prefill(eng, model, B, n, device, gen):
 @torch.no_grad()
 def time_rollout(model, spec, tasks, engine, comp, B, steps, device, vec_env, seed=0) -> float:
     """Seconds for `steps` rollout steps with a full context (the same loop as model.rollout)."""
-    venv = BatchedGridEnv(spec, (tasks * (B // len(tasks) + 1))[:B]) if vec_env == "batched" else make_vec_env(spec, (tasks * (B // len(tasks) + 1))[:B], vec_env)
+    venv = (
+        BatchedGridEnv(spec, (tasks * (B // len(tasks) + 1))[:B])
+        if vec_env == "batched"
+        else make_vec_env(spec, (tasks * (B // len(tasks) + 1))[:B], vec_env)
+    )
     gen = torch.Generator().manual_seed(seed)
     eng = make_engine(engine, model, B, comp)
     prefill(eng, model, B, model.cfg.max_context, device, gen)
@@ -87,7 +91,9 @@ def greedy_agreement(model, spec, tasks, n_episodes) -> tuple[float, float]:
     for engine in ("rerun", "kv"):
         rec = []
         venv = BatchedGridEnv(spec, tasks)
-        run_episodes(model, venv, spec, n_episodes, engine=engine, greedy=True, on_step=lambda t, tok, a, r, e: rec.append(a.cpu().numpy()))
+        run_episodes(
+            model, venv, spec, n_episodes, engine=engine, greedy=True, on_step=lambda t, tok, a, r, e, rec=rec: rec.append(a.cpu().numpy())
+        )
         acts[engine] = np.stack(rec)  # (steps, B)
     same = acts["rerun"] == acts["kv"]
     T = model.cfg.max_context
@@ -114,7 +120,11 @@ def main(argv=None) -> dict:
     tasks = spec.tasks_for("test")
     torch.set_grad_enabled(False)
     rows = []
-    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    hw = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device)
+    )
     print(f"{datetime.date.today()}  device {device} ({hw}), torch {torch.__version__}, env {args.vec_env}, {args.steps} timed steps")
     print(f"{'context':>8}{'envs':>6}{'engine':>22}{'ms/step':>10}{'env steps/s':>13}{'vs (a)':>9}")
     for T in args.contexts:
@@ -127,7 +137,11 @@ def main(argv=None) -> dict:
                                 **({"keep_recent": args.keep_recent} if args.strategy in ("fixed_window", "topk", "pooling") else {}))  # fmt: skip
         for B in args.envs:
             times = {}
-            for label, engine, c in (("(a) rerun", "rerun", None), ("(b) kv", "kv", None), (f"(c) kv+{args.strategy} {args.ratio}", "kv", comp)):
+            for label, engine, c in (
+                ("(a) rerun", "rerun", None),
+                ("(b) kv", "kv", None),
+                (f"(c) kv+{args.strategy} {args.ratio}", "kv", comp),
+            ):
                 time_rollout(model, spec, tasks, engine, c, B, 3, device, args.vec_env)  # warm-up
                 times[label] = time_rollout(model, spec, tasks, engine, c, B, args.steps, device, args.vec_env)
             ref = times["(a) rerun"]

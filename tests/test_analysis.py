@@ -274,9 +274,7 @@ def test_bad_capture_exits_2_and_writes_nothing(kind, script, tmp_path, capsys):
 # ---- visualize_attention -----------------------------------------------------------------------
 def test_visualize_outputs_and_bertviz_export(analysed, tmp_path):
     cap_path, _, _ = analysed
-    paths = visualize_attention.main(
-        ["--capture", str(cap_path), "--out", str(tmp_path), "--step", "30", "--layer", "1"]
-    )
+    paths = visualize_attention.main(["--capture", str(cap_path), "--out", str(tmp_path), "--step", "30", "--layer", "1"])
     assert {p.name for p in tmp_path.iterdir()} == {
         "grid_attention_step30_layer1.png",
         "head_attention_over_time.png",

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _tiny(max_context=24, seed=0):
     torch.manual_seed(seed)
-    return ADTransformer(ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)).eval()
+    return ADTransformer(
+        ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)
+    ).eval()
 
 
 def _tokens(B, T, seed=0):
@@ -201,7 +203,9 @@ def tiny_checkpoint(tmp_path_factory):
     spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
     model = _tiny(max_context=20)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_atomic({"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path)
+    save_atomic(
+        {"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path
+    )
     return path
 
 

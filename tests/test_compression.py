@@ -19,12 +19,20 @@ from model.rollout import ENGINES, merge_rows, run_episodes
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
-PARAMS = {"none": {}, "fixed_window": {"keep_recent": 3}, "topk": {"keep_recent": 2}, "pooling": {"keep_recent": 3}, "sink_window": {"n_sink": 2}}
+PARAMS = {
+    "none": {},
+    "fixed_window": {"keep_recent": 3},
+    "topk": {"keep_recent": 2},
+    "pooling": {"keep_recent": 3},
+    "sink_window": {"n_sink": 2},
+}
 
 
 def _tiny(max_context=20):
     torch.manual_seed(0)
-    return ADTransformer(ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)).eval()
+    return ADTransformer(
+        ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)
+    ).eval()
 
 
 def _kept(assign, row=0):
@@ -177,7 +185,9 @@ def test_unknown_strategy_lists_valid_ones():
 def tiny_checkpoint(tmp_path_factory):
     model = _tiny(max_context=20)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_atomic({"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": SPEC.to_dict(), "train": {}}, "step": 0}, path)
+    save_atomic(
+        {"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": SPEC.to_dict(), "train": {}}, "step": 0}, path
+    )
     return path
 
 
@@ -192,7 +202,18 @@ def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads((out / "compression_results.json").read_text())["rows"]
     assert len(rows) == 1
-    for key in ("engine", "strategy", "ratio", "interval", "mean_context_length", "speedup", "return_full", "return_compressed", "performance_loss", "seeds"):
+    for key in (
+        "engine",
+        "strategy",
+        "ratio",
+        "interval",
+        "mean_context_length",
+        "speedup",
+        "return_full",
+        "return_compressed",
+        "performance_loss",
+        "seeds",
+    ):
         assert key in rows[0]
     assert rows[0]["engine"] == "kv" and rows[0]["seeds"] == [0, 1] and rows[0]["speedup"] > 0
 

@@ -22,44 +22,28 @@ from model.compression import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "ATTENTION_ANALYSIS_README.md"
-RUNNABLE = re.compile(
-    r"<!-- test -->[ \t]*\n```python\n(.*?)^```", re.DOTALL | re.MULTILINE
-)
+RUNNABLE = re.compile(r"<!-- test -->[ \t]*\n```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def runnable_blocks() -> list[tuple[int, str]]:
     """(first line of the code in the guide, code) of every runnable block."""
     text = GUIDE.read_text()
-    return [
-        (text.count("\n", 0, m.start(1)) + 1, m.group(1))
-        for m in RUNNABLE.finditer(text)
-    ]
+    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in RUNNABLE.finditer(text)]
 
 
 def test_key_examples_are_marked_runnable():
     blocks = [code for _, code in runnable_blocks()]
-    assert any(
-        "nn.TransformerEncoder(" in c and "capture_attention(" in c for c in blocks
-    ), "TransformerEncoder capture"
-    assert any(
-        "STRATEGIES[" in c and "make_compression(" in c and ".plan(" in c
-        for c in blocks
-    ), "add-a-strategy"
-    assert any(
-        "save_capture(" in c and "analyze_attention.analyze(" in c for c in blocks
-    ), "own model -> analysis"
+    assert any("nn.TransformerEncoder(" in c and "capture_attention(" in c for c in blocks), "TransformerEncoder capture"
+    assert any("STRATEGIES[" in c and "make_compression(" in c and ".plan(" in c for c in blocks), "add-a-strategy"
+    assert any("save_capture(" in c and "analyze_attention.analyze(" in c for c in blocks), "own model -> analysis"
 
 
 def test_every_test_marker_precedes_a_python_block():
-    markers = re.findall(
-        r"^<!-- test -->[ \t]*$", GUIDE.read_text(), flags=re.MULTILINE
-    )
+    markers = re.findall(r"^<!-- test -->[ \t]*$", GUIDE.read_text(), flags=re.MULTILINE)
     assert len(markers) == len(runnable_blocks())
 
 
-@pytest.mark.parametrize(
-    "line, code", runnable_blocks(), ids=[f"line{n}" for n, _ in runnable_blocks()]
-)
+@pytest.mark.parametrize("line, code", runnable_blocks(), ids=[f"line{n}" for n, _ in runnable_blocks()])
 def test_guide_example_runs(line, code, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
@@ -71,9 +55,7 @@ def test_guide_example_runs(line, code, monkeypatch, tmp_path):
     registry = dict(STRATEGIES)
     try:
         # pad with newlines so tracebacks give the line number in the guide; no inherited __future__ flags
-        code_obj = compile(
-            "\n" * (line - 1) + code, str(GUIDE), "exec", dont_inherit=True
-        )
+        code_obj = compile("\n" * (line - 1) + code, str(GUIDE), "exec", dont_inherit=True)
         exec(code_obj, module.__dict__)  # noqa: S102 -- running the guide's own examples is the point
     finally:
         leaked = set(STRATEGIES) - set(registry)

@@ -23,15 +23,21 @@ DOCS = ["README.md", "ATTENTION_ANALYSIS_README.md"]
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
-    model = ADTransformer(ADConfig(n_states=9, n_actions=5, horizon=5, max_context=30, n_layer=2, n_head=2, d_model=16, dropout=0.0, grid_size=3))
+    model = ADTransformer(
+        ADConfig(n_states=9, n_actions=5, horizon=5, max_context=30, n_layer=2, n_head=2, d_model=16, dropout=0.0, grid_size=3)
+    )
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_atomic({"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path)
+    save_atomic(
+        {"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path
+    )
     return path
 
 
 def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsys):
     out, cap = tmp_path / "figs", tmp_path / "cap"
-    res = run_attention_analysis.main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(cap), "--device", "cpu"])
+    res = run_attention_analysis.main(
+        ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(cap), "--device", "cpu"]
+    )
     assert (cap / "capture.pt").is_file()
     for name in ("attention_analysis_comprehensive.png", "compression_recommendations.txt", "layer_head_analysis.png",
                  "attention_metrics.json", "compression_results.json", "analysis_config.json"):  # fmt: skip
@@ -47,7 +53,9 @@ def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsy
 
 def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     out = tmp_path / "figs"
-    run_attention_analysis.main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(tmp_path / "c"), "--skip-compression"])
+    run_attention_analysis.main(
+        ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(tmp_path / "c"), "--skip-compression"]
+    )
     assert (out / "attention_metrics.json").is_file() and not (out / "compression_results.json").exists()
     r = subprocess.run([sys.executable, str(ROOT / "run_attention_analysis.py"), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
