@@ -38,6 +38,7 @@ COLLECT_CONFIG = {
     "n_epochs": 4,  # PPO epochs per update
     "batch_size": 500,  # PPO minibatch size
     "ent_coef": 0.01,
+    "device": "cpu",  # PPO's device: cpu (fastest for these small MLPs) | cuda | auto
 }
 HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task"}
 
@@ -89,7 +90,7 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
             ent_coef=cfg["ent_coef"],
             gamma=0.99,
             seed=cfg["seed"] + 1000 * task_idx + j,
-            device="cpu",
+            device=cfg["device"],
             verbose=0,
         )
         model.learn(total_timesteps=cfg["timesteps"], callback=rec)
@@ -124,6 +125,8 @@ def main(argv=None) -> list[dict]:
         cfg["size"] = env_sec.pop("size")
     env_sec.pop("size", None)
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
+    if cfg["device"] not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
     for key in ("n_streams", "n_learners", "timesteps", "workers"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
