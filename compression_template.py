@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from analysis.plots import save_figure  # noqa: E402
 from config import UserError, add_config_flags, resolve, run_cli  # noqa: E402
 from env import get_spec  # noqa: E402
 from evaluate import make_vec_env  # noqa: E402
@@ -162,10 +163,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def print_table(rows: list[dict]) -> None:

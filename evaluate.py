@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from analysis.plots import save_figure  # noqa: E402
 from config import UserError, add_config_flags, none_or, resolve, run_cli  # noqa: E402
 from env import get_spec, make_env  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
@@ -133,10 +134,7 @@ def plot_curve(results: dict, path: Path, title: str = "In-context learning on h
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def print_table(results: dict) -> None:
