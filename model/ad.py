@@ -151,16 +151,25 @@ class CausalSelfAttention(nn.Module):
         return self._merge(y)
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int) -> torch.Tensor:
-        """One new token per sequence, (B, 1, D), attending over the cache (which it joins)."""
-        q, k, v = self._heads(x)  # (B, H, 1, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.write(layer, k, v)  # (B, H, n, Dh) valid slots, the new one included
-        scores = (q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H, 1, n)
-        attn = scores.softmax(-1)
-        if self.record:
-            attn = self.hook_weights(attn)
-        cache.observe(layer, attn)
-        return self._merge(attn @ values)
+        """One new token per sequence, (B, 1, D), attending over the cache (which it joins).
+
+        The per-step hot path: functional calls (no module dispatch), q and k rotated together,
+        and a fused single-query attention unless weights are recorded or scores tracked.
+        """
+        B, _, D = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, self.n_head, 1, self.head_size)
+        qk = apply_rope(qkv[:, :2], cos, sin)  # (B, 2, H, 1, Dh)
+        q = qk[:, 0]  # (B, H, 1, Dh)
+        keys, values = cache.write(layer, qk[:, 1], qkv[:, 2])  # (B, H, n, Dh) valid slots, the new one included
+        if self.record or cache.scores is not None:
+            attn = ((q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)).softmax(-1)  # (B, H, 1, n)
+            if self.record:
+                attn = self.hook_weights(attn)
+            cache.observe(layer, attn)
+            y = attn @ values
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, Dh)
+        return F.linear(y.reshape(B, 1, D), self.proj.weight, self.proj.bias)
 
 
 class Block(nn.Module):
@@ -178,8 +187,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
     def step(self, x, cos, sin, cache, layer):
-        x = x + self.attn.step(self.ln1(x), cos, sin, cache, layer)
-        return x + self.mlp(self.ln2(x))
+        D = x.shape[-1]
+        x = x + self.attn.step(F.layer_norm(x, (D,), self.ln1.weight, self.ln1.bias, self.ln1.eps), cos, sin, cache, layer)
+        up, down = self.mlp[0], self.mlp[2]
+        h = F.layer_norm(x, (D,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return x + F.linear(F.gelu(F.linear(h, up.weight, up.bias)), down.weight, down.bias)
 
 
 class ADTransformer(nn.Module):
