@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from config import UserError, add_config_flags, load_yaml, resolve, run_cli, section
+from config import UserError, add_config_flags, env_section, load_yaml, resolve, run_cli, section
 from env import get_spec
 from env.tasks import EnvSpec
 
@@ -116,14 +116,8 @@ def main(argv=None) -> list[dict]:
     add_config_flags(parser, COLLECT_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    env_sec = section(ycfg, "env", ["name", "size", "horizon", "n_holdout", "split_seed"])
-    cfg = resolve(COLLECT_CONFIG, args, section(ycfg, "collect", COLLECT_CONFIG))
-    if "name" in env_sec and args.env is None:
-        cfg["env"] = env_sec.pop("name")
-    env_sec.pop("name", None)
-    if "size" in env_sec and args.size is None:
-        cfg["size"] = env_sec.pop("size")
-    env_sec.pop("size", None)
+    env_own, env_sec = env_section(ycfg)
+    cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG))
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")

@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
     if not cfg["seeds"]:
         raise UserError("--seeds needs at least one seed")
     device = resolve_device(cfg["device"])
-    model, meta = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], device)
+    model, meta = load_model(cfg["checkpoint"], device)
     context = model.cfg.max_context
     # validate every configuration before running or writing anything
     if cfg["sweep"]:

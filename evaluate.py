@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     if cfg["tasks"] not in ("test", "train"):
         raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
     device = resolve_device(cfg["device"])
-    model, meta = load_model(none_or(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], str), device)
+    model, meta = load_model(cfg["checkpoint"], device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
     seeds = list(range(cfg["seed"], cfg["seed"] + cfg["num_seeds"]))

@@ -45,7 +45,7 @@ def capture(cfg: dict) -> tuple[dict, dict]:
     if cfg["tasks"] not in ("test", "train"):
         raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
     device = resolve_device(cfg["device"])
-    model, meta = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], device)
+    model, meta = load_model(cfg["checkpoint"], device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
     if not 0 <= cfg["task"] < len(tasks):

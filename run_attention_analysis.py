@@ -50,8 +50,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cfg = resolve(PIPELINE_CONFIG, args)
     m = MODES[args.mode or "quick"]
-    if cfg["checkpoint"] != "default":
-        read_checkpoint(cfg["checkpoint"])  # fail fast, before any output
+    read_checkpoint(cfg["checkpoint"])  # fail fast, before any output
     t_start = time.time()
 
     print("[1/3] capturing attention during in-context evaluation ...", flush=True)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import UserError, add_config_flags, load_yaml, resolve, run_cli, section
+from config import UserError, add_config_flags, env_section, load_yaml, resolve, run_cli, section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
 from model.checkpoint import read_checkpoint, resolve_device, save_atomic
@@ -88,12 +88,7 @@ def parse(argv=None) -> dict:
     add_config_flags(parser, TRAIN_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    flat = {}
-    env_sec = section(ycfg, "env", ["name", "size", "horizon", "n_holdout", "split_seed"])
-    if "name" in env_sec:
-        flat["env"] = env_sec.pop("name")
-    if "size" in env_sec:
-        flat["size"] = env_sec.pop("size")
+    flat, env_sec = env_section(ycfg)
     model_sec = section(ycfg, "model", MODEL_KEYS + ("context", "grid_embedding"))
     flat.update(model_sec)
     flat.update(section(ycfg, "train", TRAIN_CONFIG))

@@ -64,6 +64,19 @@ def section(cfg: dict, name: str, allowed) -> dict:
     return dict(sec)
 
 
+ENV_KEYS = ("name", "size", "horizon", "n_holdout", "split_seed")
+
+
+def env_section(cfg: dict) -> tuple[dict, dict]:
+    """A YAML 'env' section split into the scripts' own keys ({"env": name, "size": n}, to resolve
+    with the script's dict) and the rest (horizon, n_holdout, split_seed) for the EnvSpec."""
+    sec = section(cfg, "env", ENV_KEYS)
+    own = {"env": sec.pop("name")} if "name" in sec else {}
+    if "size" in sec:
+        own["size"] = sec.pop("size")
+    return own, sec
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 

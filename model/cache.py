@@ -77,6 +77,10 @@ class KVCache:
         """(B, n) slot indices in temporal order, oldest first."""
         return self.pos[:, : self.n].argsort(dim=1)
 
+    def ordered_scores(self) -> torch.Tensor | None:
+        """Accumulated scores (B, n) in temporal order, or None when not tracked."""
+        return None if self.scores is None else self.scores[:, : self.n].gather(1, self.order())
+
     def temporal(self) -> dict:
         """Valid slots gathered into temporal order: k, v (L, B, H, n, Dh), pos, src_step, scores (B, n)."""
         idx = self.order()
@@ -88,7 +92,7 @@ class KVCache:
             "pos": self.pos[:, : self.n].gather(1, idx),
             "src_step": self.src_step[:, : self.n].gather(1, idx),
         }
-        out["scores"] = self.scores[:, : self.n].gather(1, idx) if self.scores is not None else None
+        out["scores"] = self.ordered_scores()
         return out
 
     def apply_plan(self, assign: torch.Tensor, weight: torch.Tensor, n_out: int) -> None:

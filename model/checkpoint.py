@@ -27,8 +27,13 @@ def save_atomic(obj: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
+def checkpoint_path(path: str | Path | None) -> Path:
+    """None or "default" -> the shipped model; anything else as given."""
+    return DEFAULT_CHECKPOINT if path is None or str(path) == "default" else Path(path)
+
+
+def read_checkpoint(path: str | Path | None) -> dict:
+    path = checkpoint_path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (train one with train.py or pass --checkpoint)")
     try:
@@ -43,7 +48,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[ADTransformer, dict]:
     """Build the model a checkpoint describes and load its weights; returns (model in eval mode, config)."""
-    path = DEFAULT_CHECKPOINT if path is None else path
+    path = checkpoint_path(path)
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
     try:

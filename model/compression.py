@@ -58,9 +58,14 @@ class Compression:
         batch = scores.shape[0] if scores is not None else (batch or 1)
         budget = self.budget(context)
         if n <= budget:
-            return torch.arange(n).expand(batch, n).clone(), torch.ones(batch, n), n
+            return identity_plan(n, batch)
         keep = self.keep_mask(n, budget, scores, batch)
         return selection_plan(keep)
+
+
+def identity_plan(n: int, batch: int):
+    """Every token kept as it is."""
+    return torch.arange(n).expand(batch, n).clone(), torch.ones(batch, n), n
 
 
 def selection_plan(keep: torch.Tensor):
@@ -93,7 +98,7 @@ class NoCompression(Compression):
 
     def plan(self, n, context, scores=None, batch=None):
         batch = scores.shape[0] if scores is not None else (batch or 1)
-        return torch.arange(n).expand(batch, n).clone(), torch.ones(batch, n), n
+        return identity_plan(n, batch)
 
 
 @dataclass
@@ -116,7 +121,7 @@ class _RecentPlusMerged(Compression):
         batch = scores.shape[0] if scores is not None else (batch or 1)
         budget = self.budget(context)
         if n <= budget:
-            return torch.arange(n).expand(batch, n).clone(), torch.ones(batch, n), n
+            return identity_plan(n, batch)
         n_recent = min(self.keep_recent, budget)
         n_slots, n_old = budget - n_recent, n - n_recent
         if n_slots == 0:

@@ -46,7 +46,7 @@ class KVEngine:
         self._since += 1
         if self.comp is not None and self.comp.due(self._since, len(self.cache), self.T):
             n = len(self.cache)
-            scores = self.cache.temporal()["scores"] if self.comp.needs_scores else None
+            scores = self.cache.ordered_scores()
             assign, weight, n_out = self.comp.plan(n, self.T, scores=scores, batch=self.cache.k.shape[1])
             self.cache.apply_plan(assign.to(self.cache.k.device), weight.to(self.cache.k.device), n_out)
             self._since = 0
