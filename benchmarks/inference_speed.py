@@ -54,7 +54,7 @@ def prefill(eng, model, B, n, device, gen):
         eng.n = n
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def time_rollout(model, spec, tasks, engine, comp, B, steps, device, vec_env, seed=0) -> float:
     """Seconds for `steps` rollout steps with a full context (the same loop as model.rollout)."""
     venv = (
