@@ -105,9 +105,16 @@ class KVCache:
         the slot's new position; positions become contiguous, ending at the newest token's.
         Scores of merged tokens add up, so total attention mass is conserved.
         """
+        keep = assign >= 0
+        if bool((keep.sum(1) == n_out).all()):  # every slot holds exactly one token: a pure selection
+            self._apply_selection(assign, keep, n_out)
+        else:
+            self._apply_merge(assign, weight, keep, n_out)
+
+    def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
+        """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
         t = self.temporal()
         B, n = assign.shape
-        keep = assign >= 0
         tgt = assign.clamp(min=0)
         w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
         newest = self.n_added - 1
@@ -133,5 +140,26 @@ class KVCache:
         if self.scores is not None:
             sc = torch.where(keep, t["scores"], torch.zeros_like(t["scores"]))
             self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt, sc)
+            self.scores[:, n_out:] = 0.0
+        self.n, self._oldest = n_out, 0
+
+    def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
+        """`apply_plan` for a plan that only drops tokens: gathers and re-rotates the kept ones alone."""
+        B, n = assign.shape
+        which = torch.where(keep, assign, torch.full_like(assign, n_out))  # dropped tokens -> a spare column
+        src = torch.zeros(B, n_out + 1, dtype=torch.long, device=assign.device).scatter_(1, which, self.order())[:, :n_out]
+        L, _, H, _, Dh = self.k.shape
+        idx = src.view(1, B, 1, n_out, 1).expand(L, B, H, n_out, Dh)  # (L, B, H, n_out, Dh) cache slots kept
+        k = self.k[:, :, :, : self.n].gather(3, idx)
+        v = self.v[:, :, :, : self.n].gather(3, idx)
+        new_pos = self.n_added - n_out + torch.arange(n_out, device=self.pos.device)  # contiguous, ending at the newest
+        cos, sin = rope_cos_sin(new_pos - self.pos[:, : self.n].gather(1, src), self.head_size, self.rope_base)  # (B, n_out, Dh/2)
+        self.k[:, :, :, :n_out] = apply_rope(k, cos[None, :, None], sin[None, :, None])
+        self.v[:, :, :, :n_out] = v
+        self.src_step[:, :n_out] = self.src_step[:, : self.n].gather(1, src)
+        self.pos[:, :n_out] = new_pos
+        self.pos[:, n_out:] = -1
+        if self.scores is not None:
+            self.scores[:, :n_out] = self.scores[:, : self.n].gather(1, src)
             self.scores[:, n_out:] = 0.0
         self.n, self._oldest = n_out, 0

@@ -1,5 +1,6 @@
 """Compression strategies, cache compaction, compressed rollouts and compression_template.py."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -124,6 +125,28 @@ def test_apply_plan_rerotates_kept_keys_to_contiguous_positions():
     torch.testing.assert_close(cache.k[0, 0, 0, :5], apply_rope(raw[kept], cos, sin), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("track_scores", [False, True])
+def test_selection_fast_path_equals_general_merge(track_scores):
+    """A plan that only drops tokens takes a gather-only path; it must give what the general merge gives."""
+    cache = KVCache(2, 3, 2, 12, 8, "cpu", torch.float32, track_scores=track_scores)
+    for _ in range(17):  # past capacity: the ring buffer has wrapped, slots are out of temporal order
+        cache.advance()
+        cache.write(0, torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+        cache.write(1, torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+        if track_scores:
+            cache.observe(0, torch.rand(3, 2, 1, len(cache)))
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    keep[:, -3:] = True
+    keep[0, [0, 4, 7]] = keep[1, [1, 2, 3]] = keep[2, [5, 6, 8]] = True  # 6 per row, different per row
+    assign = torch.where(keep, keep.long().cumsum(1) - 1, torch.full_like(keep, -1, dtype=torch.long))
+    fast, slow = copy.deepcopy(cache), copy.deepcopy(cache)
+    fast.apply_plan(assign, keep.float(), 6)
+    slow._apply_merge(assign, keep.float(), keep, 6)
+    for name in ("k", "v", "pos", "src_step") + (("scores",) if track_scores else ()):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), atol=1e-5, rtol=0)
+    assert len(fast) == len(slow) == 6 and fast.temporal()["src_step"].tolist() == slow.temporal()["src_step"].tolist()
+
+
 def test_merge_rows_weighted_mean():
     x = torch.arange(12.0).view(1, 4, 3)
     out = merge_rows(x, torch.tensor([[0, 0, -1, 1]]), torch.tensor([[1.0, 3.0, 5.0, 1.0]]), 2)
@@ -225,6 +248,17 @@ def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
     assert len(res["rows"]) == 4 * 5 and {r["engine"] for r in res["rows"]} == {"rerun"}
     assert (out / "compression_tradeoff.png").stat().st_size > 10_000
 
+    out = tmp_path / "subset"
+    r = _template("--checkpoint", str(tiny_checkpoint), "--sweep", "--sweep-strategies", "pooling", "sink_window",
+                  "--sweep-ratios", "0.5", "0.25", "--vec-env", "batched", "--threads", "1", "--episodes", "3", "--seeds", "0",
+                  "--keep-recent", "2", "--n-sink", "1", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "compression_results.json").read_text())
+    assert [(r["strategy"], r["ratio"]) for r in res["rows"]] == [
+        ("pooling", 0.5), ("pooling", 0.25), ("sink_window", 0.5), ("sink_window", 0.25)
+    ]  # fmt: skip
+    assert res["torch_threads"] == 1
+
 
 @pytest.mark.parametrize(
     "args, message",
@@ -234,6 +268,10 @@ def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
         (["--strategy", "magic"], "valid: none, fixed_window"),
         (["--interval", "0"], "compression_interval must be >= 1"),
         (["--keep-recent", "500"], "keep_recent must be in"),
+        (["--sweep", "--sweep-strategies", "magic"], "valid: none, fixed_window"),
+        (["--sweep", "--sweep-ratios", "0.5", "0"], "compression_ratio must be in (0, 1]"),
+        (["--vec-env", "subproc"], "--vec-env must be dummy or batched"),
+        (["--threads", "-1"], "--threads must be >= 0"),
     ],
 )
 def test_compression_template_bad_input(tiny_checkpoint, tmp_path, args, message):
