@@ -67,12 +67,18 @@ COMPRESSION_CONFIG = {
     "tasks": "test",  # test (held-out) | train
     "checkpoint": "default",
     "device": "cpu",
-    "sweep": False,  # every strategy x SWEEP_RATIOS
+    "sweep": False,  # every strategy of sweep_strategies x every ratio of sweep_ratios
+    "sweep_strategies": ["fixed_window", "topk", "pooling", "sink_window"],
+    "sweep_ratios": [0.7, 0.5, 0.3, 0.2, 0.1],
+    "vec_env": "dummy",  # dummy (stable-baselines3 DummyVecEnv) | batched (all envs in one numpy call)
+    "threads": 0,  # torch CPU threads (0 = torch's default)
     "out": "runs/compression",
 }
-SWEEP_RATIOS = (0.7, 0.5, 0.3, 0.2, 0.1)
 ALIASES = {"compression_strategy": ["--strategy"], "compression_ratio": ["--ratio"], "compression_interval": ["--interval"]}
-HELP = {"compare_rerun": "also time the uncompressed rerun engine", "sweep": "every strategy x ratios 0.7..0.1"}
+HELP = {
+    "compare_rerun": "also time the uncompressed rerun engine",
+    "sweep": "every strategy of --sweep-strategies x every ratio of --sweep-ratios",
+}
 
 
 def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
@@ -93,7 +99,7 @@ class Bench:
 
     def __init__(self, model, spec, tasks, cfg):
         self.model, self.spec, self.tasks, self.cfg = model, spec, tasks, cfg
-        self.venv = make_vec_env(spec, tasks, "dummy")
+        self.venv = make_vec_env(spec, tasks, cfg["vec_env"])
         self._baseline: dict = {}
 
     def run(self, engine: str, compression, seed: int) -> dict:
@@ -188,12 +194,20 @@ def main(argv=None) -> dict:
         raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
     if not cfg["seeds"]:
         raise UserError("--seeds needs at least one seed")
+    if cfg["vec_env"] not in ("dummy", "batched"):
+        raise UserError(f"--vec-env must be dummy or batched, got {cfg['vec_env']!r}")
+    if cfg["threads"] < 0:
+        raise UserError(f"--threads must be >= 0, got {cfg['threads']}")
+    if cfg["sweep"] and not (cfg["sweep_strategies"] and cfg["sweep_ratios"]):
+        raise UserError("--sweep needs at least one strategy (--sweep-strategies) and one ratio (--sweep-ratios)")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
     model, meta = load_model(cfg["checkpoint"], device)
     context = model.cfg.max_context
     # validate every configuration before running or writing anything
     if cfg["sweep"]:
-        configs = [(s, r) for s in STRATEGIES if s != "none" for r in SWEEP_RATIOS]
+        configs = [(s, r) for s in cfg["sweep_strategies"] for r in cfg["sweep_ratios"]]
     elif cfg["use_compression"]:
         configs = [(cfg["compression_strategy"], cfg["compression_ratio"])]
     else:
