@@ -36,7 +36,7 @@ EVAL_CONFIG = {
     "seed": 0,  # first sampling seed
     "num_seeds": 1,  # seeds seed, seed+1, ...; results are means over seeds
     "greedy": False,  # argmax actions instead of sampling
-    "vec_env": "dummy",  # dummy | subproc (stable-baselines3 VecEnv) | batched (all envs in one numpy call)
+    "vec_env": "batched",  # batched (all envs in one numpy call) | dummy | subproc (stable-baselines3 VecEnvs); same trajectories
     "engine": "kv",  # kv | rerun
     "device": "auto",  # auto | cpu | cuda
     "source_data": "none",  # folder of collect.py histories: also report the source PPO's own curve on these tasks
