@@ -1,9 +1,10 @@
-"""The shipped default model: loads safely, and a short evaluation reproduces its recorded numbers."""
+"""The shipped models: they load safely, and a short evaluation reproduces their recorded numbers."""
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from env import get_spec
@@ -11,14 +12,17 @@ from evaluate import evaluate
 from model.checkpoint import DEFAULT_CHECKPOINT, load_model
 
 RESULTS = DEFAULT_CHECKPOINT.parent / "eval_results.json"
+CTX1000 = DEFAULT_CHECKPOINT.parent.parent / "darkroom_ad_ctx1000" / "model.pt"  # for compression at a long context
+SHIPPED = [DEFAULT_CHECKPOINT, CTX1000]
 
 
-def test_default_checkpoint_is_plain_data():
-    assert DEFAULT_CHECKPOINT.is_file(), "the default model is missing from checkpoints/darkroom_ad/"
-    ckpt = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+def test_shipped_checkpoint_is_plain_data(path):
+    assert path.is_file(), f"a shipped model is missing: {path.parent.name}/model.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert set(ckpt) >= {"model", "config", "step"}
     assert "optimizer" not in ckpt  # the shipped file holds weights and config only
-    assert DEFAULT_CHECKPOINT.stat().st_size < 5_000_000
+    assert path.stat().st_size < 5_000_000
 
 
 def test_default_model_trained_on_training_tasks_only():
@@ -29,10 +33,11 @@ def test_default_model_trained_on_training_tasks_only():
     assert meta["model"]["max_context"] >= 240
 
 
-def test_short_evaluation_reproduces_recorded_returns():
-    recorded = json.loads(Path(RESULTS).read_text())
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+def test_short_evaluation_reproduces_recorded_returns(path):
+    recorded = json.loads((path.parent / "eval_results.json").read_text())
     seed = recorded["seeds"][0]
-    model, meta = load_model()
+    model, meta = load_model(path)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for("test")
     assert recorded["tasks"] == tasks
