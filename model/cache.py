@@ -117,14 +117,17 @@ class KVCache:
         else:
             self._apply_merge(assign, weight, keep, n_out)
 
+    def _new_positions(self, n_out: int) -> torch.Tensor:
+        """Rotary positions of n_out compacted tokens: contiguous, ending at the newest token's."""
+        return self.n_added - n_out + torch.arange(n_out, device=self.pos.device)
+
     def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
         t = self.temporal()
         B, n = assign.shape
         tgt = assign.clamp(min=0)
         w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
-        newest = self.n_added - 1
-        new_pos = newest - (n_out - 1) + torch.arange(n_out, device=self.pos.device)  # (n_out,)
+        new_pos = self._new_positions(n_out)  # (n_out,)
         delta = new_pos[tgt] - t["pos"]  # (B, n)
         cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)  # (B, n, Dh/2)
         k_rot = apply_rope(t["k"], cos[None, :, None], sin[None, :, None])  # (L, B, H, n, Dh)
@@ -151,11 +154,11 @@ class KVCache:
 
     def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` for a plan that only drops tokens: gathers and re-rotates the kept ones alone."""
-        B, n = assign.shape
+        B = assign.shape[0]
         which = torch.where(keep, assign, torch.full_like(assign, n_out))  # dropped tokens -> a spare column
         src = torch.zeros(B, n_out + 1, dtype=torch.long, device=assign.device).scatter_(1, which, self.order())[:, :n_out]
         k, v = self._take(self.k, src), self._take(self.v, src)  # (L, B, H, n_out, Dh)
-        new_pos = self.n_added - n_out + torch.arange(n_out, device=self.pos.device)  # contiguous, ending at the newest
+        new_pos = self._new_positions(n_out)
         cos, sin = rope_cos_sin(new_pos - self.pos[:, : self.n].gather(1, src), self.head_size, self.rope_base)  # (B, n_out, Dh/2)
         self.k[:, :, :, :n_out] = apply_rope(k, cos[None, :, None], sin[None, :, None])
         self.v[:, :, :, :n_out] = v
