@@ -63,7 +63,7 @@ def evaluate(
     episodes: int,
     seeds: list[int],
     greedy=False,
-    vec_env="dummy",
+    vec_env=EVAL_CONFIG["vec_env"],
     engine="kv",
     compression=None,
     progress=True,

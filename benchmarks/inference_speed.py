@@ -57,11 +57,7 @@ def prefill(eng, model, B, n, device, gen):
 @torch.inference_mode()
 def time_rollout(model, spec, tasks, engine, comp, B, steps, device, vec_env, seed=0) -> float:
     """Seconds for `steps` rollout steps with a full context (the same loop as model.rollout)."""
-    venv = (
-        BatchedGridEnv(spec, (tasks * (B // len(tasks) + 1))[:B])
-        if vec_env == "batched"
-        else make_vec_env(spec, (tasks * (B // len(tasks) + 1))[:B], vec_env)
-    )
+    venv = make_vec_env(spec, (tasks * (B // len(tasks) + 1))[:B], vec_env)  # B envs cycling over the tasks
     gen = torch.Generator().manual_seed(seed)
     eng = make_engine(engine, model, B, comp)
     prefill(eng, model, B, model.cfg.max_context, device, gen)
