@@ -42,6 +42,7 @@ TRAIN_CONFIG = {
     "dropout": 0.1,
     "grid_embedding": True,  # embed states as row + column of the grid (False: one embedding per state)
     "episode_strides": [1, 2, 4],  # keep every k-th episode of a stream; one k drawn per window
+    "augment": "none",  # none | dihedral (each window under a random grid symmetry that maps to a training task)
     "steps": 3000,
     "batch_size": 32,  # windows per step (per process under torchrun)
     "lr": 1e-3,
@@ -56,7 +57,11 @@ TRAIN_CONFIG = {
     "threads": 0,  # torch CPU threads per process (0 = torch's default)
     "resume": False,  # continue from OUT/train_state.pt
 }
-HELP = {"episode_strides": "episode subsampling strides of the learning histories", "resume": "continue from OUT/train_state.pt"}
+HELP = {
+    "episode_strides": "episode subsampling strides of the learning histories",
+    "augment": "none | dihedral: draw training windows under grid symmetries that map onto training tasks",
+    "resume": "continue from OUT/train_state.pt",
+}
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
 
 
@@ -117,7 +122,7 @@ def main(argv=None) -> Path:
     torch.manual_seed(cfg["seed"])
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
     train_tasks, held_tasks = spec.split()
-    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"])
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"])
     val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"])
     val_rng = np.random.default_rng(12345)
     val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]

@@ -6,6 +6,11 @@
 A window is `context` consecutive steps of one learning stream, after keeping every `stride`-th
 episode of that stream: a stride above 1 packs more of the source learner's improvement into one
 context (AD, arXiv 2210.14215, subsamples its histories for the same reason).
+
+With `augment="dihedral"` each window is also drawn under one of the 8 symmetries of the square
+grid about its centre (where every episode starts): states, actions and the task's cells are mapped
+together, and only images that are again one of the given tasks are used, so a held-out task's cells
+never become a training goal.
 """
 
 from __future__ import annotations
@@ -19,12 +24,44 @@ import torch
 from config import UserError
 from model.ad import Tokens
 
+AUGMENTS = ("none", "dihedral")
+
+
+def grid_symmetries(size: int, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """The 8 symmetries of a `size` x `size` grid about its centre.
+
+    Returns state maps (8, size*size) on state ids r*size+c, action maps (8, n_actions + 1) whose
+    last column keeps the start-of-stream token, and the 8 cell maps as functions (r, c) -> (r, c).
+    Symmetry 0 is the identity.
+    """
+    m = size - 1
+    cell_maps = [
+        lambda r, c: (r, c), lambda r, c: (c, m - r), lambda r, c: (m - r, m - c), lambda r, c: (m - c, r),
+        lambda r, c: (m - r, c), lambda r, c: (r, m - c), lambda r, c: (c, r), lambda r, c: (m - c, m - r),
+    ]  # fmt: skip
+    r, c = np.divmod(np.arange(size * size), size)
+    states = np.stack([fr * size + fc for fr, fc in (f(r, c) for f in cell_maps)])
+    n_actions = len(moves)
+    actions = np.empty((len(cell_maps), n_actions + 1), dtype=np.int64)
+    actions[:, n_actions] = n_actions
+    for k, f in enumerate(cell_maps):
+        for a, (dr, dc) in enumerate(moves):
+            image = np.subtract(f(dr, dc), f(0, 0))  # a symmetry is affine: the move maps linearly
+            actions[k, a] = next(b for b, mv in enumerate(moves) if (mv == image).all())
+    return states, actions, cell_maps
+
+
+def _map_task(task: dict, cell_map) -> dict:
+    return {k: list(cell_map(*v)) for k, v in task.items()}
+
 
 class HistoryData:
     """All streams of the given tasks: states/actions/rewards `(S, N)` with `N` a multiple of horizon."""
 
-    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,)):
+    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,), symmetries=None):
+        """symmetries: None, or (state maps (K, n_states), action maps (K, n_actions + 1), allowed (S, K) bool)."""
         self.states, self.actions, self.rewards = states, actions, rewards
+        self.symmetries = symmetries
         self.horizon, self.n_actions, self.context = horizon, n_actions, context
         self.strides = np.asarray(strides, dtype=np.int64)
         self.n_streams, n_steps = states.shape
@@ -40,11 +77,15 @@ class HistoryData:
             )
 
     @classmethod
-    def from_dir(cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,)) -> HistoryData:
+    def from_dir(cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,), augment: str = "none") -> HistoryData:
         """Histories of `tasks` from one folder written by collect.py, or from several (a list)."""
+        if augment not in AUGMENTS:
+            raise UserError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+        if augment == "dihedral" and spec.name not in ("darkroom", "key_to_door"):
+            raise UserError(f"augment 'dihedral' maps task cells; env {spec.name!r} has none (use augment none)")
         dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
         all_tasks = spec.tasks()
-        states, actions, rewards = [], [], []
+        states, actions, rewards, stream_task = [], [], [], []
         for data_dir, task in ((d, t) for d in dirs for t in tasks):
             f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
             if not f.is_file():
@@ -58,13 +99,22 @@ class HistoryData:
                     states.append(spec.state_index(d["states"].astype(np.int64)).astype(np.int16))
                     actions.append(d["actions"].astype(np.int8))
                     rewards.append(d["rewards"].astype(np.float32))
+                    stream_task += [task] * len(rewards[-1])
             except UserError:
                 raise
             except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
                 raise UserError(f"corrupt learning history {f}: {e}") from None
         n = min(s.shape[1] for s in states) // spec.horizon * spec.horizon
         cat = lambda xs: np.concatenate([x[:, :n] for x in xs])  # noqa: E731
-        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides)
+        symmetries = None
+        if augment == "dihedral":
+            from env.darkroom import MOVES
+
+            sym_states, sym_actions, cell_maps = grid_symmetries(spec.size, MOVES)
+            keys = {json.dumps(t, sort_keys=True) for t in tasks}
+            allowed = np.array([[json.dumps(_map_task(t, f), sort_keys=True) in keys for f in cell_maps] for t in stream_task])
+            symmetries = (sym_states, sym_actions, allowed)
+        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Tokens, torch.Tensor]:
         """Random windows -> (Tokens with (B, T) fields, target actions (B, T))."""
@@ -82,6 +132,10 @@ class HistoryData:
         rews = self.rewards[stream[:, None], src]
         first = j[:, :-1] < 0  # the window starts the stream: no previous step
         prev_a = np.where(first, self.n_actions, acts[:, :-1])
+        if self.symmetries is not None:  # one allowed symmetry per window, drawn uniformly
+            sym_states, sym_actions, allowed = self.symmetries
+            k = np.where(allowed[stream], rng.random((B, allowed.shape[1])), -1.0).argmax(1)[:, None]
+            states, acts, prev_a = sym_states[k, states], sym_actions[k, acts], sym_actions[k, prev_a]
         prev_r = np.where(first, 0.0, rews[:, :-1])
         tok = Tokens(
             torch.from_numpy(states.astype(np.int64)),

@@ -12,10 +12,10 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from config import UserError
-from env import get_spec, make_env
+from env import MOVES, get_spec, make_env
 from model.ad import ADConfig, ADTransformer, CausalSelfAttention, Tokens
 from model.capture import capture_attention
-from model.data import HistoryData
+from model.data import HistoryData, grid_symmetries
 from model.rollout import run_episodes
 
 ATOL = 1e-5
@@ -315,3 +315,42 @@ def test_windows_train_the_model(make_model):
         opt.step()
         losses.append(loss.item())
     assert losses[1] < losses[0]
+
+
+def test_grid_symmetries_commute_with_the_dynamics():
+    size = 5
+    sym_states, sym_actions, cell_maps = grid_symmetries(size, MOVES)
+    assert (sym_states[0] == np.arange(size * size)).all() and (sym_actions[0] == np.arange(N_ACT + 1)).all()
+    assert len({tuple(m) for m in sym_states}) == 8  # eight distinct maps, each a permutation
+    assert all(sorted(m) == list(range(size * size)) for m in sym_states)
+    assert (sym_actions[:, N_ACT] == N_ACT).all() and (sym_actions[:, 4] == 4).all()  # start token, no-op
+    centre = size // 2 * (size + 1)
+    assert (sym_states[:, centre] == centre).all()  # every episode starts where it started
+    for k, f in enumerate(cell_maps):
+        for r, c, a in np.ndindex(size, size, N_ACT):
+            moved = np.clip(np.array([r, c]) + MOVES[a], 0, size - 1)
+            image = np.clip(np.array(f(r, c)) + MOVES[sym_actions[k, a]], 0, size - 1)
+            assert tuple(image) == tuple(f(*moved)), (k, r, c, a)  # map then step == step then map
+            assert sym_states[k, r * size + c] == f(r, c)[0] * size + f(r, c)[1]
+
+
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_augmented_windows_are_the_plain_windows_under_the_drawn_symmetry(k):
+    # only symmetry k allowed: the same draws give the same windows, mapped by k
+    rng = np.random.default_rng(0)
+    S, n_ep, size = 3, 6, 3
+    states = rng.integers(0, size * size, (S, n_ep * H))
+    actions = rng.integers(0, N_ACT, (S, n_ep * H))
+    rewards = rng.random((S, n_ep * H)).astype(np.float32)
+    sym_states, sym_actions, _ = grid_symmetries(size, MOVES)
+    allowed = np.zeros((S, 8), dtype=bool)
+    allowed[:, k] = True
+    plain = HistoryData(states, actions, rewards, H, N_ACT, 2 * H, (1, 2))
+    aug = HistoryData(states, actions, rewards, H, N_ACT, 2 * H, (1, 2), (sym_states, sym_actions, allowed))
+    tok_p, tgt_p = plain.sample(np.random.default_rng(5), 64)
+    tok_a, tgt_a = aug.sample(np.random.default_rng(5), 64)
+    assert torch.equal(tok_a.states, torch.from_numpy(sym_states[k])[tok_p.states])
+    assert torch.equal(tok_a.prev_actions, torch.from_numpy(sym_actions[k])[tok_p.prev_actions])
+    assert torch.equal(tgt_a, torch.from_numpy(sym_actions[k])[tgt_p])
+    assert torch.equal(tok_a.prev_rewards, tok_p.prev_rewards) and torch.equal(tok_a.timesteps, tok_p.timesteps)
+    assert not torch.equal(tok_a.states, tok_p.states)

@@ -236,6 +236,25 @@ def test_a_damaged_history_is_a_user_error(collected, spec, tmp_path):
         HistoryData.from_dir(out, spec, spec.tasks(), 12)
 
 
+def test_dihedral_windows_are_histories_of_training_tasks_only(collected, spec):
+    train_tasks, held_tasks = spec.split()
+    data = HistoryData.from_dir(collected[0], spec, train_tasks, 12, (1,), augment="dihedral")
+    assert data.symmetries[2][:, 0].all() and data.symmetries[2][:, 1:].any()
+    tok, target = data.sample(np.random.default_rng(0), 512)
+    rc = lambda s: np.stack(np.divmod(s, spec.size), -1)  # noqa: E731
+    states, prev_r, t = tok.states.numpy(), tok.prev_rewards.numpy(), tok.timesteps.numpy()
+    inner = t[:, 1:] > 0  # transitions inside an episode
+    moved = np.clip(rc(states[:, :-1]) + MOVES[target[:, :-1].numpy()], 0, spec.size - 1)
+    assert (moved == rc(states[:, 1:]))[inner].all()  # the mapped actions move between the mapped states
+    goals = {tuple(task["goal"]) for task in train_tasks}
+    rewarded = [{tuple(x) for x in rc(states[b, 1:][(prev_r[b, 1:] > 0) & inner[b]])} for b in range(len(states))]
+    assert all(len(cells) <= 1 and cells <= goals for cells in rewarded)  # one goal per window, a training one
+    assert len(set().union(*rewarded)) > 1
+    assert not any(tuple(task["goal"]) in set().union(*rewarded) for task in held_tasks)
+    with pytest.raises(UserError, match="augment"):
+        HistoryData.from_dir(collected[0], spec, train_tasks, 12, (1,), augment="mirror")
+
+
 # ---- evaluate ------------------------------------------------------------------------------------
 def test_evaluate_writes_results_and_curve(evaluated, spec):
     out, results, _ = evaluated
