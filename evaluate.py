@@ -106,17 +106,37 @@ def evaluate(
     }
 
 
+def first_reward_after_learner(rewards: np.ndarray, horizon: int, share: float = 0.2) -> tuple[int, int]:
+    """Streams of one learner whose first reward comes after the learner already found the goal in
+    more than `share` of its streams in the episode before, and streams that are rewarded at all.
+
+    rewards: (streams, steps) of one PPO learner. Such a stream's improvement comes from its sibling
+    streams, not from its own evidence: what AD cannot learn from a single stream's context.
+    """
+    n_ep = rewards.shape[1] // horizon
+    found = rewards[:, : n_ep * horizon].reshape(len(rewards), n_ep, horizon).sum(-1) > 0  # (streams, episodes)
+    rate_before = np.concatenate([[0.0], found.mean(0)[:-1]])  # the learner's success rate one episode earlier
+    rewarded = found.any(1)
+    first = found.argmax(1)
+    return int((rate_before[first] > share)[rewarded].sum()), int(rewarded.sum())
+
+
 def source_curve(data_dir, spec, tasks: list[dict]) -> np.ndarray:
     """The source learner's normalised return per episode on `tasks`, mean over tasks and streams."""
-    from model.data import HistoryData
-
     curves = []
     for task in tasks:
-        d = HistoryData.from_dir(data_dir, spec, [task], context=1)
-        n_ep = d.n_episodes
-        ret = d.rewards[:, : n_ep * spec.horizon].reshape(d.n_streams, n_ep, spec.horizon).sum(-1)
+        rewards = _task_rewards(data_dir, spec, task)
+        n_ep = rewards.shape[1] // spec.horizon
+        ret = rewards[:, : n_ep * spec.horizon].reshape(len(rewards), n_ep, spec.horizon).sum(-1)
         curves.append(ret.mean(0) / spec.optimal_return(task))
     return np.mean(curves, axis=0)
+
+
+def _task_rewards(data_dir, spec, task: dict) -> np.ndarray:
+    """(streams, steps) rewards of one task's learning histories."""
+    from model.data import HistoryData
+
+    return HistoryData.from_dir(data_dir, spec, [task], context=1).rewards
 
 
 def plot_curve(results: dict, path: Path, title: str = "In-context learning on held-out tasks") -> None:
@@ -173,6 +193,8 @@ def main(argv=None) -> dict:
         src = source_curve(cfg["source_data"], spec, tasks)
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
+        late = np.array([first_reward_after_learner(_task_rewards(cfg["source_data"], spec, t), spec.horizon) for t in tasks])
+        results["source_first_reward_after_learner"] = float(late[:, 0].sum() / max(late[:, 1].sum(), 1))
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "eval_results.json.tmp"
@@ -182,6 +204,8 @@ def main(argv=None) -> dict:
     print_table(results)
     if "source_final_normalized_return" in results:
         print(f"source PPO on the same tasks: normalised return {results['source_final_normalized_return']:.3f} over its last 10 episodes")
+        print(f"source streams first rewarded after their learner found the goal in > 20% of its streams: "
+              f"{results['source_first_reward_after_learner']:.1%}")  # fmt: skip
     print(f"wrote {out / 'eval_results.json'} and {out / 'in_context_curve.png'}")
     return results
 

@@ -256,6 +256,15 @@ def test_dihedral_windows_are_histories_of_training_tasks_only(collected, spec):
 
 
 # ---- evaluate ------------------------------------------------------------------------------------
+def test_first_reward_after_learner_counts_streams_taught_by_their_siblings():
+    # 4 streams, episodes of 2 steps: A rewarded in episode 0, B in 1 (after 1 of 4 streams), C in 2 (after 2 of 4), D never
+    r = np.zeros((4, 6), dtype=np.float32)
+    r[0, 1] = r[0, 3] = r[1, 2] = r[1, 5] = r[2, 4] = 1.0
+    assert evaluate.first_reward_after_learner(r, 2) == (2, 3)
+    assert evaluate.first_reward_after_learner(r, 2, share=0.3) == (1, 3)  # 1/4 is not above 0.3
+    assert evaluate.first_reward_after_learner(np.zeros((3, 6)), 2) == (0, 0)
+
+
 def test_evaluate_writes_results_and_curve(evaluated, spec):
     out, results, _ = evaluated
     assert {p.name for p in out.iterdir()} >= {"eval_results.json", "in_context_curve.png"}
