@@ -113,8 +113,7 @@ def first_reward_after_learner(rewards: np.ndarray, horizon: int, share: float =
     rewards: (streams, steps) of one PPO learner. Such a stream's improvement comes from its sibling
     streams, not from its own evidence: what AD cannot learn from a single stream's context.
     """
-    n_ep = rewards.shape[1] // horizon
-    found = rewards[:, : n_ep * horizon].reshape(len(rewards), n_ep, horizon).sum(-1) > 0  # (streams, episodes)
+    found = _episode_returns(rewards, horizon) > 0  # (streams, episodes)
     rate_before = np.concatenate([[0.0], found.mean(0)[:-1]])  # the learner's success rate one episode earlier
     rewarded = found.any(1)
     first = found.argmax(1)
@@ -123,12 +122,7 @@ def first_reward_after_learner(rewards: np.ndarray, horizon: int, share: float =
 
 def source_curve(data_dir, spec, tasks: list[dict]) -> np.ndarray:
     """The source learner's normalised return per episode on `tasks`, mean over tasks and streams."""
-    curves = []
-    for task in tasks:
-        rewards = _task_rewards(data_dir, spec, task)
-        n_ep = rewards.shape[1] // spec.horizon
-        ret = rewards[:, : n_ep * spec.horizon].reshape(len(rewards), n_ep, spec.horizon).sum(-1)
-        curves.append(ret.mean(0) / spec.optimal_return(task))
+    curves = [_episode_returns(_task_rewards(data_dir, spec, t), spec.horizon).mean(0) / spec.optimal_return(t) for t in tasks]
     return np.mean(curves, axis=0)
 
 
@@ -137,6 +131,12 @@ def _task_rewards(data_dir, spec, task: dict) -> np.ndarray:
     from model.data import HistoryData
 
     return HistoryData.from_dir(data_dir, spec, [task], context=1).rewards
+
+
+def _episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
+    """(streams, steps) rewards -> (streams, episodes) returns; a trailing partial episode is dropped."""
+    n_ep = rewards.shape[1] // horizon
+    return rewards[:, : n_ep * horizon].reshape(len(rewards), n_ep, horizon).sum(-1)
 
 
 def plot_curve(results: dict, path: Path, title: str = "In-context learning on held-out tasks") -> None:

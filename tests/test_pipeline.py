@@ -305,7 +305,7 @@ def test_evaluate_main_leaves_autograd_alone(evaluated):
 
 # ---- bad input: exit code 2, one line, no traceback, nothing written -----------------------------
 @pytest.fixture(scope="module")
-def bad_runs(trained, tmp_path_factory):
+def bad_runs(trained, collected, tmp_path_factory):
     """Every bad-input command started at once (they are independent); returns name -> (proc, out dir)."""
     tmp = tmp_path_factory.mktemp("bad")
     garbage = tmp / "garbage.pt"
@@ -318,6 +318,7 @@ def bad_runs(trained, tmp_path_factory):
         "unknown_engine": (ev + ["--checkpoint", str(trained), "--engine", "warp"], "engine"),
         "collect_unknown_env": ([sys.executable, "collect.py", "--env", "cave"], "unknown environment 'cave'"),
         "train_missing_data": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(tmp / "none")], "missing"),
+        "train_unknown_augment": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--augment", "mirror"], "unknown augment"),
     }
     procs = {}
     for name, (cmd, match) in cases.items():
@@ -338,7 +339,7 @@ def bad_runs(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing_checkpoint", "corrupt_checkpoint", "zero_episodes", "unknown_engine", "collect_unknown_env", "train_missing_data"]
+    "case", ["missing_checkpoint", "corrupt_checkpoint", "zero_episodes", "unknown_engine", "collect_unknown_env", "train_missing_data", "train_unknown_augment"]
 )
 def test_bad_input_exits_2_with_one_line(bad_runs, case):
     rc, _, stderr, out, match = bad_runs[case]
