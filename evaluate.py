@@ -120,10 +120,15 @@ def first_reward_after_learner(rewards: np.ndarray, horizon: int, share: float =
     return int((rate_before[first] > share)[rewarded].sum()), int(rewarded.sum())
 
 
-def source_curve(data_dir, spec, tasks: list[dict]) -> np.ndarray:
-    """The source learner's normalised return per episode on `tasks`, mean over tasks and streams."""
-    curves = [_episode_returns(_task_rewards(data_dir, spec, t), spec.horizon).mean(0) / spec.optimal_return(t) for t in tasks]
-    return np.mean(curves, axis=0)
+def source_stats(data_dir, spec, tasks: list[dict]) -> tuple[np.ndarray, float]:
+    """The source learner on `tasks`: its normalised return per episode (mean over tasks and streams)
+    and the share of rewarded streams first rewarded after their learner (first_reward_after_learner)."""
+    curves, late = [], np.zeros(2, dtype=np.int64)
+    for task in tasks:
+        rewards = _task_rewards(data_dir, spec, task)
+        curves.append(_episode_returns(rewards, spec.horizon).mean(0) / spec.optimal_return(task))
+        late += first_reward_after_learner(rewards, spec.horizon)
+    return np.mean(curves, axis=0), float(late[0] / max(late[1], 1))
 
 
 def _task_rewards(data_dir, spec, task: dict) -> np.ndarray:
@@ -190,11 +195,10 @@ def main(argv=None) -> dict:
         results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"])
     results["checkpoint"] = str(cfg["checkpoint"])
     if none_or(cfg["source_data"], str):
-        src = source_curve(cfg["source_data"], spec, tasks)
+        src, late = source_stats(cfg["source_data"], spec, tasks)
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
-        late = np.array([first_reward_after_learner(_task_rewards(cfg["source_data"], spec, t), spec.horizon) for t in tasks])
-        results["source_first_reward_after_learner"] = float(late[:, 0].sum() / max(late[:, 1].sum(), 1))
+        results["source_first_reward_after_learner"] = late
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "eval_results.json.tmp"

@@ -85,7 +85,7 @@ class HistoryData:
             raise UserError(f"augment 'dihedral' maps task cells; env {spec.name!r} has none (use augment none)")
         dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
         all_tasks = spec.tasks()
-        states, actions, rewards, stream_task = [], [], [], []
+        states, actions, rewards, file_tasks = [], [], [], []
         for data_dir, task in ((d, t) for d in dirs for t in tasks):
             f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
             if not f.is_file():
@@ -99,7 +99,7 @@ class HistoryData:
                     states.append(spec.state_index(d["states"].astype(np.int64)).astype(np.int16))
                     actions.append(d["actions"].astype(np.int8))
                     rewards.append(d["rewards"].astype(np.float32))
-                    stream_task += [task] * len(rewards[-1])
+                    file_tasks.append(task)
             except UserError:
                 raise
             except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
@@ -112,7 +112,8 @@ class HistoryData:
 
             sym_states, sym_actions, cell_maps = grid_symmetries(spec.size, MOVES)
             keys = {json.dumps(t, sort_keys=True) for t in tasks}
-            allowed = np.array([[json.dumps(_map_task(t, f), sort_keys=True) in keys for f in cell_maps] for t in stream_task])
+            per_file = [[json.dumps(_map_task(t, f), sort_keys=True) in keys for f in cell_maps] for t in file_tasks]
+            allowed = np.repeat(np.array(per_file), [len(r) for r in rewards], axis=0)  # (streams, 8)
             symmetries = (sym_states, sym_actions, allowed)
         return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries)
 
