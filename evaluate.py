@@ -124,11 +124,22 @@ def source_stats(data_dir, spec, tasks: list[dict]) -> tuple[np.ndarray, float]:
     """The source learner on `tasks`: its normalised return per episode (mean over tasks and streams)
     and the share of rewarded streams first rewarded after their learner (first_reward_after_learner)."""
     curves, late = [], np.zeros(2, dtype=np.int64)
+    per_learner = _streams_per_learner(data_dir)
     for task in tasks:
         rewards = _task_rewards(data_dir, spec, task)
         curves.append(_episode_returns(rewards, spec.horizon).mean(0) / spec.optimal_return(task))
-        late += first_reward_after_learner(rewards, spec.horizon)
+        step = per_learner or len(rewards)  # collect.py stores its learners' streams one learner after the other
+        for i in range(0, len(rewards), step):
+            late += first_reward_after_learner(rewards[i : i + step], spec.horizon)
     return np.mean(curves, axis=0), float(late[0] / max(late[1], 1))
+
+
+def _streams_per_learner(data_dir) -> int | None:
+    """n_streams from the folder's collect_config.json (None if it has none)."""
+    try:
+        return int(json.loads((Path(data_dir) / "collect_config.json").read_text())["collect"]["n_streams"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _task_rewards(data_dir, spec, task: dict) -> np.ndarray:

@@ -265,6 +265,23 @@ def test_first_reward_after_learner_counts_streams_taught_by_their_siblings():
     assert evaluate.first_reward_after_learner(np.zeros((3, 6)), 2) == (0, 0)
 
 
+def test_source_stats_split_the_streams_by_learner(spec, tmp_path):
+    # one task, two learners of 2 streams: stream s is first rewarded in episode s. Within each learner
+    # the second stream follows a sibling that was rewarded before it (1 of 2 streams, above 0.2)
+    task = spec.tasks()[0]
+    rewards = np.zeros((4, 4 * spec.horizon), dtype=np.float32)
+    for stream, episode in enumerate([0, 1, 2, 3]):
+        rewards[stream, episode * spec.horizon :] = np.tile(np.eye(spec.horizon, dtype=np.float32)[0], 4 - episode)
+    states = np.zeros((4, rewards.shape[1], 2), dtype=np.int8)
+    np.savez(tmp_path / "task_0000.npz", task=json.dumps(task), horizon=spec.horizon, states=states, actions=np.zeros(rewards.shape, np.int8), rewards=rewards)
+    _, pooled = evaluate.source_stats(tmp_path, spec, [task])
+    (tmp_path / "collect_config.json").write_text(json.dumps({"collect": {"n_streams": 2}}))
+    curve, by_learner = evaluate.source_stats(tmp_path, spec, [task])
+    assert by_learner == 0.5  # streams 1 and 3
+    assert pooled == 0.75  # as one learner, stream 2 would count too (2 of 4 streams rewarded before it)
+    np.testing.assert_allclose(curve, np.array([1, 2, 3, 4]) / 4 / spec.optimal_return(task))
+
+
 def test_evaluate_writes_results_and_curve(evaluated, spec):
     out, results, _ = evaluated
     assert {p.name for p in out.iterdir()} >= {"eval_results.json", "in_context_curve.png"}
