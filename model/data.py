@@ -111,8 +111,7 @@ class HistoryData:
             from env.darkroom import MOVES
 
             sym_states, sym_actions, cell_maps = grid_symmetries(spec.size, MOVES)
-            keys = {json.dumps(t, sort_keys=True) for t in tasks}
-            per_file = [[json.dumps(_map_task(t, f), sort_keys=True) in keys for f in cell_maps] for t in file_tasks]
+            per_file = [[_map_task(t, f) in tasks for f in cell_maps] for t in file_tasks]
             allowed = np.repeat(np.array(per_file), [len(r) for r in rewards], axis=0)  # (streams, 8)
             symmetries = (sym_states, sym_actions, allowed)
         return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries)
