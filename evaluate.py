@@ -27,6 +27,7 @@ from config import UserError, add_config_flags, none_or, resolve, run_cli  # noq
 from env import get_spec, make_env  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
+from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
 
 EVAL_CONFIG = {
@@ -106,53 +107,38 @@ def evaluate(
     }
 
 
-def first_reward_after_learner(rewards: np.ndarray, horizon: int, share: float = 0.2) -> tuple[int, int]:
-    """Streams of one learner whose first reward comes after the learner already found the goal in
-    more than `share` of its streams in the episode before, and streams that are rewarded at all.
+def first_reward_after_learner(
+    rewards: np.ndarray, horizon: int, per_learner: int | None = None, share: float = SIBLING_SHARE
+) -> tuple[int, int]:
+    """Streams whose first reward comes after their learner already found the goal in more than
+    `share` of its streams in the episode before, and streams that are rewarded at all.
 
-    rewards: (streams, steps) of one PPO learner. Such a stream's improvement comes from its sibling
-    streams, not from its own evidence: what AD cannot learn from a single stream's context.
+    rewards: (streams, steps) of one task, `per_learner` streams per PPO learner (None: one learner).
+    Such a stream's improvement comes from its sibling streams, not from its own evidence: what AD
+    cannot learn from a single stream's context.
     """
-    found = _episode_returns(rewards, horizon) > 0  # (streams, episodes)
-    rate_before = np.concatenate([[0.0], found.mean(0)[:-1]])  # the learner's success rate one episode earlier
+    found = episode_returns(rewards, horizon) > 0  # (streams, episodes)
+    rate_before = learner_rate_before(rewards, horizon, per_learner)  # the learner's success rate one episode earlier
     rewarded = found.any(1)
     first = found.argmax(1)
-    return int((rate_before[first] > share)[rewarded].sum()), int(rewarded.sum())
+    return int((rate_before[np.arange(len(first)), first] > share)[rewarded].sum()), int(rewarded.sum())
 
 
 def source_stats(data_dir, spec, tasks: list[dict]) -> tuple[np.ndarray, float]:
     """The source learner on `tasks`: its normalised return per episode (mean over tasks and streams)
     and the share of rewarded streams first rewarded after their learner (first_reward_after_learner)."""
     curves, late = [], np.zeros(2, dtype=np.int64)
-    per_learner = _streams_per_learner(data_dir)
+    per_learner = streams_per_learner(data_dir)
     for task in tasks:
         rewards = _task_rewards(data_dir, spec, task)
-        curves.append(_episode_returns(rewards, spec.horizon).mean(0) / spec.optimal_return(task))
-        step = per_learner or len(rewards)  # collect.py stores its learners' streams one learner after the other
-        for i in range(0, len(rewards), step):
-            late += first_reward_after_learner(rewards[i : i + step], spec.horizon)
+        curves.append(episode_returns(rewards, spec.horizon).mean(0) / spec.optimal_return(task))
+        late += first_reward_after_learner(rewards, spec.horizon, per_learner)
     return np.mean(curves, axis=0), float(late[0] / max(late[1], 1))
-
-
-def _streams_per_learner(data_dir) -> int | None:
-    """n_streams from the folder's collect_config.json (None if it has none)."""
-    try:
-        return int(json.loads((Path(data_dir) / "collect_config.json").read_text())["collect"]["n_streams"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
 
 
 def _task_rewards(data_dir, spec, task: dict) -> np.ndarray:
     """(streams, steps) rewards of one task's learning histories."""
-    from model.data import HistoryData
-
     return HistoryData.from_dir(data_dir, spec, [task], context=1).rewards
-
-
-def _episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
-    """(streams, steps) rewards -> (streams, episodes) returns; a trailing partial episode is dropped."""
-    n_ep = rewards.shape[1] // horizon
-    return rewards[:, : n_ep * horizon].reshape(len(rewards), n_ep, horizon).sum(-1)
 
 
 def plot_curve(results: dict, path: Path, title: str = "In-context learning on held-out tasks") -> None:

@@ -43,6 +43,7 @@ TRAIN_CONFIG = {
     "grid_embedding": True,  # embed states as row + column of the grid (False: one embedding per state)
     "episode_strides": [1, 2, 4],  # keep every k-th episode of a stream; one k drawn per window
     "augment": "none",  # none | dihedral (each window under a random grid symmetry that maps to a training task)
+    "loss_mask": "none",  # none | sibling_taught (no loss on steps only the stream's sibling streams explain)
     "steps": 3000,
     "batch_size": 32,  # windows per step (per process under torchrun)
     "lr": 1e-3,
@@ -60,6 +61,8 @@ TRAIN_CONFIG = {
 HELP = {
     "episode_strides": "episode subsampling strides of the learning histories",
     "augment": "none | dihedral: draw training windows under grid symmetries that map onto training tasks",
+    "loss_mask": "none | sibling_taught: no loss on steps taken before any reward in the window while the "
+    "stream's PPO learner already reached the goal in more than 20%% of its streams",
     "resume": "continue from OUT/train_state.pt",
 }
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
@@ -122,7 +125,7 @@ def main(argv=None) -> Path:
     torch.manual_seed(cfg["seed"])
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
     train_tasks, held_tasks = spec.split()
-    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"])
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
     val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"])
     val_rng = np.random.default_rng(12345)
     val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
@@ -184,7 +187,7 @@ def main(argv=None) -> Path:
         sched.step()
         step += 1
         if rank == 0:
-            acc = (logits.argmax(-1) == tgt).float().mean().item()
+            acc = (logits.argmax(-1) == tgt)[tgt >= 0].float().mean().item()  # masked targets are -100
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
             bar.update(1)
             row = {"step": step, "loss": round(loss.item(), 5), "acc": round(acc, 4), "time_s": round(time.time() - t0, 1)}

@@ -11,6 +11,11 @@ With `augment="dihedral"` each window is also drawn under one of the 8 symmetrie
 grid about its centre (where every episode starts): states, actions and the task's cells are mapped
 together, and only images that are again one of the given tasks are used, so a held-out task's cells
 never become a training goal.
+
+With `loss_mask="sibling_taught"` the loss skips the steps whose action the window cannot explain:
+taken before any reward is visible in the window while the stream's PPO learner already reached the
+goal in more than `SIBLING_SHARE` of its streams in the episode before. All streams of a learner share
+one policy, so such a step heads for a goal that only the sibling streams have seen.
 """
 
 from __future__ import annotations
@@ -25,6 +30,34 @@ from config import UserError
 from model.ad import Tokens
 
 AUGMENTS = ("none", "dihedral")
+LOSS_MASKS = ("none", "sibling_taught")
+SIBLING_SHARE = 0.2  # a learner "has found the goal" once more than this share of its streams reach it
+
+
+def episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
+    """(streams, steps) rewards -> (streams, episodes) returns; a trailing partial episode is dropped."""
+    n_ep = rewards.shape[1] // horizon
+    return rewards[:, : n_ep * horizon].reshape(len(rewards), n_ep, horizon).sum(-1)
+
+
+def streams_per_learner(data_dir) -> int | None:
+    """n_streams from a folder's collect_config.json (None if it has none)."""
+    try:
+        return int(json.loads((Path(data_dir) / "collect_config.json").read_text())["collect"]["n_streams"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def learner_rate_before(rewards: np.ndarray, horizon: int, per_learner: int | None = None) -> np.ndarray:
+    """(streams, steps) rewards of one task -> (streams, episodes): the share of the stream's learner's
+    streams rewarded in the episode before (0 in the first). collect.py stores a task's learners one
+    after the other, `per_learner` streams each (None: all streams are one learner)."""
+    found = episode_returns(rewards, horizon) > 0
+    step = per_learner or len(rewards)
+    rate = np.zeros(found.shape, dtype=np.float32)
+    for i in range(0, len(rewards), step):
+        rate[i : i + step, 1:] = found[i : i + step, :-1].mean(0)
+    return rate
 
 
 def grid_symmetries(size: int, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
@@ -58,10 +91,11 @@ def _map_task(task: dict, cell_map) -> dict:
 class HistoryData:
     """All streams of the given tasks: states/actions/rewards `(S, N)` with `N` a multiple of horizon."""
 
-    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,), symmetries=None):
-        """symmetries: None, or (state maps (K, n_states), action maps (K, n_actions + 1), allowed (S, K) bool)."""
+    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,), symmetries=None, taught=None):
+        """symmetries: None, or (state maps (K, n_states), action maps (K, n_actions + 1), allowed (S, K) bool).
+        taught: None, or (S, episodes) bool: the stream's learner had already found the goal (loss_mask)."""
         self.states, self.actions, self.rewards = states, actions, rewards
-        self.symmetries = symmetries
+        self.symmetries, self.taught = symmetries, taught
         self.horizon, self.n_actions, self.context = horizon, n_actions, context
         self.strides = np.asarray(strides, dtype=np.int64)
         self.n_streams, n_steps = states.shape
@@ -77,15 +111,19 @@ class HistoryData:
             )
 
     @classmethod
-    def from_dir(cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,), augment: str = "none") -> HistoryData:
+    def from_dir(
+        cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,), augment: str = "none", loss_mask: str = "none"
+    ) -> HistoryData:
         """Histories of `tasks` from one folder written by collect.py, or from several (a list)."""
         if augment not in AUGMENTS:
             raise UserError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+        if loss_mask not in LOSS_MASKS:
+            raise UserError(f"unknown loss_mask {loss_mask!r}; choose one of {', '.join(LOSS_MASKS)}")
         if augment == "dihedral" and spec.name not in ("darkroom", "key_to_door"):
             raise UserError(f"augment 'dihedral' maps task cells; env {spec.name!r} has none (use augment none)")
         dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
         all_tasks = spec.tasks()
-        states, actions, rewards, file_tasks = [], [], [], []
+        states, actions, rewards, file_tasks, rates = [], [], [], [], []
         for data_dir, task in ((d, t) for d in dirs for t in tasks):
             f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
             if not f.is_file():
@@ -100,6 +138,8 @@ class HistoryData:
                     actions.append(d["actions"].astype(np.int8))
                     rewards.append(d["rewards"].astype(np.float32))
                     file_tasks.append(task)
+                    if loss_mask == "sibling_taught":
+                        rates.append(learner_rate_before(rewards[-1], spec.horizon, streams_per_learner(data_dir)))
             except UserError:
                 raise
             except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
@@ -114,10 +154,11 @@ class HistoryData:
             per_file = [[_map_task(t, f) in tasks for f in cell_maps] for t in file_tasks]
             allowed = np.repeat(np.array(per_file), [len(r) for r in rewards], axis=0)  # (streams, 8)
             symmetries = (sym_states, sym_actions, allowed)
-        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries)
+        taught = np.concatenate([r[:, : n // spec.horizon] for r in rates]) > SIBLING_SHARE if rates else None
+        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries, taught)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Tokens, torch.Tensor]:
-        """Random windows -> (Tokens with (B, T) fields, target actions (B, T))."""
+        """Random windows -> (Tokens with (B, T) fields, target actions (B, T); -100 where the loss is masked)."""
         B, T, H = batch_size, self.context, self.horizon
         stream = rng.integers(self.n_streams, size=B)
         stride = self.strides[rng.integers(len(self.strides), size=B)]
@@ -137,10 +178,14 @@ class HistoryData:
             k = np.where(allowed[stream], rng.random((B, allowed.shape[1])), -1.0).argmax(1)[:, None]
             states, acts, prev_a = sym_states[k, states], sym_actions[k, acts], sym_actions[k, prev_a]
         prev_r = np.where(first, 0.0, rews[:, :-1])
+        target = acts[:, 1:]
+        if self.taught is not None:  # no reward visible yet, but the learner already knew the goal
+            unseen = np.maximum.accumulate(prev_r, axis=1) <= 0
+            target = np.where(unseen & self.taught[stream[:, None], src[:, 1:] // H], -100, target)
         tok = Tokens(
             torch.from_numpy(states.astype(np.int64)),
             torch.from_numpy(prev_a),
             torch.from_numpy(prev_r.astype(np.float32)),
             torch.from_numpy((j[:, 1:] % H).astype(np.int64)),
         )
-        return tok, torch.from_numpy(acts[:, 1:])
+        return tok, torch.from_numpy(target)

@@ -265,21 +265,49 @@ def test_first_reward_after_learner_counts_streams_taught_by_their_siblings():
     assert evaluate.first_reward_after_learner(np.zeros((3, 6)), 2) == (0, 0)
 
 
-def test_source_stats_split_the_streams_by_learner(spec, tmp_path):
-    # one task, two learners of 2 streams: stream s is first rewarded in episode s. Within each learner
-    # the second stream follows a sibling that was rewarded before it (1 of 2 streams, above 0.2)
+def _two_learner_histories(spec, path: Path) -> dict:
+    """One task, two learners of 2 streams, 4 episodes: stream s is first rewarded in episode s (at each
+    episode's first step from then on), and the state at every step is the cell (episode, stream)."""
     task = spec.tasks()[0]
     rewards = np.zeros((4, 4 * spec.horizon), dtype=np.float32)
     for stream, episode in enumerate([0, 1, 2, 3]):
         rewards[stream, episode * spec.horizon :] = np.tile(np.eye(spec.horizon, dtype=np.float32)[0], 4 - episode)
-    states = np.zeros((4, rewards.shape[1], 2), dtype=np.int8)
-    np.savez(tmp_path / "task_0000.npz", task=json.dumps(task), horizon=spec.horizon, states=states, actions=np.zeros(rewards.shape, np.int8), rewards=rewards)
+    episode, stream = np.meshgrid(np.arange(rewards.shape[1]) // spec.horizon, np.arange(4))
+    states = np.stack([episode, stream], -1).astype(np.int8)
+    np.savez(path / "task_0000.npz", task=json.dumps(task), horizon=spec.horizon, states=states, actions=np.zeros(rewards.shape, np.int8), rewards=rewards)
+    return task
+
+
+def test_source_stats_split_the_streams_by_learner(spec, tmp_path):
+    # within each learner the second stream follows a sibling that was rewarded before it (1 of 2 streams, above 0.2)
+    task = _two_learner_histories(spec, tmp_path)
     _, pooled = evaluate.source_stats(tmp_path, spec, [task])
     (tmp_path / "collect_config.json").write_text(json.dumps({"collect": {"n_streams": 2}}))
     curve, by_learner = evaluate.source_stats(tmp_path, spec, [task])
     assert by_learner == 0.5  # streams 1 and 3
     assert pooled == 0.75  # as one learner, stream 2 would count too (2 of 4 streams rewarded before it)
     np.testing.assert_allclose(curve, np.array([1, 2, 3, 4]) / 4 / spec.optimal_return(task))
+
+
+def test_sibling_taught_steps_are_masked_until_the_window_shows_a_reward(tmp_path):
+    spec = get_spec({**TINY_ENV, "size": 9})  # room for a cell per (episode, stream)
+    task = _two_learner_histories(spec, tmp_path)
+    (tmp_path / "collect_config.json").write_text(json.dumps({"collect": {"n_streams": 2}}))
+    # the learner of streams 0-1 has found the goal from episode 1 on, that of streams 2-3 from episode 3 on
+    taught = np.array([[0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]], dtype=bool)
+    masked = HistoryData.from_dir(tmp_path, spec, [task], 2 * spec.horizon, (1,), loss_mask="sibling_taught")
+    plain = HistoryData.from_dir(tmp_path, spec, [task], 2 * spec.horizon, (1,))
+    tok, target = masked.sample(np.random.default_rng(0), 256)
+    tok_plain, target_plain = plain.sample(np.random.default_rng(0), 256)  # the same windows
+    assert torch.equal(tok.states, tok_plain.states) and (target_plain >= 0).all()
+    cell = tok.states.numpy()  # (episode, stream) as r * size + c
+    unseen = np.maximum.accumulate(tok.prev_rewards.numpy(), axis=1) <= 0
+    expected = unseen & taught[cell % spec.size, cell // spec.size]
+    np.testing.assert_array_equal(target.numpy() == -100, expected)
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(target[~expected], target_plain[~expected])
+    with pytest.raises(UserError, match="unknown loss_mask"):
+        HistoryData.from_dir(tmp_path, spec, [task], 2 * spec.horizon, (1,), loss_mask="all")
 
 
 def test_evaluate_writes_results_and_curve(evaluated, spec):
@@ -336,6 +364,7 @@ def bad_runs(trained, collected, tmp_path_factory):
         "collect_unknown_env": ([sys.executable, "collect.py", "--env", "cave"], "unknown environment 'cave'"),
         "train_missing_data": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(tmp / "none")], "missing"),
         "train_unknown_augment": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--augment", "mirror"], "unknown augment"),
+        "train_unknown_loss_mask": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--loss-mask", "all"], "unknown loss_mask"),
     }
     procs = {}
     for name, (cmd, match) in cases.items():
@@ -356,7 +385,7 @@ def bad_runs(trained, collected, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing_checkpoint", "corrupt_checkpoint", "zero_episodes", "unknown_engine", "collect_unknown_env", "train_missing_data", "train_unknown_augment"]
+    "case", ["missing_checkpoint", "corrupt_checkpoint", "zero_episodes", "unknown_engine", "collect_unknown_env", "train_missing_data", "train_unknown_augment", "train_unknown_loss_mask"]
 )
 def test_bad_input_exits_2_with_one_line(bad_runs, case):
     rc, _, stderr, out, match = bad_runs[case]
