@@ -124,6 +124,7 @@ class HistoryData:
         dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
         all_tasks = spec.tasks()
         states, actions, rewards, file_tasks, rates = [], [], [], [], []
+        per_learner = {d: streams_per_learner(d) for d in dirs} if loss_mask == "sibling_taught" else {}
         for data_dir, task in ((d, t) for d in dirs for t in tasks):
             f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
             if not f.is_file():
@@ -139,7 +140,7 @@ class HistoryData:
                     rewards.append(d["rewards"].astype(np.float32))
                     file_tasks.append(task)
                     if loss_mask == "sibling_taught":
-                        rates.append(learner_rate_before(rewards[-1], spec.horizon, streams_per_learner(data_dir)))
+                        rates.append(learner_rate_before(rewards[-1], spec.horizon, per_learner[data_dir]))
             except UserError:
                 raise
             except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
