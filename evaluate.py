@@ -130,15 +130,10 @@ def source_stats(data_dir, spec, tasks: list[dict]) -> tuple[np.ndarray, float]:
     curves, late = [], np.zeros(2, dtype=np.int64)
     per_learner = streams_per_learner(data_dir)
     for task in tasks:
-        rewards = _task_rewards(data_dir, spec, task)
+        rewards = HistoryData.from_dir(data_dir, spec, [task], context=1).rewards  # (streams, steps)
         curves.append(episode_returns(rewards, spec.horizon).mean(0) / spec.optimal_return(task))
         late += first_reward_after_learner(rewards, spec.horizon, per_learner)
     return np.mean(curves, axis=0), float(late[0] / max(late[1], 1))
-
-
-def _task_rewards(data_dir, spec, task: dict) -> np.ndarray:
-    """(streams, steps) rewards of one task's learning histories."""
-    return HistoryData.from_dir(data_dir, spec, [task], context=1).rewards
 
 
 def plot_curve(results: dict, path: Path, title: str = "In-context learning on held-out tasks") -> None:
@@ -205,7 +200,7 @@ def main(argv=None) -> dict:
     print_table(results)
     if "source_final_normalized_return" in results:
         print(f"source PPO on the same tasks: normalised return {results['source_final_normalized_return']:.3f} over its last 10 episodes")
-        print(f"source streams first rewarded after their learner found the goal in > 20% of its streams: "
+        print(f"source streams first rewarded after their learner found the goal in > {SIBLING_SHARE:.0%} of its streams: "
               f"{results['source_first_reward_after_learner']:.1%}")  # fmt: skip
     print(f"wrote {out / 'eval_results.json'} and {out / 'in_context_curve.png'}")
     return results

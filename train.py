@@ -28,7 +28,7 @@ from config import UserError, add_config_flags, env_section, load_yaml, resolve,
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
 from model.checkpoint import read_checkpoint, resolve_device, save_atomic
-from model.data import HistoryData
+from model.data import SIBLING_SHARE, HistoryData
 
 TRAIN_CONFIG = {
     "data": ["data/darkroom"],  # folder(s) written by collect.py
@@ -62,7 +62,7 @@ HELP = {
     "episode_strides": "episode subsampling strides of the learning histories",
     "augment": "none | dihedral: draw training windows under grid symmetries that map onto training tasks",
     "loss_mask": "none | sibling_taught: no loss on steps taken before any reward in the window while the "
-    "stream's PPO learner already reached the goal in more than 20%% of its streams",
+    f"stream's PPO learner already reached the goal in more than {SIBLING_SHARE * 100:.0f}%% of its streams",
     "resume": "continue from OUT/train_state.pt",
 }
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
