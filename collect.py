@@ -6,6 +6,14 @@ Each task's learner runs `n_streams` parallel environments; every transition of 
 recorded from the very first step (the whole learning history, as AD needs, arXiv 2210.14215).
 One compressed file per task, `task_XXXX.npz`, is written under a temporary name and renamed when
 complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
+
+`--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each):
+histories of pure exploration. PPO alone settles on one path when no reward ever comes (its
+normalised advantages are noise); with `--novelty-bonus B` each learner is also paid B/sqrt(n) for
+reaching a cell its streams have entered n times so far, and keeps heading for new parts of the room.
+The bonus only shapes PPO's training: the stored rewards are the environment's.
+
+    python collect.py --config config/darkroom.yaml --tasks none --novelty-bonus 0.3 --out data/darkroom_explore
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ COLLECT_CONFIG = {
     "env": "darkroom",  # darkroom | darkroom_permuted | key_to_door
     "size": 9,  # grid side
     "out": "data/darkroom",  # one task_XXXX.npz per task
-    "tasks": "all",  # all | train | test
+    "tasks": "all",  # all | train | test | none (a room without a goal: goal_free_learners exploration histories)
+    "goal_free_learners": 10,  # learners (files) collected with tasks none
+    "novelty_bonus": 0.0,  # B: PPO is also paid B/sqrt(visits of the cell reached so far); stored rewards stay the env's
     "n_streams": 100,  # parallel environments per PPO learner
     "n_learners": 1,  # independent PPO learners per task (histories per task = n_learners * n_streams)
     "timesteps": 100_000,  # PPO timesteps per learner, all its streams together
@@ -41,6 +51,34 @@ COLLECT_CONFIG = {
     "device": "cpu",  # PPO's device: cpu (fastest for these small MLPs) | cuda | auto
 }
 HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task"}
+GOAL_FREE_SEED = 1_000_000  # goal-free learner k is seeded seed + GOAL_FREE_SEED + 1000 k
+
+
+def _novelty_bonus_wrapper():
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class NoveltyBonus(VecEnvWrapper):
+        """Adds beta / sqrt(n) to each reward, n = visits of the reached cell by all streams so far.
+        The environment's own reward travels in info["env_reward"]."""
+
+        def __init__(self, venv, beta: float, spec: EnvSpec):
+            super().__init__(venv)
+            self.beta, self.spec = beta, spec
+            self.visits = np.zeros(spec.n_states)
+
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            obs, rewards, dones, infos = self.venv.step_wait()
+            reached = np.array([info["terminal_observation"] if d else o for o, d, info in zip(obs, dones, infos)])
+            cells = self.spec.state_index(reached)
+            np.add.at(self.visits, cells, 1)
+            for info, r in zip(infos, rewards):
+                info["env_reward"] = float(r)
+            return obs, rewards + self.beta / np.sqrt(self.visits[cells]), dones, infos
+
+    return NoveltyBonus
 
 
 def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir: str) -> dict:
@@ -55,7 +93,6 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
     torch.set_num_threads(1)
     spec = EnvSpec(**spec_dict)
     n = cfg["n_streams"]
-    vec = DummyVecEnv([make_env(spec, **task) for _ in range(n)])
     horizon = spec.horizon
     n_steps = horizon  # one PPO update per episode of every stream
 
@@ -72,13 +109,18 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
                     nxt[i] = loc["infos"][i]["terminal_observation"]
             self.rows["states"].append(np.array(self.model._last_obs, copy=True))
             self.rows["actions"].append(np.array(loc["actions"], copy=True).reshape(n))
-            self.rows["rewards"].append(np.array(loc["rewards"], dtype=np.float32, copy=True))
+            rewards = [info.get("env_reward", r) for info, r in zip(loc["infos"], loc["rewards"])]
+            self.rows["rewards"].append(np.array(rewards, dtype=np.float32))
             self.rows["next_states"].append(nxt)
             self.rows["dones"].append(np.array(loc["dones"], dtype=bool, copy=True))
             return True
 
     learners = []
-    for j in range(cfg["n_learners"]):
+    goal_free = task is None
+    for j in range(1 if goal_free else cfg["n_learners"]):
+        vec = DummyVecEnv([make_env(spec, **({"goal": None} if goal_free else task)) for _ in range(n)])
+        if cfg["novelty_bonus"] > 0:
+            vec = _novelty_bonus_wrapper()(vec, cfg["novelty_bonus"], spec)  # visits counted per learner
         rec = Recorder()
         model = PPO(
             "MlpPolicy",
@@ -89,12 +131,11 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
             learning_rate=cfg["learning_rate"],
             ent_coef=cfg["ent_coef"],
             gamma=0.99,
-            seed=cfg["seed"] + 1000 * task_idx + j,
+            seed=cfg["seed"] + (GOAL_FREE_SEED if goal_free else 0) + 1000 * task_idx + j,
             device=cfg["device"],
             verbose=0,
         )
         model.learn(total_timesteps=cfg["timesteps"], callback=rec)
-        vec.reset()
         learners.append({k: np.stack(v, axis=1) for k, v in rec.rows.items()})  # (n_streams, n_steps, ...)
     arrays = {k: np.concatenate([lr[k] for lr in learners]) for k in learners[0]}
     arrays["states"] = arrays["states"].astype(np.int8)
@@ -121,20 +162,27 @@ def main(argv=None) -> list[dict]:
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
-    for key in ("n_streams", "n_learners", "timesteps", "workers"):
+    for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["novelty_bonus"] < 0:
+        raise UserError(f"--novelty-bonus must be >= 0, got {cfg['novelty_bonus']}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
         raise UserError(f"--timesteps must cover at least one episode per stream ({cfg['n_streams'] * spec.horizon})")
 
     all_tasks = spec.tasks()
-    if cfg["tasks"] == "all":
+    if cfg["tasks"] == "none":
+        if spec.name != "darkroom":
+            raise UserError(f"--tasks none (a room without a goal) needs env darkroom, got {spec.name!r}")
+        all_tasks = [None] * cfg["goal_free_learners"]
+        wanted = list(range(len(all_tasks)))
+    elif cfg["tasks"] == "all":
         wanted = list(range(len(all_tasks)))
     elif cfg["tasks"] in ("train", "test"):
         chosen = spec.tasks_for(cfg["tasks"])
         wanted = [all_tasks.index(t) for t in chosen]
     else:
-        raise UserError(f"--tasks must be all, train or test, got {cfg['tasks']!r}")
+        raise UserError(f"--tasks must be all, train, test or none, got {cfg['tasks']!r}")
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +198,8 @@ def main(argv=None) -> list[dict]:
         for fut in bar:
             r = fut.result()
             results.append(r)
-            bar.write(
-                f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}, optimal {spec.optimal_return(r['task']):.0f}"
-            )
+            optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
+            bar.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results

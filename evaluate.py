@@ -130,7 +130,7 @@ def source_stats(data_dir, spec, tasks: list[dict]) -> tuple[np.ndarray, float]:
     curves, late = [], np.zeros(2, dtype=np.int64)
     per_learner = streams_per_learner(data_dir)
     for task in tasks:
-        rewards = HistoryData.from_dir(data_dir, spec, [task], context=1).rewards  # (streams, steps)
+        rewards = HistoryData.from_dir(data_dir, spec, [task], context=1, goal_free=False).rewards  # (streams, steps)
         curves.append(episode_returns(rewards, spec.horizon).mean(0) / spec.optimal_return(task))
         late += first_reward_after_learner(rewards, spec.horizon, per_learner)
     return np.mean(curves, axis=0), float(late[0] / max(late[1], 1))

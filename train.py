@@ -126,7 +126,7 @@ def main(argv=None) -> Path:
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
     train_tasks, held_tasks = spec.split()
     data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
-    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"])
+    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
     val_rng = np.random.default_rng(12345)
     val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
 

@@ -57,15 +57,15 @@ class _Grid(gym.Env):
 
 
 class Darkroom(_Grid):
-    """Reward 1 on every step that ends on the invisible goal."""
+    """Reward 1 on every step that ends on the invisible goal; `goal=None` is a room without one."""
 
     def __init__(self, goal=(0, 0), size: int = 9, horizon: int = 20):
         super().__init__(size, horizon)
-        self.goal = self._check_cell("goal", goal)
+        self.goal = None if goal is None else self._check_cell("goal", goal)
 
     def step(self, action):
         self._move(action)
-        reward = float((self.pos == self.goal).all())
+        reward = float(self.goal is not None and (self.pos == self.goal).all())
         return self.pos.copy(), reward, False, self.t >= self.horizon, {}
 
 

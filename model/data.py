@@ -12,6 +12,9 @@ grid about its centre (where every episode starts): states, actions and the task
 together, and only images that are again one of the given tasks are used, so a held-out task's cells
 never become a training goal.
 
+A folder collected with `collect.py --tasks none` (a room without a goal) adds all of its
+histories to those of the tasks: pure exploration, never rewarded, under all 8 symmetries.
+
 With `loss_mask="sibling_taught"` the loss skips the steps whose action the window cannot explain:
 taken before any reward is visible in the window while the stream's PPO learner already reached the
 goal in more than `SIBLING_SHARE` of its streams in the episode before. All streams of a learner share
@@ -40,12 +43,26 @@ def episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
     return rewards[:, : n_ep * horizon].reshape(len(rewards), n_ep, horizon).sum(-1)
 
 
+def _collect_config(data_dir) -> dict:
+    """The 'collect' section of a folder's collect_config.json ({} if it has none)."""
+    try:
+        meta = json.loads((Path(data_dir) / "collect_config.json").read_text())["collect"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def streams_per_learner(data_dir) -> int | None:
     """n_streams from a folder's collect_config.json (None if it has none)."""
     try:
-        return int(json.loads((Path(data_dir) / "collect_config.json").read_text())["collect"]["n_streams"])
-    except (OSError, KeyError, TypeError, ValueError):
+        return int(_collect_config(data_dir)["n_streams"])
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def is_goal_free(data_dir) -> bool:
+    """A folder collected with --tasks none: learners in a room without a goal."""
+    return _collect_config(data_dir).get("tasks") == "none"
 
 
 def learner_rate_before(rewards: np.ndarray, horizon: int, per_learner: int | None = None) -> np.ndarray:
@@ -112,9 +129,18 @@ class HistoryData:
 
     @classmethod
     def from_dir(
-        cls, data_dir, spec, tasks: list[dict], context: int, strides=(1,), augment: str = "none", loss_mask: str = "none"
+        cls,
+        data_dir,
+        spec,
+        tasks: list[dict],
+        context: int,
+        strides=(1,),
+        augment: str = "none",
+        loss_mask: str = "none",
+        goal_free: bool = True,
     ) -> HistoryData:
-        """Histories of `tasks` from one folder written by collect.py, or from several (a list)."""
+        """Histories of `tasks` from one folder written by collect.py, or from several (a list); with
+        `goal_free`, also every history of the goal-free folders among them (skipped otherwise)."""
         if augment not in AUGMENTS:
             raise UserError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
         if loss_mask not in LOSS_MASKS:
@@ -123,10 +149,20 @@ class HistoryData:
             raise UserError(f"augment 'dihedral' maps task cells; env {spec.name!r} has none (use augment none)")
         dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
         all_tasks = spec.tasks()
+        files = []  # (folder, file, task it must hold; None in a goal-free folder)
+        for d in dirs:
+            if not is_goal_free(d):
+                files += [(d, d / f"task_{all_tasks.index(t):04d}.npz", t) for t in tasks]
+            elif goal_free:
+                found = sorted(d.glob("task_*.npz"))
+                if not found:
+                    raise UserError(f"no histories in the goal-free folder {d}: run collect.py --tasks none first")
+                files += [(d, f, None) for f in found]
+        if not files:
+            raise UserError(f"no histories of these tasks in {', '.join(map(str, dirs))} (goal-free folders hold none)")
         states, actions, rewards, file_tasks, rates = [], [], [], [], []
         per_learner = {d: streams_per_learner(d) for d in dirs} if loss_mask == "sibling_taught" else {}
-        for data_dir, task in ((d, t) for d in dirs for t in tasks):
-            f = data_dir / f"task_{all_tasks.index(task):04d}.npz"
+        for data_dir, f, task in files:
             if not f.is_file():
                 raise UserError(f"missing learning history {f} for task {json.dumps(task)}: run collect.py first")
             try:
@@ -152,7 +188,7 @@ class HistoryData:
             from env.darkroom import MOVES
 
             sym_states, sym_actions, cell_maps = grid_symmetries(spec.size, MOVES)
-            per_file = [[_map_task(t, f) in tasks for f in cell_maps] for t in file_tasks]
+            per_file = [[t is None or _map_task(t, f) in tasks for f in cell_maps] for t in file_tasks]
             allowed = np.repeat(np.array(per_file), [len(r) for r in rewards], axis=0)  # (streams, 8)
             symmetries = (sym_states, sym_actions, allowed)
         taught = np.concatenate([r[:, : n // spec.horizon] for r in rates]) > SIBLING_SHARE if rates else None

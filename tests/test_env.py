@@ -93,6 +93,13 @@ def test_goal_at_the_start_pays_from_the_first_stay():
     assert rews == [1.0] * 5  # the start cell itself pays only on steps that end there
 
 
+def test_a_room_without_a_goal_never_pays():
+    e = Darkroom(goal=None, size=3, horizon=200)
+    e.reset()
+    obs, rews, _ = _walk(e, np.random.default_rng(0).integers(N_ACTIONS, size=200))
+    assert len(set(obs)) == 9 and not any(rews)  # every cell visited, no reward anywhere
+
+
 def test_gymnasium_make_after_import():
     assert {"Darkroom-v0", "DarkroomPermuted-v0", "DarkKeyToDoor-v0"} <= set(gym.registry)
     e = gym.make("Darkroom-v0", goal=(2, 7))

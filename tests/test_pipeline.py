@@ -130,7 +130,49 @@ def test_collect_rejects_bad_numbers(tmp_path):
         collect.main(["--config", str(TINY), "--out", str(tmp_path / "d"), "--n-streams", "0"])
     with pytest.raises(UserError, match="tasks"):
         collect.main(["--config", str(TINY), "--out", str(tmp_path / "d"), "--tasks", "some"])
+    with pytest.raises(UserError, match="novelty-bonus"):
+        collect.main(["--config", str(TINY), "--out", str(tmp_path / "d"), "--novelty-bonus", "-1"])
+    with pytest.raises(UserError, match="needs env darkroom"):
+        collect.main(["--config", str(TINY), "--env", "key_to_door", "--out", str(tmp_path / "d"), "--tasks", "none"])
     assert not (tmp_path / "d").exists()
+
+
+def test_novelty_bonus_pays_new_cells_and_keeps_the_env_reward(spec):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from env import make_env
+
+    vec = collect._novelty_bonus_wrapper()(DummyVecEnv([make_env(spec, goal=[0, 1]) for _ in range(2)]), 0.5, spec)
+    vec.reset()
+    vec.step_async(np.array([0, 0]))  # both streams move up from the centre (1, 1) onto the goal
+    obs, rewards, _, infos = vec.step_wait()
+    assert (obs == [0, 1]).all() and [i["env_reward"] for i in infos] == [1.0, 1.0]
+    np.testing.assert_allclose(rewards, 1 + 0.5 / np.sqrt(2))  # the cell has now been entered twice
+    vec.step_async(np.array([4, 1]))  # one stays on the goal, one goes back to the centre
+    _, rewards, _, infos = vec.step_wait()
+    assert [i["env_reward"] for i in infos] == [1.0, 0.0]
+    np.testing.assert_allclose(rewards, [1 + 0.5 / np.sqrt(3), 0.5])
+
+
+def test_goal_free_histories_join_the_training_windows_only(collected, spec, tmp_path):
+    out = tmp_path / "free"
+    steps = ["--n-streams", str(N_STREAMS), "--timesteps", str(N_STREAMS * N_EPISODES * 6), "--workers", "1"]
+    collect.main(["--config", str(TINY), "--out", str(out), "--tasks", "none", "--goal-free-learners", "2", "--novelty-bonus", "0.5"] + steps)
+    assert sorted(p.name for p in out.glob("task_*.npz")) == ["task_0000.npz", "task_0001.npz"]
+    for f in out.glob("task_*.npz"):
+        with np.load(f) as d:
+            assert json.loads(str(d["task"])) is None and d["states"].shape == (N_STREAMS, N_EPISODES * 6, 2)
+            assert not d["rewards"].any()  # the stored rewards are the room's: there is no goal to reward
+    train_tasks, held_tasks = spec.split()
+    alone = HistoryData.from_dir(collected[0], spec, train_tasks, 12, (1,), augment="dihedral")
+    both = HistoryData.from_dir([collected[0], out], spec, train_tasks, 12, (1,), augment="dihedral")
+    assert both.n_streams == alone.n_streams + 2 * N_STREAMS
+    np.testing.assert_array_equal(both.states[: alone.n_streams], alone.states)
+    assert both.symmetries[2][alone.n_streams :].all()  # no goal to keep off the held-out cells
+    val = HistoryData.from_dir([collected[0], out], spec, held_tasks, 12, (1,), goal_free=False)
+    assert val.n_streams == len(held_tasks) * N_STREAMS
+    with pytest.raises(UserError, match="goal-free"):
+        HistoryData.from_dir(out, spec, held_tasks, 12, goal_free=False)
 
 
 # ---- train and checkpoints -----------------------------------------------------------------------
