@@ -8,9 +8,10 @@ One compressed file per task, `task_XXXX.npz`, is written under a temporary name
 complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
 
 `--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each):
-histories of pure exploration. Never rewarded, PPO alone drifts into one fixed path within a few
-dozen episodes; with `--novelty-bonus B` each learner is also paid B/sqrt(n) for reaching a cell its
-streams have entered n times so far, and keeps heading for parts of the room it has seen least.
+histories of pure exploration. Never rewarded, PPO alone drifts into mostly repeating one path
+within a few dozen episodes; with `--novelty-bonus B` each learner is also paid B/sqrt(n) for
+reaching a cell its streams have entered n times so far, and keeps heading for parts of the room it
+has seen least.
 The bonus only shapes PPO's training: the stored rewards are the environment's.
 
     python collect.py --config config/darkroom_explore.yaml   # --tasks none --novelty-bonus 0.3
