@@ -20,6 +20,7 @@ The bonus only shapes PPO's training: the stored rewards are the environment's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -55,7 +56,9 @@ HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO 
 GOAL_FREE_SEED = 1_000_000  # goal-free learner k is seeded seed + GOAL_FREE_SEED + 1000 k
 
 
+@functools.cache
 def _novelty_bonus_wrapper():
+    """The VecEnv wrapper class, built once per process (stable-baselines3 is imported only where PPO runs)."""
     from stable_baselines3.common.vec_env import VecEnvWrapper
 
     class NoveltyBonus(VecEnvWrapper):
