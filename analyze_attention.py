@@ -35,11 +35,12 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from analysis import metrics as M  # noqa: E402
-from analysis import plots as P  # noqa: E402
-from analysis import staged_output  # noqa: E402
-from analysis.capture_file import REQUIRED, load_capture  # noqa: E402
-from config import UserError, add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
+from adlens import metrics as M  # noqa: E402
+from adlens import plots as P  # noqa: E402
+from adlens.io import staged_output  # noqa: E402
+from adlens.capture_file import REQUIRED, load_capture  # noqa: E402
+from adlens.config import add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
 
 ANALYSIS_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
@@ -72,7 +73,7 @@ HELP = {
     "dpi": "PNG resolution",
 }
 SEMANTICS = (
-    "as in model/compression.py, compression_ratio is the fraction of the model's context kept: a budget of "
+    "as in adlens/compression.py, compression_ratio is the fraction of the model's context kept: a budget of "
     "round(compression_ratio * max_context) tokens, enforced every compression_interval steps once the "
     "context holds more; the newest keep_recent tokens are kept as they are"
 )
@@ -267,7 +268,7 @@ def _heatmap_indices(n_full: int, num_samples: int) -> list[int]:
 def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> dict:
     """Compute every metric of `capture`, draw the figures and write all outputs into `out_dir`.
 
-    capture : a capture dict (format v1, see `analysis/capture_file.py`)
+    capture : a capture dict (format v1, see `adlens/capture_file.py`)
     config  : keys of ANALYSIS_CONFIG to override (unknown keys are errors)
     Returns {"paths": {name: Path}, "metrics": dict, "recommendation": dict, "pattern": str}.
     """

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from config import UserError, add_config_flags, env_section, load_yaml, resolve, run_cli, section
+from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.errors import UserError
+from env import env_section
 from env import get_spec
 from env.tasks import EnvSpec
 

@@ -10,7 +10,7 @@ and `performance_loss = (return_without - return_with) / return_without` (mean e
 all tasks and episodes). Writes OUT/compression_results.json; with --sweep also
 OUT/compression_tradeoff.png and a printed table.
 
-Adding a strategy: write a small dataclass in model/compression.py (fields = its parameters; a
+Adding a strategy: write a small dataclass in adlens/compression.py (fields = its parameters; a
 `keep_mask` for a pure selection or a `plan` for merging) and add one line to `STRATEGIES`:
 
     @dataclass
@@ -44,12 +44,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.plots import save_figure  # noqa: E402
-from config import UserError, add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.plots import save_figure  # noqa: E402
+from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
 from env import get_spec  # noqa: E402
-from evaluate import make_vec_env  # noqa: E402
+from env import make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
-from model.compression import STRATEGIES, make_compression  # noqa: E402
+from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
 
 COMPRESSION_CONFIG = {

@@ -22,10 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.plots import save_figure  # noqa: E402
-from config import UserError, add_config_flags, none_or, resolve, run_cli  # noqa: E402
-from env import get_spec, make_env  # noqa: E402
-from env.batched import BatchedGridEnv  # noqa: E402
+from adlens.plots import save_figure  # noqa: E402
+from adlens.config import add_config_flags, none_or, resolve, run_cli  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
+from env import get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
@@ -44,17 +44,6 @@ EVAL_CONFIG = {
     "out": "runs/eval",
 }
 HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions"}
-
-
-def make_vec_env(spec, tasks: list[dict], kind: str):
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
-
-    if kind not in ("dummy", "subproc", "batched"):
-        raise UserError(f"--vec-env must be dummy, subproc or batched, got {kind!r}")
-    if kind == "batched":
-        return BatchedGridEnv(spec, tasks)
-    fns = [make_env(spec, **t) for t in tasks]
-    return SubprocVecEnv(fns, start_method="spawn") if kind == "subproc" else DummyVecEnv(fns)
 
 
 def evaluate(

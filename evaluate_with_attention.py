@@ -3,7 +3,7 @@
     python evaluate_with_attention.py                              # default model, first held-out task
     python evaluate_with_attention.py --task 3 --eval-timesteps 400 --out runs/attention
 
-Writes OUT/capture.pt (format: analysis/capture_file.py; load with analysis.load_capture or
+Writes OUT/capture.pt (format: adlens/capture_file.py; load with adlens.capture_file.load_capture or
 torch.load(..., weights_only=True)), OUT/returns.json and OUT/capture_config.json.
 Analyse it with `python analyze_attention.py --capture OUT/capture.pt`.
 """
@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 
 
-from analysis.capture_file import save_capture
-from analysis.record import default_eval_timesteps, record_rollout
-from config import UserError, add_config_flags, resolve, run_cli
+from adlens.capture_file import save_capture
+from model.record import default_eval_timesteps, record_rollout
+from adlens.config import add_config_flags, resolve, run_cli
+from adlens.errors import UserError
 from env import get_spec
 from model.checkpoint import load_model, resolve_device
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import analyze_attention
 import compression_template
 import evaluate_with_attention
-from analysis.capture_file import save_capture
-from config import add_config_flags, resolve, run_cli
+from adlens.capture_file import save_capture
+from adlens.config import add_config_flags, resolve, run_cli
 from model.checkpoint import read_checkpoint
 
 PIPELINE_CONFIG = {

@@ -24,7 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import UserError, add_config_flags, env_section, load_yaml, resolve, run_cli, section
+from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.errors import UserError
+from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
 from model.checkpoint import read_checkpoint, resolve_device, save_atomic

@@ -30,11 +30,12 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis import metrics as M  # noqa: E402
-from analysis import plots as P  # noqa: E402
-from analysis import staged_output  # noqa: E402
-from analysis.capture_file import load_capture  # noqa: E402
-from config import UserError, add_config_flags, load_yaml, resolve, run_cli, section  # noqa: E402
+from adlens import metrics as M  # noqa: E402
+from adlens import plots as P  # noqa: E402
+from adlens.io import staged_output  # noqa: E402
+from adlens.capture_file import load_capture  # noqa: E402
+from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
 
 VISUALIZE_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py

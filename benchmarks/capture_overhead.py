@@ -20,8 +20,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.record import record_rollout  # noqa: E402
-from config import run_cli  # noqa: E402
+from model.record import record_rollout  # noqa: E402
+from adlens.config import run_cli  # noqa: E402
 from env import get_spec, make_env  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.rollout import run_episodes  # noqa: E402

@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import run_cli  # noqa: E402
+from adlens.config import run_cli  # noqa: E402
 from env import get_spec  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
-from evaluate import make_vec_env  # noqa: E402
+from env import make_vec_env  # noqa: E402
 from model.ad import ADConfig, ADTransformer, Tokens  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
-from model.compression import make_compression  # noqa: E402
+from adlens.compression import make_compression  # noqa: E402
 from model.rollout import make_engine, run_episodes  # noqa: E402
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from adlens.config import section
+from adlens.errors import UserError
 from env.darkroom import N_ACTIONS, Darkroom, DarkroomPermuted, KeyToDoor
 
 _DEFAULT_HORIZON = {"darkroom": 20, "darkroom_permuted": 20, "key_to_door": 50}
@@ -140,3 +142,34 @@ def make_env(config: dict | EnvSpec, **task) -> _EnvThunk:
     spec = get_spec(config)
     spec.make(**task)  # validate the task now, in the caller's process
     return _EnvThunk(spec, task)
+
+
+ENV_KEYS = ("name", "size", "horizon", "n_holdout", "split_seed")
+
+
+def env_section(cfg: dict) -> tuple[dict, dict]:
+    """A YAML 'env' section split into the scripts' own keys ({"env": name, "size": n}, to resolve
+    with the script's dict) and the rest (horizon, n_holdout, split_seed) for the EnvSpec."""
+    sec = section(cfg, "env", ENV_KEYS)
+    own = {"env": sec.pop("name")} if "name" in sec else {}
+    if "size" in sec:
+        own["size"] = sec.pop("size")
+    return own, sec
+
+
+VEC_ENVS = ("batched", "dummy", "subproc")
+
+
+def make_vec_env(spec: EnvSpec, tasks: list[dict], kind: str = "batched"):
+    """One environment per task, in order: batched (all in one numpy call) | dummy | subproc
+    (stable-baselines3 VecEnvs). All three give the same trajectories for the same actions."""
+    if kind not in VEC_ENVS:
+        raise UserError(f"--vec-env must be one of {', '.join(VEC_ENVS)}, got {kind!r}")
+    if kind == "batched":
+        from env.batched import BatchedGridEnv
+
+        return BatchedGridEnv(spec, tasks)
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    fns = [make_env(spec, **t) for t in tasks]
+    return SubprocVecEnv(fns, start_method="spawn") if kind == "subproc" else DummyVecEnv(fns)

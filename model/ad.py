@@ -24,6 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.cache import KVCache
+from model.rope import apply_rope, rope_cos_sin
+
 
 @dataclass
 class ADConfig:
@@ -87,23 +90,6 @@ class Tokens(NamedTuple):
     prev_actions: torch.Tensor  # long, a_{t-1}; n_actions = none
     prev_rewards: torch.Tensor  # float, r_{t-1}
     timesteps: torch.Tensor  # long, step index within the episode
-
-
-# ---- rotary positions -------------------------------------------------------------------------
-def rope_cos_sin(pos: torch.Tensor, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angles for integer positions `pos` (...,) -> cos, sin (..., head_size // 2), float32.
-
-    Angles are computed in float64 so that large absolute step indices keep relative angles exact.
-    """
-    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64, device=pos.device) / head_size)
-    ang = pos.to(torch.float64).unsqueeze(-1) * inv_freq
-    return ang.cos().float(), ang.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., T, Dh) by angles cos/sin broadcastable to (..., T, Dh/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class HookPoint(nn.Identity):
@@ -264,8 +250,6 @@ class ADTransformer(nn.Module):
         return self.head(self.ln_f(x))[:, -1]
 
     def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False):
-        from model.cache import KVCache
-
         p = next(self.parameters())
         return KVCache(
             self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from model.ad import apply_rope, rope_cos_sin
+from model.rope import apply_rope, rope_cos_sin
 
 
 class KVCache:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError
+from adlens.errors import UserError
 from model.ad import ADConfig, ADTransformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "darkroom_ad" / "model.pt"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import UserError
+from adlens.errors import UserError
 from model.ad import Tokens
 
 AUGMENTS = ("none", "dihedral")

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from model.ad import ADTransformer, Tokens
-from model.capture import capture_attention
-from model.compression import Compression
+from adlens.capture import capture_attention
+from adlens.compression import Compression, merge_rows
 
 ENGINES = ("kv", "rerun")
 
@@ -92,16 +92,6 @@ class RerunEngine:
             self.n = n_out
             self._since = 0
         return logits
-
-
-def merge_rows(x: torch.Tensor, assign: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Apply a merge plan to (B, n, D) rows -> (B, n_out, D) weighted means."""
-    B, n, D = x.shape
-    w = torch.where(assign >= 0, weight, torch.zeros_like(weight)).to(x.dtype)  # (B, n)
-    tgt = assign.clamp(min=0)
-    num = torch.zeros(B, n_out, D, dtype=x.dtype, device=x.device).scatter_add_(1, tgt[..., None].expand(B, n, D), x * w[..., None])
-    den = torch.zeros(B, n_out, dtype=x.dtype, device=x.device).scatter_add_(1, tgt, w)
-    return num / den[..., None]
 
 
 def make_engine(name: str, model: ADTransformer, batch: int, compression: Compression | None = None):

@@ -18,9 +18,9 @@ from conftest import build_capture
 
 import analyze_attention
 import visualize_attention
-from analysis import metrics as M
-from analysis.capture_file import CAPTURE_VERSION, save_capture
-from config import run_cli
+from adlens import metrics as M
+from adlens.capture_file import CAPTURE_VERSION, save_capture
+from adlens.config import run_cli
 
 REC_KEYS = {"strategy", "compression_ratio", "compression_interval", "keep_recent", "pattern", "estimated_speedup"}
 
@@ -173,7 +173,7 @@ def test_sparse_attention_gets_topk_with_measured_ratio():
 
 
 def test_recommendation_builds_a_compression_strategy():
-    from model.compression import STRATEGIES, make_compression
+    from adlens.compression import STRATEGIES, make_compression
 
     for kw in ({"taus": 1.0}, {"taus": 1.0, "sink": 0.4}, {"taus": 3.0}, {"taus": 1e6}):
         _, rec = _recommend(**kw)

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from analysis.capture_file import load_capture, save_capture
-from analysis.record import record_rollout
-from config import UserError
+from adlens.capture_file import load_capture, save_capture
+from model.record import record_rollout
+from adlens.errors import UserError
 from env import get_spec
 from model import ADConfig, ADTransformer, Tokens
-from model.capture import attention_modules, capture_attention
+from adlens.capture import attention_modules, capture_attention
 from model.checkpoint import save_atomic
 
 ROOT = Path(__file__).resolve().parent.parent

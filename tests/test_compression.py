@@ -12,11 +12,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from env import get_spec, make_env
 from model import ADConfig, ADTransformer
-from model.ad import apply_rope, rope_cos_sin
+from model.rope import apply_rope, rope_cos_sin
 from model.cache import KVCache
 from model.checkpoint import save_atomic
-from model.compression import STRATEGIES, make_compression
-from model.rollout import ENGINES, merge_rows, run_episodes
+from adlens.compression import STRATEGIES, make_compression
+from adlens.compression import merge_rows
+from model.rollout import ENGINES, run_episodes
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})

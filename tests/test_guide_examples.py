@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from model.compression import STRATEGIES
+from adlens.compression import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "ATTENTION_ANALYSIS_README.md"

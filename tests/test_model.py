@@ -11,10 +11,10 @@ import pytest
 import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from config import UserError
+from adlens.errors import UserError
 from env import MOVES, get_spec, make_env
 from model.ad import ADConfig, ADTransformer, CausalSelfAttention, Tokens
-from model.capture import capture_attention
+from adlens.capture import capture_attention
 from model.data import HistoryData, grid_symmetries
 from model.rollout import run_episodes
 

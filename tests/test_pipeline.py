@@ -25,7 +25,8 @@ import torch
 import collect
 import evaluate
 import train
-from config import UserError, load_yaml, section
+from adlens.config import load_yaml, section
+from adlens.errors import UserError
 from env import MOVES, get_spec
 from model.ad import ADTransformer
 from model.checkpoint import load_model, read_checkpoint

@@ -1,4 +1,4 @@
-"""Plot functions for attention analysis: each takes precomputed arrays (from `analysis.metrics`),
+"""Plot functions for attention analysis: each takes precomputed arrays (from `adlens.metrics`),
 draws on an optional `ax`, and returns the Figure. Nothing here shows a window or picks a backend;
 scripts select Agg and save with `save_figure`.
 
@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from analysis.metrics import moving_average, recent_share
+from adlens.metrics import moving_average, recent_share
 
 LAYER_CMAP = "tab10"
 # Attention weights span several orders of magnitude; colour scales are logarithmic from this floor.

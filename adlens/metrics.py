@@ -1,11 +1,11 @@
 """Pure attention metrics for an AD attention capture: arrays in, numbers and arrays out, no plotting.
 
-    >>> from analysis.capture_file import load_capture
-    >>> from analysis.metrics import summarize
+    >>> from adlens.capture_file import load_capture
+    >>> from adlens.metrics import summarize
     >>> summarize(load_capture("runs/attention/capture.pt"))["recent_share"]   # the script behind it:
     $ python analyze_attention.py --capture runs/attention/capture.pt
 
-Conventions (see `analysis/capture_file.py` for the capture format):
+Conventions (see `adlens/capture_file.py` for the capture format):
     S  rollout steps   L  layers   H  heads   T  maximum context length   R  relative offsets (<= T)
     `attn (S, ..., T)`: the query token's attention at each step, positions in temporal order, the
     query itself at position `context_len[s] - 1`, zeros beyond it. "Relative position" j >= 0 means
@@ -283,7 +283,7 @@ def _ceil2(x: float) -> float:
 def recommend(summary: dict, cfg: dict) -> dict:
     """Pattern and compression recommendation from `summarize(...)` numbers.
 
-    The values follow model/compression.py: `compression_ratio` is the fraction of the model's context
+    The values follow adlens/compression.py: `compression_ratio` is the fraction of the model's context
     (`max_context`) kept, i.e. a budget of round(ratio * max_context) tokens enforced every
     `compression_interval` steps. Rules, first match wins (thresholds from `cfg`):
       sink_plus_recency : sink_share >= sink_threshold and sink_share + recent_share >= recency_threshold
@@ -317,7 +317,7 @@ def recommend(summary: dict, cfg: dict) -> dict:
         needed = summary["fraction_for_90_long"] * T
     wanted = min(T, max(1, math.ceil((1 + cfg["ratio_margin"]) * needed - 1e-9)))
     ratio = min(1.0, max(0.01, _ceil2(wanted / T)))
-    budget = max(1, round(ratio * T))  # what model/compression.py will keep
+    budget = max(1, round(ratio * T))  # what adlens/compression.py will keep
     if strategy == "fixed_window":
         keep_recent = min(summary["window_for_coverage"], budget)
     elif strategy == "sink_window":

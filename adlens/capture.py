@@ -1,14 +1,15 @@
-"""Capture per-head attention weights with forward hooks, on the project's AD or any model built
-from `torch.nn.MultiheadAttention` (including inside `nn.TransformerEncoderLayer`).
+"""Capture per-head attention weights with forward hooks, on any model built from
+`torch.nn.MultiheadAttention` (including inside `nn.TransformerEncoderLayer`) or from attention
+modules that expose their weights (the project's AD network does).
 
     >>> with capture_attention(model) as rec:
     ...     logits = model(tokens)
     >>> rec.weights["blocks.0.attn"][0].shape       # (B, H, Tq, Tk), rows sum to 1
 
 Hooks live exactly as long as the `with` block (removed in `finally`, also on exceptions). Hooks only
-observe: outputs are unchanged. For the project's attention module, capturing switches it to its
-explicit-softmax path (fused kernels never materialise weights) and the weights pass through its
-`hook_weights` identity. For `nn.MultiheadAttention`, a forward pre-hook asks for per-head weights
+observe: outputs are unchanged. A module that exposes its weights has a boolean `record` attribute
+and a `hook_weights` submodule (an identity the `(B, H, Tq, Tk)` weights pass through when `record`
+is on); capturing switches `record` on, so such a module can use a fused kernel the rest of the time. For `nn.MultiheadAttention`, a forward pre-hook asks for per-head weights
 (`need_weights=True, average_attn_weights=False`, overriding `nn.TransformerEncoderLayer`'s
 `need_weights=False`), and PyTorch's fused MHA fast path, which bypasses the module, is switched off
 for the duration and restored afterwards.
@@ -23,7 +24,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from model.ad import CausalSelfAttention
 
 
 class AttentionRecord:
@@ -42,9 +42,14 @@ class AttentionRecord:
         return torch.stack([self.weights[n][call] for n in self.names])
 
 
+def exposes_weights(module: nn.Module) -> bool:
+    """True for an attention module that hands out its weights (a `record` flag and a `hook_weights` submodule)."""
+    return isinstance(getattr(module, "hook_weights", None), nn.Module) and isinstance(getattr(module, "record", None), bool)
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every attention module the capture understands, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (CausalSelfAttention, nn.MultiheadAttention))]
+    return [(n, m) for n, m in model.named_modules() if exposes_weights(m) or isinstance(m, nn.MultiheadAttention)]
 
 
 @contextmanager
@@ -62,7 +67,7 @@ def capture_attention(
     """
     found = attention_modules(model)
     if not found:
-        raise ValueError("model has no attention module to capture (CausalSelfAttention or nn.MultiheadAttention)")
+        raise ValueError("model has no attention module to capture (nn.MultiheadAttention or a module with hook_weights)")
     if layers is not None:
         by_name = dict(found)
         chosen = []
@@ -85,7 +90,7 @@ def capture_attention(
 
     try:
         for name, mod in found:
-            if isinstance(mod, CausalSelfAttention):
+            if exposes_weights(mod):
                 restore.append((mod, mod.record))
                 mod.record = True
                 handles.append(mod.hook_weights.register_forward_hook(lambda _m, _i, out, name=name: store(name, out)))

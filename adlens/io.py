@@ -1,11 +1,5 @@
-"""Attention analysis for AD models: the capture file format, pure metrics and plot functions.
-
-    python analyze_attention.py --capture runs/attention/capture.pt --out figs/attention_analysis
-
-`capture_file` reads and writes captures, `metrics` turns them into numbers (no plotting), `plots`
-turns those numbers into figures. `staged_output` lets a script publish a folder of results so that
-a failure part-way leaves nothing half-written.
-"""
+"""Writing results safely: `staged_output` publishes a folder of results so that a failure part-way
+leaves nothing half-written."""
 
 from __future__ import annotations
 
@@ -15,9 +9,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from analysis.capture_file import load_capture, save_capture
-
-__all__ = ["load_capture", "save_capture", "staged_output"]
 
 
 @contextmanager

@@ -63,6 +63,16 @@ class Compression:
         return selection_plan(keep)
 
 
+def merge_rows(x: torch.Tensor, assign: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Apply a merge plan to (B, n, D) rows -> (B, n_out, D) weighted means."""
+    B, n, D = x.shape
+    w = torch.where(assign >= 0, weight, torch.zeros_like(weight)).to(x.dtype)  # (B, n)
+    tgt = assign.clamp(min=0)
+    num = torch.zeros(B, n_out, D, dtype=x.dtype, device=x.device).scatter_add_(1, tgt[..., None].expand(B, n, D), x * w[..., None])
+    den = torch.zeros(B, n_out, dtype=x.dtype, device=x.device).scatter_add_(1, tgt, w)
+    return num / den[..., None]
+
+
 def identity_plan(n: int, batch: int):
     """Every token kept as it is."""
     return torch.arange(n).expand(batch, n).clone(), torch.ones(batch, n), n

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError
+from adlens.errors import UserError
 
 CAPTURE_FORMAT = "ad-attention-capture"
 CAPTURE_VERSION = 1

@@ -1,6 +1,6 @@
 """YAML configs with `include:` and strict keys, plus the CLI plumbing every script shares.
 
-    >>> from config import load_yaml
+    >>> from adlens.config import load_yaml
     >>> cfg = load_yaml("config/darkroom.yaml")        # {"env": {...}, "collect": {...}, ...}
 
 Precedence, lowest first: the config dict at the top of a script < a YAML file given with
@@ -15,9 +15,7 @@ from pathlib import Path
 
 import yaml
 
-
-class UserError(Exception):
-    """Bad input the user can fix: printed as one line, exit code 2, no traceback."""
+from adlens.errors import UserError
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -62,19 +60,6 @@ def section(cfg: dict, name: str, allowed) -> dict:
         raise UserError(f"section {name!r} in {cfg.get('_source', 'config')} must be a mapping")
     check_keys(sec, allowed, f"section {name!r} of {cfg.get('_source', 'config')}")
     return dict(sec)
-
-
-ENV_KEYS = ("name", "size", "horizon", "n_holdout", "split_seed")
-
-
-def env_section(cfg: dict) -> tuple[dict, dict]:
-    """A YAML 'env' section split into the scripts' own keys ({"env": name, "size": n}, to resolve
-    with the script's dict) and the rest (horizon, n_holdout, split_seed) for the EnvSpec."""
-    sec = section(cfg, "env", ENV_KEYS)
-    own = {"env": sec.pop("name")} if "name" in sec else {}
-    if "size" in sec:
-        own["size"] = sec.pop("size")
-    return own, sec
 
 
 def _flag(key: str) -> str:

@@ -1,4 +1,4 @@
-"""Record an in-context rollout's attention into the capture format (`analysis/capture_file.py`).
+"""Record an in-context rollout's attention into the capture format (`adlens/capture_file.py`).
 
     >>> cap = record_rollout(model, spec, task, eval_timesteps=200, seed=0)
     >>> save_capture(cap, "runs/attention/capture.pt")
@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from env import make_env
 from model.ad import Tokens
-from model.capture import capture_attention
+from adlens.capture import capture_attention
 from model.rollout import run_episodes
 
 
