@@ -44,15 +44,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from adlens.plots import save_figure  # noqa: E402
-from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
-from adlens.errors import UserError  # noqa: E402
-from env import get_spec  # noqa: E402
-from env import make_vec_env  # noqa: E402
-from model.checkpoint import load_model, resolve_device  # noqa: E402
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
-from model.rollout import ENGINES, run_episodes  # noqa: E402
+from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
+from adlens.plots import save_figure  # noqa: E402
 
+ENGINES = ("kv", "rerun")  # the project's engines; an --adapter model runs its own rollout (engine "adapter")
 COMPRESSION_CONFIG = {
     "use_compression": True,  # False: only the uncompressed baseline is measured
     "compression_interval": 20,  # steps between compressions
@@ -66,19 +63,21 @@ COMPRESSION_CONFIG = {
     "episodes": 50,  # in-context episodes per task
     "seeds": [0, 1, 2],  # sampling seeds; the same for both runs
     "tasks": "test",  # test (held-out) | train
-    "checkpoint": "default",
+    "checkpoint": "default",  # the project's model.pt ("default" = the shipped Darkroom model)
+    "adapter": "none",  # or your own model: path to an adapter file (see adlens/adapter.py); excludes --checkpoint
     "device": "cpu",
     "sweep": False,  # every strategy of sweep_strategies x every ratio of sweep_ratios
     "sweep_strategies": ["fixed_window", "topk", "pooling", "sink_window"],
     "sweep_ratios": [0.7, 0.5, 0.3, 0.2, 0.1],
     "vec_env": "dummy",  # dummy (stable-baselines3 DummyVecEnv) | batched (all envs in one numpy call)
-    "threads": 0,  # torch CPU threads (0 = torch's default)
+    "threads": 0,  # torch CPU threads for the timed runs (0 = half the cores, at least 1)
     "out": "runs/compression",
 }
 ALIASES = {"compression_strategy": ["--strategy"], "compression_ratio": ["--ratio"], "compression_interval": ["--interval"]}
 HELP = {
     "compare_rerun": "also time the uncompressed rerun engine",
     "sweep": "every strategy of --sweep-strategies x every ratio of --sweep-ratios",
+    "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
 }
 
 
@@ -95,58 +94,107 @@ def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
         raise UserError(str(e)) from None
 
 
-class Bench:
-    """Held-out rollouts of one model, timed; the uncompressed baselines are computed once per engine."""
+class CheckpointRunner:
+    """Held-out rollouts of the project's model with one of its engines."""
 
-    def __init__(self, model, spec, tasks, cfg):
-        self.model, self.spec, self.tasks, self.cfg = model, spec, tasks, cfg
-        self.venv = make_vec_env(spec, tasks, cfg["vec_env"])
-        self._baseline: dict = {}
+    def __init__(self, cfg: dict):
+        from env import get_spec, make_vec_env
+        from model.checkpoint import load_model, resolve_device
+        from model.rollout import run_episodes
 
-    def run(self, engine: str, compression, seed: int) -> dict:
-        out = run_episodes(self.model, self.venv, self.spec, self.cfg["episodes"], engine=engine, compression=compression, seed=seed)
-        return {"time_s": out["time_s"], "return": float(out["returns"].mean()), "context": out["mean_context_length"],
-                "last10": float(out["returns"][:, -10:].mean())}  # fmt: skip
+        if cfg["engine"] not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
+        if cfg["vec_env"] not in ("dummy", "batched"):
+            raise UserError(f"--vec-env must be dummy or batched, got {cfg['vec_env']!r}")
+        self.device = resolve_device(cfg["device"])
+        self.model, meta = load_model(cfg["checkpoint"], self.device)
+        self.context = self.model.cfg.max_context
+        self.spec = get_spec(meta["env"])
+        self.tasks = self.spec.tasks_for(cfg["tasks"])
+        self.cfg, self.engine, self._run = cfg, cfg["engine"], run_episodes
+        self.venv = make_vec_env(self.spec, self.tasks, cfg["vec_env"])
 
-    def baseline(self, engine: str) -> list[dict]:
-        if engine not in self._baseline:
-            self._baseline[engine] = [self.run(engine, None, s) for s in self.cfg["seeds"]]
-        return self._baseline[engine]
-
-    def row(self, engine: str, strategy: str, compression) -> dict:
-        full = self.baseline(engine)
-        comp = [self.run(engine, compression, s) for s in self.cfg["seeds"]]
-        speed = np.array([f["time_s"] / c["time_s"] for f, c in zip(full, comp)])
-        loss = np.array([(f["return"] - c["return"]) / f["return"] if f["return"] else 0.0 for f, c in zip(full, comp)])
-        row = {
-            "engine": engine,
-            "strategy": strategy,
-            "ratio": compression.ratio,
-            "interval": compression.interval,
-            "params": {f.name: getattr(compression, f.name) for f in fields(compression)},
-            "mean_context_length": float(np.mean([c["context"] for c in comp])),
-            "full_context_length": float(np.mean([f["context"] for f in full])),
-            "speedup": float(speed.mean()),
-            "speedup_std": float(speed.std()),
-            "return_full": float(np.mean([f["return"] for f in full])),
-            "return_compressed": float(np.mean([c["return"] for c in comp])),
-            "return_full_last10": float(np.mean([f["last10"] for f in full])),
-            "return_compressed_last10": float(np.mean([c["last10"] for c in comp])),
-            "performance_loss": float(loss.mean()),
-            "performance_loss_std": float(loss.std()),
-            "time_full_s": float(np.mean([f["time_s"] for f in full])),
-            "time_compressed_s": float(np.mean([c["time_s"] for c in comp])),
-            "seeds": list(self.cfg["seeds"]),
-            "episodes": self.cfg["episodes"],
-            "n_tasks": len(self.tasks),
-        }
-        if engine == "kv" and self.cfg["compare_rerun"]:
-            rerun = self.baseline("rerun")
-            row["speedup_vs_rerun_full"] = float(np.mean([r["time_s"] / c["time_s"] for r, c in zip(rerun, comp)]))
-        return row
+    def run(self, compression, seed: int, engine: str | None = None) -> dict:
+        out = self._run(self.model, self.venv, self.spec, self.cfg["episodes"], engine=engine or self.engine, compression=compression, seed=seed)
+        return {"time_s": out["time_s"], "returns": out["returns"], "context": out["mean_context_length"]}
 
     def close(self):
         self.venv.close()
+
+
+class AdapterRunner:
+    """Held-out rollouts of the user's own model, by the user's own rollout, through the adapter."""
+
+    def __init__(self, cfg: dict):
+        from adlens.adapter import load_adapter
+
+        self.adapter = load_adapter(cfg["adapter"])
+        self.device = torch.device(cfg["device"])
+        self.model = self.adapter.load_model(self.device)
+        self.context = self.adapter.max_context
+        self.tasks = self.adapter.tasks(cfg["tasks"])
+        self.cfg, self.engine = cfg, "adapter"
+
+    def run(self, compression, seed: int, engine: str | None = None) -> dict:
+        out = self.adapter.run(self.model, self.tasks, self.cfg["episodes"] * self.adapter.horizon, seed, compression)
+        return {"time_s": out["time_s"], "returns": out["returns"], "context": out["mean_context_length"]}
+
+    def close(self):
+        pass
+
+
+def make_runner(cfg: dict):
+    if cfg["tasks"] not in ("test", "train"):
+        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
+    return AdapterRunner(cfg) if cfg["adapter"] else CheckpointRunner(cfg)
+
+
+def measure(runner, strategy: str, compression, seeds: list[int], compare_rerun: bool = False) -> dict:
+    """Baseline and compressed rollouts paired per seed and alternated (ABBA...), so that drift in the
+    machine's speed hits both alike. speedup = summed baseline time / summed compressed time."""
+    full, comp, rerun = [], [], []
+    for i, seed in enumerate(seeds):
+        pair = [("full", None), ("comp", compression)]
+        for name, c in pair if i % 2 == 0 else pair[::-1]:
+            (full if name == "full" else comp).append(runner.run(c, seed))
+        if compare_rerun:
+            rerun.append(runner.run(None, seed, engine="rerun"))
+    t_full = np.array([f["time_s"] for f in full])
+    t_comp = np.array([c["time_s"] for c in comp])
+    r_full = np.array([f["returns"].mean() for f in full])
+    r_comp = np.array([c["returns"].mean() for c in comp])
+    loss = np.where(r_full != 0, (r_full - r_comp) / np.where(r_full != 0, r_full, 1), 0.0)
+    pair_speed = t_full / t_comp
+    n = len(seeds)
+    ctx_full = float(np.mean([f["context"] for f in full]))
+    ctx_comp = float(np.mean([c["context"] for c in comp]))
+    row = {
+        "engine": runner.engine,
+        "strategy": strategy,
+        "ratio": compression.ratio,
+        "interval": compression.interval,
+        "params": {f.name: getattr(compression, f.name) for f in fields(compression)},
+        "mean_context_length": ctx_comp,
+        "full_context_length": ctx_full,
+        "shortens_context": ctx_comp < ctx_full,
+        "speedup": float(t_full.sum() / t_comp.sum()),
+        "speedup_pair_min": float(pair_speed.min()),
+        "speedup_pair_max": float(pair_speed.max()),
+        "return_full": float(r_full.mean()),
+        "return_compressed": float(r_comp.mean()),
+        "return_full_last10": float(np.mean([f["returns"][:, -10:].mean() for f in full])),
+        "return_compressed_last10": float(np.mean([c["returns"][:, -10:].mean() for c in comp])),
+        "performance_loss": float(loss.mean()),
+        "performance_loss_stderr": float(loss.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+        "time_full_s": t_full.tolist(),
+        "time_compressed_s": t_comp.tolist(),
+        "seeds": list(seeds),
+        "episodes": int(full[0]["returns"].shape[1]),
+        "n_tasks": int(full[0]["returns"].shape[0]),
+    }
+    if rerun:
+        row["speedup_vs_rerun_full"] = float(sum(r["time_s"] for r in rerun) / t_comp.sum())
+    return row
 
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
@@ -174,38 +222,37 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'engine':<7}{'strategy':<14}{'ratio':>6}{'context':>9}{'speedup':>10}{'return':>9}{'loss %':>9}")
+    print(f"{'engine':<8}{'strategy':<14}{'ratio':>6}{'context':>9}{'speedup (pairs)':>22}{'return':>9}{'loss % (se)':>14}")
     for r in rows:
-        print(f"{r['engine']:<7}{r['strategy']:<14}{r['ratio']:>6.2f}{r['mean_context_length']:>9.1f}"
-              f"{r['speedup']:>9.2f}x{r['return_compressed']:>9.2f}{100 * r['performance_loss']:>8.1f}%")  # fmt: skip
+        speed = f"{r['speedup']:.2f}x ({r['speedup_pair_min']:.2f}-{r['speedup_pair_max']:.2f})" if r["shortens_context"] else "n/a: not shorter"
+        se = f" ({100 * r['performance_loss_stderr']:.1f})" if r["performance_loss_stderr"] is not None else ""
+        print(f"{r['engine']:<8}{r['strategy']:<14}{r['ratio']:>6.2f}{r['mean_context_length']:>9.1f}{speed:>22}"
+              f"{r['return_compressed']:>9.2f}{100 * r['performance_loss']:>8.1f}{se:<6}")  # fmt: skip
 
 
 def best_within(rows: list[dict], max_loss: float = 0.05) -> dict | None:
-    ok = [r for r in rows if r["performance_loss"] < max_loss and r["strategy"] != "none"]
+    ok = [r for r in rows if r["performance_loss"] < max_loss and r["strategy"] != "none" and r["shortens_context"]]
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
-    cfg = resolve(COMPRESSION_CONFIG, parser.parse_args(argv))
-    if cfg["engine"] not in ENGINES:
-        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
+    args = parser.parse_args(argv)
+    cfg = resolve(COMPRESSION_CONFIG, args)
+    cfg["adapter"] = none_or(cfg["adapter"], str)
+    if cfg["adapter"] and args.checkpoint is not None:
+        raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
     if cfg["episodes"] < 1:
         raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
     if not cfg["seeds"]:
         raise UserError("--seeds needs at least one seed")
-    if cfg["vec_env"] not in ("dummy", "batched"):
-        raise UserError(f"--vec-env must be dummy or batched, got {cfg['vec_env']!r}")
     if cfg["threads"] < 0:
         raise UserError(f"--threads must be >= 0, got {cfg['threads']}")
     if cfg["sweep"] and not (cfg["sweep_strategies"] and cfg["sweep_ratios"]):
         raise UserError("--sweep needs at least one strategy (--sweep-strategies) and one ratio (--sweep-ratios)")
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
-    model, meta = load_model(cfg["checkpoint"], device)
-    context = model.cfg.max_context
+    threads = pin_threads(cfg["threads"])
+    runner = make_runner(cfg)
     # validate every configuration before running or writing anything
     if cfg["sweep"]:
         configs = [(s, r) for s in cfg["sweep_strategies"] for r in cfg["sweep_ratios"]]
@@ -213,23 +260,20 @@ def main(argv=None) -> dict:
         configs = [(cfg["compression_strategy"], cfg["compression_ratio"])]
     else:
         configs = [("none", 1.0)]
-    comps = [(s, build_compression(cfg, s, r, context)) for s, r in configs]
-    spec = get_spec(meta["env"])
-    if cfg["tasks"] not in ("test", "train"):
-        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
-    tasks = spec.tasks_for(cfg["tasks"])
-    bench = Bench(model, spec, tasks, cfg)
+    comps = [(s, build_compression(cfg, s, r, runner.context)) for s, r in configs]
+    out = Path(cfg["out"])
+    print(f"{runner.engine} engine, {len(runner.tasks)} {cfg['tasks']} tasks, {cfg['episodes']} episodes, seeds {cfg['seeds']}, "
+          f"{threads} torch thread(s); baseline and compressed runs alternate per seed", flush=True)  # fmt: skip
     try:
-        run_episodes(model, bench.venv, spec, 1, engine=cfg["engine"])  # warm-up, untimed
+        runner.run(None, cfg["seeds"][0])  # warm-up, untimed
         rows = []
         for i, (s, comp) in enumerate(comps):
-            print(f"[{i + 1}/{len(comps)}] {cfg['engine']} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
-            rows.append(bench.row(cfg["engine"], s, comp))
+            print(f"[{i + 1}/{len(comps)}] {runner.engine} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
+            rows.append(measure(runner, s, comp, cfg["seeds"], cfg["compare_rerun"] and runner.engine == "kv"))
     finally:
-        bench.close()
-    out = Path(cfg["out"])
+        runner.close()
     out.mkdir(parents=True, exist_ok=True)
-    result = {"rows": rows, "config": cfg, "model_context": context, "device": str(device), "torch_threads": torch.get_num_threads()}
+    result = {"rows": rows, "config": cfg, "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}
     best = best_within(rows)
     result["recommended"] = best
     tmp = out / "compression_results.json.tmp"
@@ -243,7 +287,7 @@ def main(argv=None) -> dict:
             f"fastest within 5% loss: {best['strategy']} ratio {best['ratio']} -> {best['speedup']:.2f}x, loss {100 * best['performance_loss']:.1f}%"
         )
     else:
-        print("no configuration stayed within 5% loss")
+        print("no configuration that shortens the context stayed within 5% loss")
     print(f"wrote {out / 'compression_results.json'}")
     return result
 

@@ -47,9 +47,18 @@ def exposes_weights(module: nn.Module) -> bool:
     return isinstance(getattr(module, "hook_weights", None), nn.Module) and isinstance(getattr(module, "record", None), bool)
 
 
+def is_hf_attention(module: nn.Module) -> bool:
+    """A Hugging Face `transformers` self-attention module (e.g. GPT2Attention): it returns
+    (output, weights), and the weights exist only with the eager attention implementation."""
+    cls = type(module)
+    return cls.__module__.startswith("transformers.") and cls.__name__.endswith("Attention") and hasattr(module, "config")
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every attention module the capture understands, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if exposes_weights(m) or isinstance(m, nn.MultiheadAttention)]
+    return [
+        (n, m) for n, m in model.named_modules() if exposes_weights(m) or isinstance(m, nn.MultiheadAttention) or is_hf_attention(m)
+    ]
 
 
 @contextmanager
@@ -67,7 +76,7 @@ def capture_attention(
     """
     found = attention_modules(model)
     if not found:
-        raise ValueError("model has no attention module to capture (nn.MultiheadAttention or a module with hook_weights)")
+        raise ValueError("model has no attention module to capture (nn.MultiheadAttention, a Hugging Face attention or a module with hook_weights)")
     if layers is not None:
         by_name = dict(found)
         chosen = []
@@ -91,9 +100,13 @@ def capture_attention(
     try:
         for name, mod in found:
             if exposes_weights(mod):
-                restore.append((mod, mod.record))
+                restore.append((mod, "record", mod.record))
                 mod.record = True
                 handles.append(mod.hook_weights.register_forward_hook(lambda _m, _i, out, name=name: store(name, out)))
+            elif is_hf_attention(mod):  # eager attention for the duration: only it computes the weights
+                restore.append((mod.config, "_attn_implementation", mod.config._attn_implementation))
+                mod.config._attn_implementation = "eager"
+                handles.append(mod.register_forward_hook(lambda _m, _i, out, name=name: store(name, out[1])))
             else:
                 handles.append(mod.register_forward_pre_hook(_ask_per_head_weights, with_kwargs=True))
                 handles.append(mod.register_forward_hook(lambda _m, _i, out, name=name: store(name, out[1])))
@@ -106,8 +119,8 @@ def capture_attention(
     finally:
         for h in handles:
             h.remove()
-        for mod, was in restore:
-            mod.record = was
+        for obj, attr, was in reversed(restore):  # reversed: a config shared by several layers ends as it was
+            setattr(obj, attr, was)
 
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")

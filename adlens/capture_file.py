@@ -16,7 +16,8 @@ Format version 1, a dict of plain data and tensors:
     ctx_step      (S, T) long: rollout step whose token sits at each context position, -1 beyond
     state         (S,) long: state id of step s's token (row * grid_size + col)
     action        (S,) long: action taken at step s
-    reward        (S,) float: reward received on arriving in step s's state (the token's r_{t-1})
+    reward        (S,) float: the reward step s's token carries (the project's tokens: r_{s-1}, received on
+                  arriving in the state; an adapter's transition tokens: r_s, meta reward_of_token "r_t")
     episode       (S,) long: episode index of step s
     timestep      (S,) long: step within its episode
     full_steps    (K,) long: steps at which full matrices were recorded
@@ -30,6 +31,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adlens.errors import UserError
@@ -50,6 +52,18 @@ REQUIRED = (
     "full_attn",
     "returns",
 )
+
+
+def default_eval_timesteps(horizon: int) -> int:
+    """The guide's default capture length."""
+    return min(horizon * 10, 500)
+
+
+def full_steps_for(n_steps: int, num_full: int) -> list[int]:
+    """`num_full` steps spread over the run, the last one included."""
+    if num_full <= 0:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(n_steps / num_full - 1, n_steps - 1, num_full)})
 
 
 def save_capture(cap: dict, path: str | Path) -> Path:

@@ -10,6 +10,7 @@ Precedence, lowest first: the config dict at the top of a script < a YAML file g
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +113,24 @@ def none_or(value, cast):
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
         return None
     return cast(value)
+
+
+def default_threads() -> int:
+    """Half the cores this process may use, at least 1: timed runs leave room for whatever else runs."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def pin_threads(n: int) -> int:
+    """Set torch's CPU thread count (0 = `default_threads()`) and return it; timed stages call this."""
+    import torch
+
+    n = n or default_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def run_cli(main, argv=None) -> None:

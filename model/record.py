@@ -14,25 +14,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from env import make_env
 from model.ad import Tokens
 from adlens.capture import capture_attention
+from adlens.capture_file import full_steps_for
 from model.rollout import run_episodes
-
-
-def default_eval_timesteps(horizon: int) -> int:
-    return min(horizon * 10, 500)
-
-
-def full_steps_for(n_steps: int, num_full: int) -> list[int]:
-    """`num_full` steps spread over the run, the last one included."""
-    if num_full <= 0:
-        return []
-    return sorted({int(round(x)) for x in np.linspace(n_steps / num_full - 1, n_steps - 1, num_full)})
 
 
 @torch.no_grad()

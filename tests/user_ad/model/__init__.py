@@ -1,0 +1,3 @@
+from model.ad import ADModel
+
+__all__ = ["ADModel"]
