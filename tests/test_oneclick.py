@@ -74,7 +74,8 @@ def _doc_commands():
                 line = line.split("#")[0].strip()
                 m = re.search(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)", line)
                 if m and not line.startswith("pip"):
-                    cmds.append((doc, m.group(1), shlex.split(m.group(2))))
+                    # "path/to/toolkit/X.py": a toolkit script run from the user's own codebase
+                    cmds.append((doc, m.group(1).removeprefix("path/to/toolkit/"), shlex.split(m.group(2))))
     return cmds
 
 
