@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
 from adlens.io import staged_output  # noqa: E402
-from adlens.capture_file import REQUIRED, load_capture  # noqa: E402
+from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
 from adlens.config import add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 
@@ -57,6 +57,7 @@ ANALYSIS_CONFIG = {
     "ratio_margin": 0.2,  # extra positions on top of those needed (0.2 = 20% more)
     "smooth": 0,  # moving-average window (steps) for time series; 0 = one episode (horizon)
     "dpi": 100,  # PNG resolution; the overview is 21 x 14 inches
+    "view_task": -1,  # task shown in the top panel and the heatmaps (-1 = the capture's representative task)
 }
 HELP = {
     "capture": "capture file to analyse",
@@ -71,6 +72,7 @@ HELP = {
     "ratio_margin": "safety margin on the token budget",
     "smooth": "moving-average window in steps (0 = horizon)",
     "dpi": "PNG resolution",
+    "view_task": "task index for the top panel (-1 = the capture's representative task, the one with full matrices)",
 }
 SEMANTICS = (
     "as in adlens/compression.py, compression_ratio is the fraction of the model's context kept: a budget of "
@@ -101,8 +103,8 @@ def _check_capture(cap: dict) -> None:
     if missing:
         raise UserError(f"capture lacks {missing}")
     qa = cap["query_attn"]
-    if qa.ndim != 4 or qa.shape[0] == 0:
-        raise UserError(f"capture query_attn must be (S, L, H, T) with S >= 1, got shape {tuple(qa.shape)}")
+    if qa.ndim not in (4, 5) or 0 in qa.shape[: qa.ndim - 3]:
+        raise UserError(f"capture query_attn must be (N, S, L, H, T) (or (S, L, H, T)) with N, S >= 1, got shape {tuple(qa.shape)}")
 
 
 def _env_name(meta: dict) -> str:
@@ -139,20 +141,26 @@ def _pattern_tests(s: dict, cfg: dict) -> list[str]:
     ]
 
 
-def _metric_rows(s: dict, cfg: dict) -> list[tuple[str, str]]:
+def _metric_rows(s: dict, cfg: dict, across: dict | None = None) -> list[tuple[str, str]]:
     cov = _pct(cfg["coverage"])
+    sd = (across or {}).get("std", {})
+
+    def pm(key: str, pct: bool = True) -> str:
+        v = sd.get(key)
+        return "" if v is None else (f" +- {_pct(v)}" if pct else f" +- {v:.1f}")
+
     rows = [
         ("average sequence length", f"{s['mean_context_len']:.1f} tokens (largest {s['max_context_len']})"),
         (
             "positions holding 80% of attention",
-            f"{s['positions_for_80']:.1f} ({_pct(s['fraction_for_80'])} of context)",
+            f"{s['positions_for_80']:.1f}{pm('positions_for_80', False)} ({_pct(s['fraction_for_80'])} of context)",
         ),
         (
             "positions holding 90% of attention",
-            f"{s['positions_for_90']:.1f} ({_pct(s['fraction_for_90'])} of context)",
+            f"{s['positions_for_90']:.1f}{pm('positions_for_90', False)} ({_pct(s['fraction_for_90'])} of context)",
         ),
-        (f"attention on the last {cfg['recent_window']} positions", _pct(s["recent_share"])),
-        (f"attention on the last episode ({s['horizon']} positions)", _pct(s["last_episode_share"])),
+        (f"attention on the last {cfg['recent_window']} positions", _pct(s["recent_share"]) + pm("recent_share")),
+        (f"attention on the last episode ({s['horizon']} positions)", _pct(s["last_episode_share"]) + pm("last_episode_share")),
         (f"attention on the first {cfg['sink_positions']} positions", f"{_pct(s['sink_share'])} (sinks)"),
         ("mean entropy per head", f"{s['entropy_nats']:.3f} nats ({s['entropy_normalised']:.2f} of uniform)"),
         ("mean largest weight per head", f"{s['max_attention']:.3f}"),
@@ -167,7 +175,7 @@ def _metric_rows(s: dict, cfg: dict) -> list[tuple[str, str]]:
     if s["reward_context_share"] is None:
         rows.append(("rewarding transitions", "none in any context"))
     else:
-        shares = f"{_pct(s['reward_context_share'])} of context, {_pct(s['reward_attention_share'])} of attention"
+        shares = f"{_pct(s['reward_context_share'])} of context, {_pct(s['reward_attention_share'])}{pm('reward_attention_share')} of attention"
         rows.append(("rewarding transitions", f"{shares} ({s['reward_enrichment']:.1f}x their share)"))
     episodes = ", ".join(f"{-i}: {_pct(v)}" for i, v in enumerate(s["episode_share"]) if v is not None)
     rows.append(("attention per episode (0 = current)", episodes))
@@ -216,19 +224,20 @@ def _derivation_lines(s: dict, rec: dict, der: dict, cfg: dict) -> list[str]:
     return lines
 
 
-def _report(s: dict, rec: dict, der: dict, cfg: dict, meta: dict, layer_names: list[str]) -> str:
-    rows = _metric_rows(s, cfg)
+def _report(s: dict, rec: dict, der: dict, cfg: dict, meta: dict, layer_names: list[str], across: dict | None = None) -> str:
+    rows = _metric_rows(s, cfg, across)
     width = max(len(k) for k, _ in rows)
     lines = [
         "Attention analysis and history-compression recommendation",
         "==========================================================",
-        f"Capture: env {_env_name(meta)}, task {meta.get('task', '?')}, {s['n_steps']} evaluation steps,",
+        f"Capture: env {_env_name(meta)}, {len(meta.get('tasks') or [meta.get('task')])} task(s), {s['n_steps']} evaluation steps each,",
         f"{s['n_layer']} layers x {s['n_head']} heads, model maximum context {s['max_context']} tokens, "
         + f"episode length {s['horizon']}.",
         f"Averages are over the {s['n_informative_steps']} steps whose context holds more than "
         + f"{cfg['recent_window'] + cfg['sink_positions']} tokens (recent_window + sink_positions),",
         "using the newest token's attention averaged over layers and heads (what a compression shared by",
-        "all heads sees). Budgets are sized on the longest contexts, where they are enforced.",
+        "all heads sees). Values are means over tasks (+- their standard deviation across tasks); budgets",
+        "are sized on every task's longest contexts together, where they are enforced.",
         "",
         "Metrics",
         "-------",
@@ -275,25 +284,40 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     config = config or {}
     cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)})  # None: in memory
     _check_capture(capture)
+    capture = upgrade(capture)
+    N = n_tasks(capture)
+    view = int(capture.get("full_task", 0)) if int(cfg["view_task"]) < 0 else int(cfg["view_task"])
+    if not 0 <= view < N:
+        raise UserError(f"view_task must be in [0, {N - 1}] (the capture holds {N} tasks), got {cfg['view_task']}")
     meta = dict(capture["meta"])
     rw, n_sink = int(cfg["recent_window"]), int(cfg["sink_positions"])
-    s = M.summarize(capture, rw, n_sink, float(cfg["coverage"]))
+    cov = float(cfg["coverage"])
+    per_task = [M.summarize(task_view(capture, i), rw, n_sink, cov) for i in range(N)]
+    # budgets and figures use every task's steps together; the reported numbers are means over tasks
+    s = M.summarize(pool_tasks(capture), rw, n_sink, cov) if N > 1 else per_task[0]
+    across = M.across_tasks(per_task)
     L = s["n_layer"]
-    layer_names = list(meta.get("layer_names") or [f"layer {i}" for i in range(L)])[:L]
-    layer_names = [f"layer {i}" if i >= len(layer_names) else str(layer_names[i]) for i in range(L)]
+    module_names = list(meta.get("layer_names") or [])[:L]
+    layer_names = [f"layer {i}" for i in range(L)]  # figures and text; the module names stay in attention_metrics.json
     out = M.recommend(s, cfg)
     rec, der = out["recommendation"], out["derivation"]
 
-    # Arrays for the figures.
+    # Arrays for the figures: every task's steps pooled, the top panel from one task.
+    pooled = pool_tasks(capture)
     n = s["context_len"]
-    rows = M.normalise_rows(capture["query_attn"], n)  # (S, L, H, T)
-    layer_rows = rows.mean(2)  # (S, L, T)
-    mean_rows = M.normalise_rows(rows.mean((1, 2)), n)  # (S, T)
+    rows = M.normalise_rows(pooled["query_attn"], n)  # (N*S, L, H, T)
+    layer_rows = rows.mean(2)  # (N*S, L, T)
+    mean_rows = M.normalise_rows(rows.mean((1, 2)), n)  # (N*S, T)
     fractions, curves = M.cumulative_attention_curve(mean_rows, n)
-    ctx_step = M.to_numpy(capture["ctx_step"])
+    ctx_step = M.to_numpy(pooled["ctx_step"])
     n_back = math.ceil(s["max_context"] / max(s["horizon"], 1)) + 1
-    ep_layers = M.episode_attention(layer_rows, n, ctx_step, capture["episode"], n_back)  # (S, L, E)
-    r_attn, r_ctx = M.reward_attention(layer_rows, n, ctx_step, capture["reward"])
+    ep_layers = M.episode_attention(layer_rows, n, ctx_step, pooled["episode"], n_back)  # (N*S, L, E)
+    r_attn, r_ctx = M.reward_attention(layer_rows, n, ctx_step, pooled["reward"])
+    S = capture["query_attn"].shape[1]
+    task_recent = np.stack([t["recent_share_per_step"] for t in per_task])  # (N, S)
+    one = task_view(capture, view)
+    view_rows = M.normalise_rows(M.normalise_rows(one["query_attn"], one["context_len"]).mean((1, 2)), one["context_len"])  # (S, T)
+    view_tokens = {"episode": M.to_numpy(one["episode"]), "reward": M.to_numpy(one["reward"]), "ctx_step": M.to_numpy(one["ctx_step"])}
     smooth = int(cfg["smooth"]) or s["horizon"]
     dpi = int(cfg["dpi"])
 
@@ -301,7 +325,8 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
         "format": "ad-attention-metrics",
         "version": 1,
         "capture": {k: meta.get(k) for k in ("checkpoint", "env", "task", "seed", "max_context", "horizon", "n_layer", "n_head")},
-        "metrics": _json_metrics(s, layer_names),
+        "metrics": _json_metrics(across["mean"] | {k: v for k, v in s.items() if k not in across["mean"]}, module_names or layer_names),
+        "tasks": {"n": N, "tasks": meta.get("tasks"), "view_task": view, "std": across["std"], "per_task": across["per_task"]},
         "pattern": {"name": rec["pattern"], "tests": _pattern_tests(s, cfg)},
         "recommendation": rec,
         "derivation": der,
@@ -316,7 +341,9 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
         "config": "analysis_config.json",
     }
     full_steps = [int(x) for x in M.to_numpy(capture["full_steps"]).reshape(-1)]
-    episode, timestep = M.to_numpy(capture["episode"]), M.to_numpy(capture["timestep"])
+    full_task = int(capture.get("full_task", 0))
+    episode, timestep = M.to_numpy(capture["episode"][full_task]), M.to_numpy(capture["timestep"][full_task])
+    full_name = json.dumps(meta.get("tasks", [meta.get("task")])[full_task])
     heatmaps = {}
     for k in _heatmap_indices(min(len(full_steps), len(capture["full_attn"])), int(cfg["num_samples"])):
         heatmaps[k] = f"attention_heatmap_step{full_steps[k]}.png"
@@ -328,8 +355,8 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     out_dir = Path(out_dir)
     with staged_output(out_dir) as stage:
         fig = P.comprehensive_figure(
-            mean_rows,
-            n,
+            view_rows,
+            M.to_numpy(one["context_len"]),
             M.right_align(layer_rows, n),
             fractions,
             curves,
@@ -345,25 +372,28 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
             positions_90=s["positions_for_90"],
             fraction_80=s["fraction_for_80"],
             fraction_90=s["fraction_for_90"],
-            compressed_len=out["compressed_len"],
+            compressed_len=out["compressed_len"][:S],
             title=title,
+            task_recent=task_recent if N > 1 else None,
+            top_title=f"Query attention over time, task {view}: {json.dumps(meta.get('tasks', [meta.get('task')])[view])} (mean over layers and heads)",
+            tokens=view_tokens,
         )
         P.save_figure(fig, stage / names["comprehensive"], dpi)
         for k, fname in heatmaps.items():
             step = full_steps[k]
             fa = M.to_numpy(capture["full_attn"][k])  # (L, H, n, n)
             ep, ts = int(episode[step]), int(timestep[step])
-            t = f"Attention at step {step} (episode {ep}, t = {ts}), {fa.shape[-1]} tokens"
+            t = f"Task {full_task} {full_name}: attention at step {step} (episode {ep}, t = {ts}), {fa.shape[-1]} tokens"
             P.save_figure(P.plot_step_attention(fa, layer_names, t), stage / fname, dpi)
         fig = P.plot_layer_head(s["entropy_lh"], s["max_attention_lh"], s["recent_share_lh"], layer_names, rw)
         P.save_figure(fig, stage / names["layer_head"], dpi)
-        (stage / names["recommendations"]).write_text(_report(s, rec, der, cfg, meta, layer_names))
+        (stage / names["recommendations"]).write_text(_report(across["mean"] | {k: v for k, v in s.items() if k not in across["mean"]}, rec, der, cfg, meta, layer_names, across))
         (stage / names["metrics"]).write_text(json.dumps(metrics_doc, indent=2, default=str))
         (stage / names["config"]).write_text(json.dumps(cfg, indent=2))
 
     paths = {k: out_dir / v for k, v in names.items()}
     paths["heatmaps"] = [out_dir / f for f in heatmaps.values()]
-    return {"paths": paths, "metrics": metrics_doc["metrics"], "recommendation": rec, "pattern": rec["pattern"]}
+    return {"paths": paths, "metrics": metrics_doc["metrics"], "recommendation": rec, "pattern": rec["pattern"], "summary": s}
 
 
 def main(argv=None) -> dict:

@@ -111,12 +111,31 @@ class CheckpointRunner:
         self.context = self.model.cfg.max_context
         self.spec = get_spec(meta["env"])
         self.tasks = self.spec.tasks_for(cfg["tasks"])
-        self.cfg, self.engine, self._run = cfg, cfg["engine"], run_episodes
-        self.venv = make_vec_env(self.spec, self.tasks, cfg["vec_env"])
+        self.cfg, self.engine, self._run, self._make = cfg, cfg["engine"], run_episodes, make_vec_env
+        self.reopen()
+
+    def reopen(self) -> None:
+        """(Re)build the environments for `self.tasks`."""
+        self.venv = self._make(self.spec, self.tasks, self.cfg["vec_env"])
 
     def run(self, compression, seed: int, engine: str | None = None) -> dict:
         out = self._run(self.model, self.venv, self.spec, self.cfg["episodes"], engine=engine or self.engine, compression=compression, seed=seed)
         return {"time_s": out["time_s"], "returns": out["returns"], "context": out["mean_context_length"]}
+
+    def profile(self, compression, seed: int) -> tuple[list[int], list[float]]:
+        """One rollout timed step by step: (context length, seconds) of every step."""
+        import time
+
+        lens, times, last = [], [], [time.perf_counter()]
+
+        def on_step(t, tok, actions, rewards, eng):
+            now = time.perf_counter()
+            lens.append(len(eng))
+            times.append(now - last[0])
+            last[0] = now
+
+        self._run(self.model, self.venv, self.spec, self.cfg["episodes"], engine=self.engine, compression=compression, seed=seed, on_step=on_step)
+        return lens[1:], times[1:]
 
     def close(self):
         self.venv.close()
@@ -134,6 +153,9 @@ class AdapterRunner:
         self.context = self.adapter.max_context
         self.tasks = self.adapter.tasks(cfg["tasks"])
         self.cfg, self.engine = cfg, "adapter"
+
+    def reopen(self) -> None:
+        pass
 
     def run(self, compression, seed: int, engine: str | None = None) -> dict:
         out = self.adapter.run(self.model, self.tasks, self.cfg["episodes"] * self.adapter.horizon, seed, compression)
@@ -235,10 +257,14 @@ def best_within(rows: list[dict], max_loss: float = 0.05) -> dict | None:
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     cfg = resolve(COMPRESSION_CONFIG, args)
     cfg["adapter"] = none_or(cfg["adapter"], str)
     if cfg["adapter"] and args.checkpoint is not None:

@@ -1,7 +1,7 @@
 """In-context evaluation that also records where the model looks (forward hooks on every attention layer).
 
-    python evaluate_with_attention.py                              # default model, first held-out task
-    python evaluate_with_attention.py --task 3 --eval-timesteps 400 --out runs/attention
+    python evaluate_with_attention.py                              # default model, its held-out tasks in one batch
+    python evaluate_with_attention.py --task 3 --eval-timesteps 400 --out runs/attention   # one task
     python evaluate_with_attention.py --adapter path/to/my_adapter.py   # your own model (adlens/adapter.py)
 
 Writes OUT/capture.pt (format: adlens/capture_file.py; load with adlens.capture_file.load_capture or
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
 
-from adlens.capture_file import default_eval_timesteps, save_capture
+from adlens.capture_file import save_capture
 from adlens.config import add_config_flags, none_or, resolve, run_cli
 from adlens.errors import UserError
 
@@ -25,8 +26,10 @@ EVAL_CONFIG = {
     "checkpoint": "default",  # path to model.pt; "default" = the shipped Darkroom model
     "adapter": "none",  # or your own model: path to an adapter file (see adlens/adapter.py); excludes --checkpoint
     "tasks": "test",  # task set the --task index refers to: test (held-out) | train
-    "task": 0,  # index into that task set
-    "eval_timesteps": 0,  # steps to record, rounded up to whole episodes; 0 = min(horizon * 10, 500)
+    "task": -1,  # index into that task set; -1 = the first tasks_limit tasks, rolled out together
+    "tasks_limit": 8,  # at most this many tasks when task is -1
+    "full_task": -1,  # which captured task keeps full (q x k) matrices; -1 = the one with the median return
+    "eval_timesteps": 0,  # steps to record, rounded up to whole episodes; 0 = twice the model's context
     "seed": 0,  # sampling seed
     "greedy": False,
     "num_full": 5,  # steps that also get the full (q x k) matrices, spread over the run
@@ -34,7 +37,8 @@ EVAL_CONFIG = {
     "out": "runs/attention",
 }
 HELP = {
-    "eval_timesteps": "rollout steps to record (0 = min(horizon*10, 500))",
+    "eval_timesteps": "rollout steps to record (0 = twice the model's context, so it fills and slides)",
+    "task": "task index (-1 = the first --tasks-limit tasks together)",
     "num_full": "steps with full matrices",
     "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
 }
@@ -48,6 +52,8 @@ def capture(cfg: dict) -> tuple[dict, dict]:
         raise UserError(f"--num-full must be >= 0, got {cfg['num_full']}")
     if cfg["tasks"] not in ("test", "train"):
         raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
+    if cfg["tasks_limit"] < 1:
+        raise UserError(f"--tasks-limit must be >= 1, got {cfg['tasks_limit']}")
     adapter_path = none_or(cfg.get("adapter"), str)
     if adapter_path:  # the user's model: nothing of the project's model/ or env/ is imported
         from adlens.adapter import load_adapter, record_capture
@@ -55,8 +61,8 @@ def capture(cfg: dict) -> tuple[dict, dict]:
         adapter = load_adapter(adapter_path)
         model = adapter.load_model(cfg["device"] if cfg["device"] != "auto" else "cpu")
         tasks = adapter.tasks(cfg["tasks"])
-        horizon, optimal = adapter.horizon, adapter.optimal_return
-        run = lambda task, steps: record_capture(adapter, model, task, steps, seed=cfg["seed"], num_full=cfg["num_full"])
+        horizon, optimal, context = adapter.horizon, adapter.optimal_return, adapter.max_context
+        run = lambda chosen, steps, full: record_capture(adapter, model, chosen, steps, seed=cfg["seed"], num_full=cfg["num_full"], full_task=full)
     else:
         from env import get_spec
         from model.checkpoint import load_model, resolve_device
@@ -65,16 +71,32 @@ def capture(cfg: dict) -> tuple[dict, dict]:
         model, meta = load_model(cfg["checkpoint"], resolve_device(cfg["device"]))
         spec = get_spec(meta["env"])
         tasks = spec.tasks_for(cfg["tasks"])
-        horizon, optimal = spec.horizon, spec.optimal_return
-        run = lambda task, steps: record_rollout(model, spec, task, steps, seed=cfg["seed"], greedy=cfg["greedy"], num_full=cfg["num_full"])
-    if not 0 <= cfg["task"] < len(tasks):
-        raise UserError(f"--task must be in [0, {len(tasks) - 1}] for the {len(tasks)} {cfg['tasks']} tasks, got {cfg['task']}")
-    task = tasks[cfg["task"]]
-    cap = run(task, cfg["eval_timesteps"] or default_eval_timesteps(horizon))
+        horizon, optimal, context = spec.horizon, spec.optimal_return, model.cfg.max_context
+        run = lambda chosen, steps, full: record_rollout(model, spec, chosen, steps, seed=cfg["seed"], greedy=cfg["greedy"],
+                                                         num_full=cfg["num_full"], full_task=full)  # fmt: skip
+    if not -1 <= cfg["task"] < len(tasks):
+        raise UserError(f"--task must be in [0, {len(tasks) - 1}] for the {len(tasks)} {cfg['tasks']} tasks (or -1 for several), got {cfg['task']}")
+    chosen = tasks[: cfg["tasks_limit"]] if cfg["task"] < 0 else [tasks[cfg["task"]]]
+    if not -1 <= cfg["full_task"] < len(chosen):
+        raise UserError(f"--full-task must be in [0, {len(chosen) - 1}] for the {len(chosen)} captured tasks (or -1), got {cfg['full_task']}")
+    steps = cfg["eval_timesteps"] or default_capture_steps(context, horizon)
+    cap = run(chosen, steps, None if cfg["full_task"] < 0 else cfg["full_task"])
     if not adapter_path:
         cap["meta"]["checkpoint"] = str(cfg["checkpoint"])
-    summary = {"task": task, "optimal_return": optimal(task), "returns": cap["returns"].tolist(), "seed": cfg["seed"]}
+    returns = cap["returns"]  # (N, E)
+    summary = {
+        "tasks": chosen,
+        "optimal_returns": [optimal(t) for t in chosen],
+        "returns": returns.tolist(),
+        "mean_returns": returns.mean(0).tolist(),
+        "seed": cfg["seed"],
+    }
     return cap, summary
+
+
+def default_capture_steps(max_context: int, horizon: int) -> int:
+    """Twice the model's context, in whole episodes: the context fills, then slides for as long again."""
+    return math.ceil(2 * max_context / horizon) * horizon
 
 
 def main(argv=None) -> Path:
@@ -93,10 +115,9 @@ def main(argv=None) -> Path:
         tmp = out / (name + ".tmp")
         tmp.write_text(json.dumps(obj, indent=1))
         os.replace(tmp, out / name)
-    r = summary["returns"]
-    opt = summary["optimal_return"]
-    print(f"task {json.dumps(summary['task'])}: returns per episode {[round(x, 1) for x in r]}" + (f" (optimal {opt:.0f})" if opt is not None else ""))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {cap['query_attn'].shape[0]} steps)")
+    r = summary["mean_returns"]
+    print(f"{len(summary['tasks'])} task(s): mean return per episode {[round(x, 1) for x in r]}")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {cap['query_attn'].shape[0]} task(s) x {cap['query_attn'].shape[1]} steps)")
     return path
 
 

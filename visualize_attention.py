@@ -33,13 +33,14 @@ import torch  # noqa: E402
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
 from adlens.io import staged_output  # noqa: E402
-from adlens.capture_file import load_capture  # noqa: E402
+from adlens.capture_file import load_capture, n_tasks, task_view  # noqa: E402
 from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 
 VISUALIZE_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
     "out": "figs/attention_analysis",  # output folder
+    "task": -1,  # captured task to show; -1 = the one with full matrices (the representative task)
     "step": -1,  # rollout step to show; -1 = the last step with a full attention matrix
     "layer": -1,  # layer for the grid view; -1 = mean over layers
     "head": -1,  # head for the grid view; -1 = mean over heads
@@ -48,6 +49,7 @@ VISUALIZE_CONFIG = {
 HELP = {
     "capture": "capture file to read",
     "out": "output folder",
+    "task": "captured task index (-1 = the one with full matrices)",
     "step": "rollout step (-1 = last full-matrix step)",
     "layer": "layer index (-1 = mean)",
     "head": "head index (-1 = mean)",
@@ -182,6 +184,13 @@ def main(argv=None) -> dict:
     if int(cfg["dpi"]) < 1:
         raise ValueError(f"dpi must be >= 1, got {cfg['dpi']}")
     capture = load_capture(cfg["capture"])  # checked before anything is written
+    N, full_task = n_tasks(capture), int(capture.get("full_task", 0))
+    view = full_task if int(cfg["task"]) == -1 else int(cfg["task"])
+    if not 0 <= view < N:
+        raise UserError(f"--task must be in [0, {N - 1}] (the capture holds {N} tasks) or -1, got {cfg['task']}")
+    capture = task_view(capture, view)
+    if view != full_task:  # full matrices were kept for one task only
+        capture["full_steps"], capture["full_attn"] = torch.zeros(0, dtype=torch.long), []
     step = resolve_step(capture, int(cfg["step"]))
     layer, head = int(cfg["layer"]), int(cfg["head"])
     L, H = capture["query_attn"].shape[1:3]
@@ -207,7 +216,7 @@ def main(argv=None) -> dict:
                 "layer_names": list(capture["meta"].get("layer_names") or []),
             }
             torch.save(doc, stage / names["bertviz"])
-        (stage / names["config"]).write_text(json.dumps({**cfg, "step": step}, indent=2))
+        (stage / names["config"]).write_text(json.dumps({**cfg, "task": view, "step": step}, indent=2))
     if k is None:
         full = [int(x) for x in M.to_numpy(capture["full_steps"]).reshape(-1)]
         print(f"no full attention matrix at step {step}, so no bertviz export (full matrices at steps {full})")

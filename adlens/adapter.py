@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from adlens.capture import attention_modules, capture_attention
-from adlens.capture_file import full_steps_for
+from adlens.capture_file import full_steps_for, representative_task
 from adlens.errors import UserError
 from adlens.history import HistoryCompressor, default_token_steps
 
@@ -240,12 +240,14 @@ def recording_vec_env(venv, on_step=None):
     return RecordingVecEnv(venv)
 
 
-def record_capture(adapter: Adapter, model: nn.Module, task, n_steps: int, seed: int = 0, num_full: int = 5) -> dict:
-    """Run the user's rollout on one task under the hooks and assemble a capture (adlens/capture_file.py).
+def record_capture(adapter: Adapter, model: nn.Module, tasks: list, n_steps: int, seed: int = 0, num_full: int = 5,
+                   full_task: int | None = None) -> dict:  # fmt: skip
+    """Run the user's rollout on `tasks` (one VecEnv) under the hooks; a capture in format v2 (adlens/capture_file.py).
 
-    At every step the last forward of the history module is the one the action came from: its newest
-    token's attention, summed per environment step, is the step's query row."""
-    k = adapter.tokens_per_step
+    At every step the last forward of the history module is the one the actions came from: its newest
+    token's attention, summed per environment step, is the step's query row. Full matrices (rows
+    averaged over a step's queries) are kept for `full_task`, or the task with the median return."""
+    N, k = len(tasks), adapter.tokens_per_step
     T = 1 + math.ceil((adapter.max_context - 1) / k)  # steps a full context spans
     rows: dict[int, tuple] = {}
     want_full = set(full_steps_for(n_steps, num_full))
@@ -254,31 +256,31 @@ def record_capture(adapter: Adapter, model: nn.Module, task, n_steps: int, seed:
 
     def on_forward(_m, args, kwargs, output):
         step = holder["rec"].t
-        w = torch.stack([cap.weights[name][-1] for name in cap.names])[:, 0].float()  # (L, H, n, n) env 0
+        w = torch.stack([cap.weights[name][-1] for name in cap.names]).float()  # (L, B, H, n, n)
         for name in cap.names:
             cap.weights[name].clear()
         n = w.shape[-1]
+        if w.shape[1] != N:
+            raise adapter.error(f"the history module's batch is {w.shape[1]}, not one row per environment ({N})")
         if n > adapter.max_context:
             raise adapter.error(f"the history module saw {n} tokens at step {step}, more than MAX_CONTEXT {adapter.max_context}")
         steps = torch.as_tensor(adapter.token_steps(n, step), dtype=torch.long)
         uniq, inverse = torch.unique(steps, return_inverse=True)  # ascending steps
         if int(uniq[-1]) != step:
             raise adapter.error(f"token_steps({n}, {step}) puts no token at the current step {step}")
-        per_step = torch.zeros(*w.shape[:-1], len(uniq)).index_add_(-1, inverse, w)  # (L, H, n, m) summed per step
+        per_step = torch.zeros(*w.shape[:-1], len(uniq)).index_add_(-1, inverse, w)  # (L, B, H, n, m) keys summed per step
         newest = torch.nonzero(steps == step)[-1, 0]
-        rows[step] = (per_step[:, :, newest], uniq)
+        rows[step] = (per_step[..., newest, :].to(torch.float16), uniq)  # (L, B, H, m)
         if step in want_full:
-            q = torch.zeros(*w.shape[:2], len(uniq), len(uniq)).index_add_(2, inverse, per_step)
+            q = torch.zeros(*w.shape[:3], len(uniq), len(uniq)).index_add_(3, inverse, per_step)
             q = q / torch.bincount(inverse, minlength=len(uniq)).clamp(min=1)[:, None].float()  # mean over a step's queries
-            full[step] = q
+            full[step] = q  # (L, B, H, m, m), float32 until one task is kept
 
-    tasks = [task]
     hist = adapter.history_module(model)
     with capture_attention(model) as cap:
         handle = hist.register_forward_hook(on_forward, with_kwargs=True)
         try:
-            holder["rec"] = None
-            venv = adapter.m.make_vec_env(tasks)
+            venv = adapter.m.make_vec_env(list(tasks))
             rec = holder["rec"] = recording_vec_env(venv)
             seed_everything(seed)
             with torch.inference_mode():
@@ -290,30 +292,30 @@ def record_capture(adapter: Adapter, model: nn.Module, task, n_steps: int, seed:
         raise adapter.error(f"rollout(model, venv, {n_steps}) stepped the environments {rec.t} times")
     missing = [t for t in range(n_steps) if t not in rows]
     if missing:
-        raise adapter.error(
-            f"the history module ran no forward at step(s) {missing[:5]}: is HISTORY_MODULE the module your rollout calls every step?"
-        )
-    L, H = rows[0][0].shape[:2]
-    query_attn = torch.zeros(n_steps, L, H, T, dtype=torch.float16)
-    ctx_step = torch.full((n_steps, T), -1, dtype=torch.long)
-    context_len = torch.zeros(n_steps, dtype=torch.long)
+        raise adapter.error(f"the history module ran no forward at step(s) {missing[:5]}: is HISTORY_MODULE the module your rollout calls every step?")
+    L, _, H = rows[0][0].shape[:3]
+    query_attn = torch.zeros(N, n_steps, L, H, T, dtype=torch.float16)
+    ctx_step = torch.full((N, n_steps, T), -1, dtype=torch.long)
+    context_len = torch.zeros(N, n_steps, dtype=torch.long)
     for t in range(n_steps):
         row, steps = rows[t]
         m = min(len(steps), T)
-        query_attn[t, :, :, :m] = row[:, :, -m:].to(torch.float16)
-        ctx_step[t, :m] = steps[-m:]
-        context_len[t] = m
-    obs = np.stack(rec.obs)[:, 0]  # (S, ...) env 0
-    cells = _cells(adapter, obs)
-    grid = adapter.grid_size or (int(cells.max()) + 1 if cells is not None else 1)
-    state = torch.as_tensor(cells[:, 0] * grid + cells[:, 1] if cells is not None else np.full(n_steps, -1), dtype=torch.long)
-    returns = np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
-    t_idx = torch.arange(n_steps)
+        query_attn[:, t, :, :, :m] = row[..., -m:].permute(1, 0, 2, 3)
+        ctx_step[:, t, :m] = steps[-m:]
+        context_len[:, t] = m
+    returns = torch.as_tensor(np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=np.float64), dtype=torch.float32)
+    keep = representative_task(returns) if full_task is None else full_task
+    obs = np.stack(rec.obs)  # (S, N, ...)
+    cells = [_cells(adapter, obs[:, i]) for i in range(N)]
+    grid = adapter.grid_size or (max(int(c.max()) for c in cells) + 1 if cells[0] is not None else 1)
+    state = torch.stack([torch.as_tensor(c[:, 0] * grid + c[:, 1] if c is not None else np.full(n_steps, -1), dtype=torch.long) for c in cells])
+    t_idx = torch.arange(n_steps).expand(N, n_steps)
     return {
         "meta": {
             "checkpoint": f"adapter:{adapter.path}",
             "env": {"name": f"adapter:{adapter.name}"},
-            "task": task,
+            "tasks": list(tasks),
+            "task": tasks[keep],
             "seed": seed,
             "greedy": None,
             "eval_timesteps": n_steps,
@@ -323,21 +325,23 @@ def record_capture(adapter: Adapter, model: nn.Module, task, n_steps: int, seed:
             "n_head": H,
             "layer_names": list(cap.names),
             "grid_size": grid,
-            "optimal_return": adapter.optimal_return(task),
+            "optimal_return": adapter.optimal_return(tasks[keep]),
+            "optimal_returns": [adapter.optimal_return(t) for t in tasks],
             "tokens_per_step": k,
             "reward_of_token": "r_t",  # a step's tokens carry the reward of that step's transition
         },
         "query_attn": query_attn,
         "context_len": context_len,
         "ctx_step": ctx_step,
-        "reward": torch.as_tensor(np.stack(rec.rewards)[:, 0], dtype=torch.float32),
+        "reward": torch.as_tensor(np.stack(rec.rewards).T, dtype=torch.float32),
         "state": state,
-        "action": torch.as_tensor(np.stack(rec.actions)[:, 0].reshape(n_steps, -1)[:, 0], dtype=torch.long),
+        "action": torch.as_tensor(np.stack(rec.actions).reshape(n_steps, N, -1)[..., 0].T, dtype=torch.long),
         "episode": t_idx // adapter.horizon,
         "timestep": t_idx % adapter.horizon,
+        "full_task": keep,
         "full_steps": torch.tensor(sorted(full), dtype=torch.long),
-        "full_attn": [full[t][:, :, -T:, -T:] for t in sorted(full)],
-        "returns": torch.as_tensor(returns[0], dtype=torch.float32),
+        "full_attn": [full[t][:, keep, :, -T:, -T:].float() for t in sorted(full)],
+        "returns": returns,
     }
 
 

@@ -349,6 +349,27 @@ def recommend(summary: dict, cfg: dict) -> dict:
     return {"recommendation": rec, "derivation": derivation, "compressed_len": compressed}
 
 
+def across_tasks(summaries: list[dict]) -> dict:
+    """Scalar metrics of per-task summaries -> {"mean": {k: mean}, "std": {k: std}, "per_task": {k: [values]}}.
+    Tasks where a metric is undefined (None, e.g. no reward in any context) are left out of its mean."""
+    keys = [k for k, v in summaries[0].items() if isinstance(v, (int, float)) or v is None]
+    keys = [k for k in keys if all(isinstance(s.get(k), (int, float, type(None))) for s in summaries)]
+    out: dict = {"mean": {}, "std": {}, "per_task": {}}
+    for k in keys:
+        vals = [s[k] for s in summaries]
+        out["per_task"][k] = vals
+        got = np.array([v for v in vals if v is not None], dtype=np.float64)
+        out["mean"][k] = float(got.mean()) if len(got) else None
+        out["std"][k] = float(got.std()) if len(got) > 1 else None
+    for k in ("n_steps", "n_layer", "n_head", "max_context", "horizon", "max_context_len", "window_for_coverage",
+              "window_with_sinks_for_coverage", "n_long_context_steps", "n_informative_steps", "recent_window", "sink_positions"):  # fmt: skip
+        if out["mean"].get(k) is not None:
+            out["mean"][k] = int(round(out["mean"][k]))
+    if out["mean"].get("reward_attention_share") is not None and out["mean"].get("reward_context_share"):
+        out["mean"]["reward_enrichment"] = out["mean"]["reward_attention_share"] / out["mean"]["reward_context_share"]
+    return out
+
+
 # ---- everything at once ------------------------------------------------------------------------
 def summarize(cap: dict, recent_window: int = 5, sink_positions: int = 4, coverage: float = 0.9) -> dict:
     """All summary metrics of a capture (see the module docstring for which steps are averaged).

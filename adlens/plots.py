@@ -63,8 +63,10 @@ def _band(x: np.ndarray, axis: int = 0):
 
 
 # ---- the six panels ----------------------------------------------------------------------------
-def plot_attention_over_time(mean_rows, context_len, ax=None) -> Figure:
-    """Panel 1. mean_rows (S, T): query attention averaged over layers and heads; context_len (S,)."""
+def plot_attention_over_time(mean_rows, context_len, ax=None, tokens: dict | None = None) -> Figure:
+    """Panel 1. mean_rows (S, T): query attention averaged over layers and heads; context_len (S,).
+    tokens: optional {"episode" (S,), "reward" (S,), "ctx_step" (S, T)} to mark episode starts, the
+    context positions that hold a rewarded token, and the first reward."""
     fig, ax = _ax(ax, (14, 4))
     a = np.asarray(mean_rows, dtype=np.float64)
     n = np.asarray(context_len)
@@ -81,22 +83,42 @@ def plot_attention_over_time(mean_rows, context_len, ax=None) -> Figure:
         interpolation="nearest",
     )
     ax.plot(np.arange(len(n)), n - 1, color="cyan", lw=0.8, label="query position (newest token)")
+    if tokens is not None:
+        episode, reward = np.asarray(tokens["episode"]), np.asarray(tokens["reward"], dtype=np.float64)
+        steps = np.asarray(tokens["ctx_step"])
+        for x in np.flatnonzero(np.diff(episode) > 0) + 1:
+            ax.axvline(x - 0.5, color="white", lw=0.5, alpha=0.35)
+        held = valid[:, : steps.shape[1]] & (steps >= 0)
+        rewarded = held & (reward[np.clip(steps, 0, len(reward) - 1)] > 0)
+        ys, xs = np.nonzero(rewarded.T)
+        if len(xs):
+            ax.scatter(xs, ys, s=1.5, color="lime", marker="s", linewidths=0, alpha=0.6, label="rewarded token in context")
+            first = int(np.flatnonzero(reward > 0)[0])
+            ax.axvline(first - 0.5, color="lime", ls="--", lw=1.2, label=f"first reward (step {first})")
     ax.set(
         xlabel="evaluation step",
         ylabel="context position (0 = oldest token held)",
         title="Query attention over time (mean over layers and heads)",
     )
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8, markerscale=4)
     fig.colorbar(im, ax=ax, label="attention weight (log colour scale)", pad=0.01)
     return fig
 
 
 def plot_recent_vs_distant(recent, recent_window: int, smooth: int, threshold: float | None = None, ax=None) -> Figure:
-    """Panel 2. recent (S,): share on the newest `recent_window` positions per step."""
+    """Panel 2. recent (S,) or (N, S) for N tasks: share on the newest `recent_window` positions per
+    step. With tasks, each task's moving average is drawn faint and their mean bold."""
     fig, ax = _ax(ax)
     recent = np.asarray(recent, dtype=np.float64)
-    x = np.arange(len(recent))
-    ax.plot(x, recent, color="tab:blue", alpha=0.2, lw=0.7)
+    x = np.arange(recent.shape[-1])
+    tasks = f"; thin: {recent.shape[0]} tasks, bold: mean" if recent.ndim == 2 else ""
+    if recent.ndim == 2:
+        for r in recent:
+            ax.plot(x, moving_average(r, smooth), color="tab:blue", alpha=0.25, lw=0.8)
+            ax.plot(x, moving_average(1 - r, smooth), color="tab:orange", alpha=0.25, lw=0.8)
+        recent = recent.mean(0)
+    else:
+        ax.plot(x, recent, color="tab:blue", alpha=0.2, lw=0.7)
     ax.plot(x, moving_average(recent, smooth), color="tab:blue", lw=2, label=f"last {recent_window} positions")
     ax.plot(x, moving_average(1 - recent, smooth), color="tab:orange", lw=2, label="older positions")
     if threshold is not None:
@@ -105,7 +127,7 @@ def plot_recent_vs_distant(recent, recent_window: int, smooth: int, threshold: f
         xlabel="evaluation step",
         ylabel="share of attention",
         ylim=(-0.02, 1.02),
-        title=f"Recent vs distant attention (moving average over {smooth} steps)",
+        title=f"Recent vs distant attention\n(moving average over {smooth} steps{tasks})",
     )
     ax.legend(fontsize=8)
     return fig
@@ -267,13 +289,19 @@ def comprehensive_figure(
     fraction_90: float,
     compressed_len=None,
     title: str = "",
+    task_recent=None,
+    top_title: str | None = None,
+    tokens: dict | None = None,
 ) -> Figure:
     """The six-panel overview (21 x 14 inches: 2100 x 1400 px at 100 dpi). Arrays as in the panel functions;
     `recent_window` positions make the recent share of panel 2."""
     fig = plt.figure(figsize=(21, 14), layout="constrained")
     gs = fig.add_gridspec(3, 3, height_ratios=[1.1, 1, 1])
-    plot_attention_over_time(mean_rows, context_len, ax=fig.add_subplot(gs[0, :]))
-    recent = recent_share(mean_rows, context_len, recent_window)
+    top = fig.add_subplot(gs[0, :])
+    plot_attention_over_time(mean_rows, context_len, ax=top, tokens=tokens)
+    if top_title:
+        top.set_title(top_title)
+    recent = recent_share(mean_rows, context_len, recent_window) if task_recent is None else np.asarray(task_recent)
     plot_recent_vs_distant(recent, recent_window, smooth, recency_threshold, ax=fig.add_subplot(gs[1, 0]))
     plot_context_growth(context_len, max_context, compressed_len, ax=fig.add_subplot(gs[1, 1]))
     plot_relative_position(layer_aligned, layer_names, ax=fig.add_subplot(gs[1, 2]))

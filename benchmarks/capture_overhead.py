@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from stable_baselines3.common.vec_env import DummyVecEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.record import record_rollout  # noqa: E402
 from adlens.config import run_cli  # noqa: E402
-from env import get_spec, make_env  # noqa: E402
+from env import get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.rollout import run_episodes  # noqa: E402
 
@@ -38,16 +37,16 @@ def main(argv=None) -> dict:
         raise ValueError("--eval-timesteps and --repeats must be >= 1")
     model, meta = load_model(args.checkpoint)
     spec = get_spec(meta["env"])
-    task = spec.tasks_for("test")[0]
+    tasks = spec.tasks_for("test")
     n_ep = math.ceil(args.eval_timesteps / spec.horizon)
     torch.set_grad_enabled(False)
 
     def plain():
-        venv = DummyVecEnv([make_env(spec, **task)])
+        venv = make_vec_env(spec, tasks, "batched")
         run_episodes(model, venv, spec, n_ep, seed=args.seed)
 
     def captured():
-        record_rollout(model, spec, task, n_ep * spec.horizon, seed=args.seed, num_full=0)
+        record_rollout(model, spec, tasks, n_ep * spec.horizon, seed=args.seed, num_full=0)
 
     times = {"plain": [], "capture": []}
     plain()  # warm-up

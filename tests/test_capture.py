@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from adlens.capture_file import load_capture, save_capture
+from conftest import build_capture
 from model.record import record_rollout
 from adlens.errors import UserError
 from env import get_spec
@@ -143,45 +144,59 @@ def test_mha_positional_arguments_kept():
 def test_rollout_capture_keeps_actions_and_records_exact_rows(tmp_path):
     spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
     model = _tiny(max_context=40)
-    task = spec.tasks_for("test")[0]
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    from env import make_env
+    tasks = spec.tasks_for("test")  # two held-out tasks, rolled out together
+    from env import make_vec_env
     from model.rollout import run_episodes
 
-    acts_plain, acts_cap = [], []
-    venv = DummyVecEnv([make_env(spec, **task)])
-    run_episodes(model, venv, spec, 6, seed=3, on_step=lambda t, tok, a, r, e: acts_plain.append(int(a[0])))
-    cap = record_rollout(model, spec, task, eval_timesteps=30, seed=3, num_full=3)
-    acts_cap = cap["action"].tolist()
-    assert acts_cap == acts_plain  # capturing never changes the sampled actions
+    acts_plain = []
+    venv = make_vec_env(spec, tasks, "batched")
+    run_episodes(model, venv, spec, 6, seed=3, on_step=lambda t, tok, a, r, e: acts_plain.append(a.tolist()))
+    cap = record_rollout(model, spec, tasks, eval_timesteps=30, seed=3, num_full=3, full_task=1)
+    assert cap["action"].T.tolist() == acts_plain  # capturing never changes the sampled actions
 
-    S = cap["query_attn"].shape[0]
-    assert S == 30 and cap["context_len"].tolist() == list(range(1, 31))
+    N, S = cap["query_attn"].shape[:2]
+    assert (N, S) == (2, 30) and cap["context_len"].tolist() == [list(range(1, 31))] * 2
+    assert cap["meta"]["tasks"] == tasks and cap["meta"]["task"] == tasks[1] and cap["full_task"] == 1
     rows = cap["query_attn"].float()
-    for s in range(S):
-        n = int(cap["context_len"][s])
-        torch.testing.assert_close(rows[s, :, :, :n].sum(-1), torch.ones(2, 2), atol=2e-3, rtol=0)
-        assert (rows[s, :, :, n:] == 0).all()
-        assert cap["ctx_step"][s, :n].tolist() == list(range(n))
-    # the full matrix's last row is the query row the rollout used (up to float16 storage)
+    for i in range(N):
+        for s in range(S):
+            n = int(cap["context_len"][i, s])
+            torch.testing.assert_close(rows[i, s, :, :, :n].sum(-1), torch.ones(2, 2), atol=2e-3, rtol=0)
+            assert (rows[i, s, :, :, n:] == 0).all()
+            assert cap["ctx_step"][i, s, :n].tolist() == list(range(n))
+    assert not torch.equal(rows[0], rows[1])  # each task's own attention
+    # the full matrix's last row is the query row the rollout used (up to float16 storage), for the kept task
     for t, full in zip(cap["full_steps"].tolist(), cap["full_attn"]):
-        n = int(cap["context_len"][t])
+        n = int(cap["context_len"][1, t])
         assert full.shape == (2, 2, n, n)
-        torch.testing.assert_close(full[:, :, -1], rows[t, :, :, :n], atol=2e-3, rtol=0)
+        torch.testing.assert_close(full[:, :, -1], rows[1, t, :, :, :n], atol=2e-3, rtol=0)
     path = save_capture(cap, tmp_path / "cap.pt")
     back = load_capture(path)
-    assert back["version"] == 1 and torch.equal(back["query_attn"], cap["query_attn"])
-    assert back["meta"]["task"] == task
+    assert back["version"] == 2 and torch.equal(back["query_attn"], cap["query_attn"])
+    assert back["meta"]["tasks"] == tasks
 
 
 def test_rollout_capture_after_window_slides():
     spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
     model = _tiny(max_context=12)
-    cap = record_rollout(model, spec, spec.tasks_for("test")[0], eval_timesteps=25, seed=0, num_full=0)
+    cap = record_rollout(model, spec, spec.tasks_for("test")[:1], eval_timesteps=25, seed=0, num_full=0)
     assert cap["context_len"].max() == 12
-    last = cap["ctx_step"][-1, :12].tolist()
+    last = cap["ctx_step"][0, -1, :12].tolist()
     assert last == list(range(13, 25))  # the newest 12 steps, oldest first
+
+
+def test_version_one_captures_load_in_the_task_layout(tmp_path):
+    from adlens.capture_file import task_view, upgrade
+
+    v2 = build_capture(S=20, T=10)
+    v1 = {k: v for k, v in v2.items()}
+    cap = upgrade(v1)
+    assert cap["query_attn"].shape[:2] == (1, 20) and cap["ctx_step"].shape == (1, 20, 10) and cap["full_task"] == 0
+    one = task_view(cap, 0)
+    for k in ("query_attn", "context_len", "ctx_step", "reward", "episode"):
+        assert torch.equal(torch.as_tensor(one[k]), torch.as_tensor(v1[k]))
+    torch.save({"format": "ad-attention-capture", "version": 1, **v1}, tmp_path / "v1.pt")
+    assert load_capture(tmp_path / "v1.pt")["query_attn"].shape[:2] == (1, 20)
 
 
 def test_load_capture_bad_files(tmp_path):
