@@ -250,7 +250,7 @@ class HistoryCompressor:
             pos = named.get("position_ids")
             if pos is None:
                 pos = torch.arange(n, device=x.device).expand(x.shape[0], -1)
-            named["position_ids"] = _newest_member(assign, n_out, pos)  # learned positions stay what training saw
+            named["position_ids"] = _newest_member(assign, n_out, pos.expand(x.shape[0], -1))  # learned positions stay what training saw
             am = named.get("attention_mask")
             if am is not None:
                 named["attention_mask"] = (merge_rows(am[..., None].float(), assign, torch.ones_like(weight), n_out)[..., 0] > 0.5).to(
