@@ -478,7 +478,9 @@ def test_a_capture_written_before_the_package_move_still_loads_and_analyses(tmp_
     import analyze_attention
     from adlens.capture_file import load_capture
 
-    cap = load_capture(ROOT / "tests" / "data" / "capture_v1_tiny.pt")
-    assert cap["version"] == 1 and cap["query_attn"].shape == (20, 2, 2, 12)
+    raw = torch.load(ROOT / "tests" / "data" / "capture_v1_tiny.pt", weights_only=True)
+    assert raw["version"] == 1 and raw["query_attn"].shape == (20, 2, 2, 12)
+    cap = load_capture(ROOT / "tests" / "data" / "capture_v1_tiny.pt")  # in the version-2 layout: one task
+    assert cap["query_attn"].shape == (1, 20, 2, 2, 12) and torch.equal(cap["query_attn"][0], raw["query_attn"])
     res = analyze_attention.analyze(cap, tmp_path / "figs", {"dpi": 30})
     assert (tmp_path / "figs" / "attention_metrics.json").is_file() and res["pattern"]

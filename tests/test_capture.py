@@ -233,7 +233,7 @@ def test_evaluate_with_attention_script(tiny_checkpoint, tmp_path):
     r = _script("--checkpoint", str(tiny_checkpoint), "--eval-timesteps", "12", "--num-full", "2", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     cap = load_capture(out / "capture.pt")
-    assert cap["query_attn"].shape[0] == 15  # rounded up to whole episodes
+    assert cap["query_attn"].shape[:2] == (2, 15)  # both held-out tasks; rounded up to whole episodes
     assert (out / "returns.json").is_file() and (out / "capture_config.json").is_file()
 
 
