@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
+from adlens.io import provenance  # noqa: E402
 from adlens.plots import save_figure  # noqa: E402
 
 ENGINES = ("kv", "rerun")  # the project's engines; an --adapter model runs its own rollout (engine "adapter")
@@ -299,7 +300,8 @@ def main(argv=None) -> dict:
     finally:
         runner.close()
     out.mkdir(parents=True, exist_ok=True)
-    result = {"rows": rows, "config": cfg, "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}
+    result = {"schema": "ad-compression-results", "version": 2, "provenance": provenance(), "rows": rows, "config": cfg,
+              "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}  # fmt: skip
     best = best_within(rows)
     result["recommended"] = best
     tmp = out / "compression_results.json.tmp"

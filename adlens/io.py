@@ -3,8 +3,11 @@ leaves nothing half-written."""
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,3 +29,25 @@ def staged_output(out_dir: str | Path):
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def provenance() -> dict:
+    """Where a result came from: commit, UTC date, machine (CPU, core count, accelerator) and versions."""
+    import torch
+
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
