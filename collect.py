@@ -15,6 +15,15 @@ has seen least.
 The bonus only shapes PPO's training: the stored rewards are the environment's.
 
     python collect.py --config config/darkroom_explore.yaml   # --tasks none --novelty-bonus 0.3
+
+`--backend ray` runs each task as a Ray task holding one CPU (or `--gpus-per-task` of a GPU with
+`--device cuda`) on a Ray cluster, `--ray-address auto` or HOST:PORT, or on a private local Ray
+instance of `--workers` CPUs (`local`, the default). Workers send their histories back and this
+process writes them, exactly as the local backend does: the same files, byte for byte, for the same
+seeds. A task that fails or whose worker is lost is retried `--max-retries` times, then reported.
+
+    ray start --head --num-cpus 16            # on the head node; `ray start --address HEAD:6379` on the others
+    python collect.py --config config/key_to_door.yaml --backend ray --ray-address auto
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import functools
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +41,7 @@ from tqdm import tqdm
 
 from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
 from env import get_spec
 from env.tasks import EnvSpec
@@ -46,7 +56,11 @@ COLLECT_CONFIG = {
     "n_streams": 100,  # parallel environments per PPO learner
     "n_learners": 1,  # independent PPO learners per task (histories per task = n_learners * n_streams)
     "timesteps": 100_000,  # PPO timesteps per learner, all its streams together
-    "workers": 2,  # tasks collected in parallel processes
+    "workers": 2,  # tasks collected in parallel processes (with --backend ray --ray-address local: CPUs of the local Ray instance)
+    "backend": "local",  # local (processes on this machine) | ray (one Ray task per task)
+    "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster, RAY_ADDRESS) | HOST:PORT
+    "gpus_per_task": 0.0,  # ray backend with --device cuda: the share of a GPU each task holds (e.g. 0.25)
+    "max_retries": 2,  # a task that fails or whose worker is lost is run again this many times
     "seed": 0,
     "learning_rate": 1e-3,
     "n_epochs": 4,  # PPO epochs per update
@@ -54,7 +68,8 @@ COLLECT_CONFIG = {
     "ent_coef": 0.01,
     "device": "cpu",  # PPO's device: cpu (fastest for these small MLPs) | cuda | auto
 }
-HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task"}
+HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task",
+        "backend": "local | ray", "ray_address": "local | auto | HOST:PORT (ray backend)"}  # fmt: skip
 GOAL_FREE_SEED = 1_000_000  # goal-free learner k is seeded seed + GOAL_FREE_SEED + 1000 k
 
 
@@ -87,8 +102,22 @@ def _novelty_bonus_wrapper():
     return NoveltyBonus
 
 
-def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir: str) -> dict:
-    """Train PPO on one task and store every transition of every stream. Runs in a worker."""
+def _save_history(path: Path, arrays: dict) -> None:
+    """np.savez_compressed with a fixed timestamp on every member, so that the same history is the
+    same bytes whichever worker, machine or backend produced it; written atomically."""
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tuple[dict, dict]:
+    """Train PPO on one task, recording every transition of every stream. Runs in a worker; returns
+    (the arrays of task_XXXX.npz, a summary) for the driver to write and print."""
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -149,12 +178,8 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
     arrays["actions"] = arrays["actions"].astype(np.int8)
     n_ep = arrays["rewards"].shape[1] // horizon
     ep_returns = arrays["rewards"][:, : n_ep * horizon].reshape(-1, n_ep, horizon).sum(-1)  # (S, E)
-    final = Path(out_dir) / f"task_{task_idx:04d}.npz"
-    tmp = final.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, task=json.dumps(task), horizon=horizon, **arrays)
-    os.replace(tmp, final)
-    return {"task_idx": task_idx, "task": task, "first": float(ep_returns[:, 0].mean()), "last": float(ep_returns[:, -1].mean())}
+    summary = {"task_idx": task_idx, "task": task, "first": float(ep_returns[:, 0].mean()), "last": float(ep_returns[:, -1].mean())}
+    return {"task": json.dumps(task), "horizon": horizon, **arrays}, summary
 
 
 def main(argv=None) -> list[dict]:
@@ -171,6 +196,16 @@ def main(argv=None) -> list[dict]:
     for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["backend"] not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
+    if cfg["max_retries"] < 0:
+        raise UserError(f"--max-retries must be >= 0, got {cfg['max_retries']}")
+    if not 0 <= cfg["gpus_per_task"] <= 1:
+        raise UserError(f"--gpus-per-task must be in [0, 1], got {cfg['gpus_per_task']}")
+    if cfg["backend"] == "ray":
+        check_address(cfg["ray_address"])
+        if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:
+            raise UserError("--device cuda on Ray needs --gpus-per-task (the share of a GPU each task holds, e.g. 0.25)")
     if cfg["novelty_bonus"] < 0:
         raise UserError(f"--novelty-bonus must be >= 0, got {cfg['novelty_bonus']}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
@@ -191,21 +226,23 @@ def main(argv=None) -> list[dict]:
         raise UserError(f"--tasks must be all, train, test or none, got {cfg['tasks']!r}")
 
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"env": spec.to_dict(), "collect": cfg}
-    (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
-    todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
-    print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
     results = []
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=cfg["workers"]) as pool:
-        futs = [pool.submit(_collect_task, spec.to_dict(), i, all_tasks[i], cfg, str(out)) for i in todo]
-        bar = tqdm(as_completed(futs), total=len(futs), desc="collect", unit="task")
-        for fut in bar:
-            r = fut.result()
-            results.append(r)
+    with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"env": spec.to_dict(), "collect": cfg}
+        (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
+        todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
+        print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
+        t0 = time.time()
+        jobs = [(spec.to_dict(), i, all_tasks[i], cfg) for i in todo]
+        done_iter = fan_out(_collect_task, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], cpus=1.0, gpus=cfg["gpus_per_task"],
+                            max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
+        for done in done_iter:
+            arrays, r = done.result
+            _save_history(out / f"task_{r['task_idx']:04d}.npz", arrays)
+            results.append(r | {"worker": done.worker})
             optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
-            bar.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
+            tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results
