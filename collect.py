@@ -51,6 +51,7 @@ COLLECT_CONFIG = {
     "size": 9,  # grid side
     "out": "data/darkroom",  # one task_XXXX.npz per task
     "tasks": "all",  # all | train | test | none (a room without a goal: goal_free_learners exploration histories)
+    "first_tasks": 0,  # collect only the first N of the chosen tasks (0 = all): a quick per-task cost before a full run
     "goal_free_learners": 10,  # learners (files) collected with tasks none
     "novelty_bonus": 0.0,  # B: PPO is also paid B/sqrt(visits of the cell reached so far); stored rewards stay the env's
     "n_streams": 100,  # parallel environments per PPO learner
@@ -193,6 +194,8 @@ def main(argv=None) -> list[dict]:
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg["first_tasks"] < 0:
+        raise UserError(f"--first-tasks must be >= 0, got {cfg['first_tasks']}")
     for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
@@ -225,6 +228,7 @@ def main(argv=None) -> list[dict]:
     else:
         raise UserError(f"--tasks must be all, train, test or none, got {cfg['tasks']!r}")
 
+    wanted = wanted[: cfg["first_tasks"] or None]
     out = Path(cfg["out"])
     results = []
     with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output

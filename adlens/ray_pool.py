@@ -136,13 +136,14 @@ def start_ray(address: str, num_cpus: int, code_dir: str | None = None) -> bool:
     check_address(address)
     quiet = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
     if address == "local":
-        ray.init(num_cpus=num_cpus, **quiet)
+        ray.init(address="local", num_cpus=num_cpus, **quiet)  # not RAY_ADDRESS's cluster
     else:
         runtime_env = {"working_dir": code_dir, "excludes": SHIP_EXCLUDES} if code_dir else None
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
         except ConnectionError as e:
-            raise UserError(f"cannot join a Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+            hint = "" if os.environ.get("RAY_AUTH_MODE") else " (a cluster with token authentication needs RAY_AUTH_MODE=token here too)"
+            raise UserError(f"cannot join a Ray cluster at {address!r}: {str(e).splitlines()[0]}{hint}") from None
     return True
 
 

@@ -36,7 +36,7 @@ TINY_COLLECT = ["--config", str(TINY), "--tasks", "test", "--workers", "2"]  # t
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray instance for the module: scripts called in-process join it instead of starting their own."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -53,6 +53,13 @@ def flaky(marker_dir: str, idx: int, mode: str) -> int:
     if first and mode == "exit":
         os._exit(1)
     return idx * 10
+
+
+def span(seconds: float) -> tuple[float, float]:
+    """A job for the exclusive test: when it ran."""
+    t0 = time.time()
+    time.sleep(seconds)
+    return t0, time.time()
 
 
 def _attempts(marker_dir: Path, idx: int) -> int:
@@ -125,6 +132,16 @@ def test_a_failed_job_is_retried_and_one_that_keeps_failing_is_reported(ray_sess
             done[d.idx] = d.result
     assert done == {i: i * 10 for i, m in enumerate(modes) if m != "always"}  # the others all finished
     assert [_attempts(tmp_path, i) for i in range(len(modes))] == [1 if m == "ok" else 2 for m in modes]
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_exclusive_jobs_hold_the_whole_node_one_at_a_time(ray_session, backend):
+    done = list(fan_out(span, [(0.3,)] * 3, backend=backend, workers=2, exclusive=True, progress=False))
+    spans = sorted(d.result for d in done)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once on the 2-CPU node
+    assert not any(d.shared_load for d in done)
+    packed = list(fan_out(span, [(0.0,)] * 2, backend=backend, workers=2, progress=False))
+    assert all(d.shared_load for d in packed)
 
 
 def test_ray_evaluation_seeds_match_one_after_another(ray_session, tmp_path):
