@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import time
@@ -70,7 +71,11 @@ COLLECT_CONFIG = {
     "device": "cpu",  # PPO's device: cpu (fastest for these small MLPs) | cuda | auto
 }
 HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task",
-        "backend": "local | ray", "ray_address": "local | auto | HOST:PORT (ray backend)"}  # fmt: skip
+        "backend": "local (processes here) | ray (one Ray task per task)",
+        "ray_address": "ray backend: local (a private Ray instance of --workers CPUs) | auto (the running cluster) | HOST:PORT",
+        "gpus_per_task": "ray backend with --device cuda: share of a GPU each task holds",
+        "max_retries": "runs again of a task that failed or whose worker was lost",
+        "first_tasks": "collect only the first N of the chosen tasks (0 = all)"}  # fmt: skip
 GOAL_FREE_SEED = 1_000_000  # goal-free learner k is seeded seed + GOAL_FREE_SEED + 1000 k
 
 
@@ -103,22 +108,28 @@ def _novelty_bonus_wrapper():
     return NoveltyBonus
 
 
-def _save_history(path: Path, arrays: dict) -> None:
-    """np.savez_compressed with a fixed timestamp on every member, so that the same history is the
-    same bytes whichever worker, machine or backend produced it; written atomically."""
-    tmp = path.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+def _npz_bytes(arrays: dict) -> bytes:
+    """np.savez_compressed into memory with a fixed timestamp on every member, so that the same
+    history is the same bytes whichever worker, machine or backend produced it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, value in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tuple[dict, dict]:
     """Train PPO on one task, recording every transition of every stream. Runs in a worker; returns
-    (the arrays of task_XXXX.npz, a summary) for the driver to write and print."""
+    (the bytes of task_XXXX.npz, compressed here, a summary) for the driver to write and print."""
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -180,7 +191,7 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     n_ep = arrays["rewards"].shape[1] // horizon
     ep_returns = arrays["rewards"][:, : n_ep * horizon].reshape(-1, n_ep, horizon).sum(-1)  # (S, E)
     summary = {"task_idx": task_idx, "task": task, "first": float(ep_returns[:, 0].mean()), "last": float(ep_returns[:, -1].mean())}
-    return {"task": json.dumps(task), "horizon": horizon, **arrays}, summary
+    return _npz_bytes({"task": json.dumps(task), "horizon": horizon, **arrays}), summary
 
 
 def main(argv=None) -> list[dict]:
@@ -242,8 +253,8 @@ def main(argv=None) -> list[dict]:
         done_iter = fan_out(_collect_task, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], cpus=1.0, gpus=cfg["gpus_per_task"],
                             max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
         for done in done_iter:
-            arrays, r = done.result
-            _save_history(out / f"task_{r['task_idx']:04d}.npz", arrays)
+            data, r = done.result
+            _write_atomic(out / f"task_{r['task_idx']:04d}.npz", data)
             results.append(r | {"worker": done.worker})
             optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
             tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")

@@ -55,7 +55,9 @@ EVAL_CONFIG = {
     "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster, RAY_ADDRESS) | HOST:PORT
     "out": "runs/eval",
 }
-HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions"}
+HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions",
+        "backend": "local | ray: where the seeds run", "workers": "seeds in parallel (local: processes, 1 = in turn here; ray local: CPUs)",
+        "ray_address": "ray backend: local (a private Ray instance) | auto (the running cluster) | HOST:PORT"}  # fmt: skip
 
 
 def rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, threads=0) -> list[dict]:
