@@ -170,7 +170,8 @@ def test_ctrl_c_cancels_the_ray_tasks_and_leaves_no_process_behind(tmp_path):
     out = tmp_path / "d"
     cmd = [sys.executable, "collect.py", "--config", str(TINY), "--out", str(out), "--backend", "ray", "--workers", "2",
            "--timesteps", str(4 * 6 * 400)]  # fmt: skip  # 400 episodes per task: long enough to interrupt
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip  # a shell's background job ignores SIGINT
     try:
         deadline = time.time() + 120
         while not (out / "collect_config.json").exists() and time.time() < deadline and proc.poll() is None:
