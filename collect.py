@@ -15,16 +15,26 @@ has seen least.
 The bonus only shapes PPO's training: the stored rewards are the environment's.
 
     python collect.py --config config/darkroom_explore.yaml   # --tasks none --novelty-bonus 0.3
+
+`--backend ray` runs each task as a Ray task holding one CPU (or `--gpus-per-task` of a GPU with
+`--device cuda`) on a Ray cluster, `--ray-address auto` or HOST:PORT, or on a private local Ray
+instance of `--workers` CPUs (`local`, the default). Workers send their histories back and this
+process writes them, exactly as the local backend does: the same files, byte for byte, for the same
+seeds. A task that fails or whose worker is lost is retried `--max-retries` times, then reported.
+
+    ray start --head --num-cpus 16            # on the head node; `ray start --address HEAD:6379` on the others
+    python collect.py --config config/key_to_door.yaml --backend ray --ray-address auto
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +42,7 @@ from tqdm import tqdm
 
 from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
 from env import get_spec
 from env.tasks import EnvSpec
@@ -41,12 +52,17 @@ COLLECT_CONFIG = {
     "size": 9,  # grid side
     "out": "data/darkroom",  # one task_XXXX.npz per task
     "tasks": "all",  # all | train | test | none (a room without a goal: goal_free_learners exploration histories)
+    "first_tasks": 0,  # collect only the first N of the chosen tasks (0 = all): a quick per-task cost before a full run
     "goal_free_learners": 10,  # learners (files) collected with tasks none
     "novelty_bonus": 0.0,  # B: PPO is also paid B/sqrt(visits of the cell reached so far); stored rewards stay the env's
     "n_streams": 100,  # parallel environments per PPO learner
     "n_learners": 1,  # independent PPO learners per task (histories per task = n_learners * n_streams)
     "timesteps": 100_000,  # PPO timesteps per learner, all its streams together
-    "workers": 2,  # tasks collected in parallel processes
+    "workers": 2,  # tasks collected in parallel processes (with --backend ray --ray-address local: CPUs of the local Ray instance)
+    "backend": "local",  # local (processes on this machine) | ray (one Ray task per task)
+    "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster, RAY_ADDRESS) | HOST:PORT
+    "gpus_per_task": 0.0,  # ray backend with --device cuda: the share of a GPU each task holds (e.g. 0.25)
+    "max_retries": 2,  # a task that fails or whose worker is lost is run again this many times
     "seed": 0,
     "learning_rate": 1e-3,
     "n_epochs": 4,  # PPO epochs per update
@@ -54,7 +70,12 @@ COLLECT_CONFIG = {
     "ent_coef": 0.01,
     "device": "cpu",  # PPO's device: cpu (fastest for these small MLPs) | cuda | auto
 }
-HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task"}
+HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task",
+        "backend": "local (processes here) | ray (one Ray task per task)",
+        "ray_address": "ray backend: local (a private Ray instance of --workers CPUs) | auto (the running cluster) | HOST:PORT",
+        "gpus_per_task": "ray backend with --device cuda: share of a GPU each task holds",
+        "max_retries": "runs again of a task that failed or whose worker was lost",
+        "first_tasks": "collect only the first N of the chosen tasks (0 = all)"}  # fmt: skip
 GOAL_FREE_SEED = 1_000_000  # goal-free learner k is seeded seed + GOAL_FREE_SEED + 1000 k
 
 
@@ -87,8 +108,28 @@ def _novelty_bonus_wrapper():
     return NoveltyBonus
 
 
-def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir: str) -> dict:
-    """Train PPO on one task and store every transition of every stream. Runs in a worker."""
+def _npz_bytes(arrays: dict) -> bytes:
+    """np.savez_compressed into memory with a fixed timestamp on every member, so that the same
+    history is the same bytes whichever worker, machine or backend produced it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tuple[dict, dict]:
+    """Train PPO on one task, recording every transition of every stream. Runs in a worker; returns
+    (the bytes of task_XXXX.npz, compressed here, a summary) for the driver to write and print."""
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -149,12 +190,8 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict, out_dir
     arrays["actions"] = arrays["actions"].astype(np.int8)
     n_ep = arrays["rewards"].shape[1] // horizon
     ep_returns = arrays["rewards"][:, : n_ep * horizon].reshape(-1, n_ep, horizon).sum(-1)  # (S, E)
-    final = Path(out_dir) / f"task_{task_idx:04d}.npz"
-    tmp = final.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, task=json.dumps(task), horizon=horizon, **arrays)
-    os.replace(tmp, final)
-    return {"task_idx": task_idx, "task": task, "first": float(ep_returns[:, 0].mean()), "last": float(ep_returns[:, -1].mean())}
+    summary = {"task_idx": task_idx, "task": task, "first": float(ep_returns[:, 0].mean()), "last": float(ep_returns[:, -1].mean())}
+    return _npz_bytes({"task": json.dumps(task), "horizon": horizon, **arrays}), summary
 
 
 def main(argv=None) -> list[dict]:
@@ -168,9 +205,21 @@ def main(argv=None) -> list[dict]:
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg["first_tasks"] < 0:
+        raise UserError(f"--first-tasks must be >= 0, got {cfg['first_tasks']}")
     for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["backend"] not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
+    if cfg["max_retries"] < 0:
+        raise UserError(f"--max-retries must be >= 0, got {cfg['max_retries']}")
+    if not 0 <= cfg["gpus_per_task"] <= 1:
+        raise UserError(f"--gpus-per-task must be in [0, 1], got {cfg['gpus_per_task']}")
+    if cfg["backend"] == "ray":
+        check_address(cfg["ray_address"])
+        if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:
+            raise UserError("--device cuda on Ray needs --gpus-per-task (the share of a GPU each task holds, e.g. 0.25)")
     if cfg["novelty_bonus"] < 0:
         raise UserError(f"--novelty-bonus must be >= 0, got {cfg['novelty_bonus']}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
@@ -190,22 +239,25 @@ def main(argv=None) -> list[dict]:
     else:
         raise UserError(f"--tasks must be all, train, test or none, got {cfg['tasks']!r}")
 
+    wanted = wanted[: cfg["first_tasks"] or None]
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"env": spec.to_dict(), "collect": cfg}
-    (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
-    todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
-    print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
     results = []
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=cfg["workers"]) as pool:
-        futs = [pool.submit(_collect_task, spec.to_dict(), i, all_tasks[i], cfg, str(out)) for i in todo]
-        bar = tqdm(as_completed(futs), total=len(futs), desc="collect", unit="task")
-        for fut in bar:
-            r = fut.result()
-            results.append(r)
+    with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"env": spec.to_dict(), "collect": cfg}
+        (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
+        todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
+        print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
+        t0 = time.time()
+        jobs = [(spec.to_dict(), i, all_tasks[i], cfg) for i in todo]
+        done_iter = fan_out(_collect_task, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], cpus=1.0, gpus=cfg["gpus_per_task"],
+                            max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
+        for done in done_iter:
+            data, r = done.result
+            _write_atomic(out / f"task_{r['task_idx']:04d}.npz", data)
+            results.append(r | {"worker": done.worker})
             optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
-            bar.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
+            tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results

@@ -6,11 +6,19 @@
 The model starts with an empty context in every task and acts for `episodes` episodes, its own
 growing history as context: any improvement across episodes is learned in context (no weights change).
 Writes OUT/eval_results.json and OUT/in_context_curve.png, and prints a per-task table.
+
+Seeds can run in parallel: `--workers 4` (processes on this machine) or `--backend ray` (one Ray
+task per seed, `--ray-address auto` or HOST:PORT for a cluster); the returns are the same as one
+seed after another in this process. Parallel seeds share their nodes, so their timings
+(env_steps_per_second) are marked shared-load and each seed records the worker that ran it.
+
+    python evaluate.py --num-seeds 10 --backend ray --ray-address auto
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -25,6 +33,7 @@ import torch  # noqa: E402
 from adlens.plots import save_figure  # noqa: E402
 from adlens.config import add_config_flags, none_or, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
+from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
 from env import get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
@@ -41,9 +50,28 @@ EVAL_CONFIG = {
     "engine": "kv",  # kv | rerun
     "device": "auto",  # auto | cpu | cuda
     "source_data": "none",  # folder of collect.py histories: also report the source PPO's own curve on these tasks
+    "backend": "local",  # local | ray: where the seeds run (see --workers)
+    "workers": 1,  # seeds run in parallel: processes (local; 1 = one after another in this process) or CPUs of a local Ray instance
+    "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster, RAY_ADDRESS) | HOST:PORT
     "out": "runs/eval",
 }
-HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions"}
+HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions",
+        "backend": "local | ray: where the seeds run", "workers": "seeds in parallel (local: processes, 1 = in turn here; ray local: CPUs)",
+        "ray_address": "ray backend: local (a private Ray instance) | auto (the running cluster) | HOST:PORT"}  # fmt: skip
+
+
+def rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, threads=0) -> list[dict]:
+    """run_episodes for each seed, every task in one VecEnv; `threads` > 0 pins torch's threads (in a worker)."""
+    if threads:
+        torch.set_num_threads(threads)
+    venv = make_vec_env(spec, tasks, vec_env)
+    try:
+        return [
+            run_episodes(model, venv, spec, episodes, engine=engine, compression=compression, greedy=greedy, seed=s, progress=progress)
+            for s in seeds
+        ]
+    finally:
+        venv.close()
 
 
 def evaluate(
@@ -57,16 +85,25 @@ def evaluate(
     engine="kv",
     compression=None,
     progress=True,
+    backend="local",
+    workers=1,
+    ray_address="local",
 ) -> dict:
-    """Run every task in one VecEnv for each seed; returns the eval_results dict."""
-    venv = make_vec_env(spec, tasks, vec_env)
-    try:
-        runs = [
-            run_episodes(model, venv, spec, episodes, engine=engine, compression=compression, greedy=greedy, seed=s, progress=progress)
-            for s in seeds
-        ]
-    finally:
-        venv.close()
+    """Run every task in one VecEnv for each seed; returns the eval_results dict.
+
+    backend, workers, ray_address: with workers > 1 or backend ray, each seed is a job of
+    `adlens.ray_pool.fan_out` (one CPU, one torch thread); otherwise the seeds run here in turn.
+    """
+    who = None
+    if backend == "local" and workers == 1:
+        runs = rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress)
+    else:
+        if backend == "ray" and next(model.parameters()).is_cuda:
+            model = copy.deepcopy(model).cpu()  # a Ray worker may have no GPU
+        jobs = [(model, spec, tasks, episodes, [s], greedy, vec_env, engine, compression, False, 1) for s in seeds]
+        runs, who = [None] * len(seeds), [None] * len(seeds)
+        for done in fan_out(rollouts, jobs, backend, workers, ray_address, desc="evaluate", progress=progress):
+            runs[done.idx], who[done.idx] = done.result[0], done.worker
     returns = np.stack([r["returns"] for r in runs])  # (n_seeds, n_tasks, episodes)
     opt = np.array([spec.optimal_return(t) for t in tasks])
     if (opt <= 0).any():
@@ -93,6 +130,8 @@ def evaluate(
         "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
         "time_s": float(sum(r["time_s"] for r in runs)),
         "mean_context_length": float(np.mean([r["mean_context_length"] for r in runs])),
+        "timing": "one seed at a time" if who is None else "shared-load (seeds in parallel)",
+        **({} if who is None else {"workers_per_seed": who}),
     }
 
 
@@ -167,13 +206,20 @@ def main(argv=None) -> dict:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
     if cfg["tasks"] not in ("test", "train"):
         raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
+    if cfg["backend"] not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
+    if cfg["workers"] < 1:
+        raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
+    if cfg["backend"] == "ray":
+        check_address(cfg["ray_address"])
     device = resolve_device(cfg["device"])
     model, meta = load_model(cfg["checkpoint"], device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
     seeds = list(range(cfg["seed"], cfg["seed"] + cfg["num_seeds"]))
-    with torch.no_grad():
-        results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"])
+    with torch.no_grad(), backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], rollouts):
+        results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"],
+                           backend=cfg["backend"], workers=cfg["workers"], ray_address=cfg["ray_address"])  # fmt: skip
     results["checkpoint"] = str(cfg["checkpoint"])
     if none_or(cfg["source_data"], str):
         src, late = source_stats(cfg["source_data"], spec, tasks)
