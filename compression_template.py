@@ -3,6 +3,7 @@
     python compression_template.py                                  # COMPRESSION_CONFIG below
     python compression_template.py --strategy topk --ratio 0.3 --interval 10 --seeds 0 1 2
     python compression_template.py --sweep --out runs/compression   # every strategy x ratio
+    python compression_template.py --sweep --backend ray --ray-address auto   # configurations over a Ray cluster
 
 Runs the same held-out in-context evaluation with and without compression, same seeds, in one
 process, and reports `speedup = time_without / time_with` (the whole rollout: model and environment)
@@ -48,6 +49,7 @@ from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import provenance  # noqa: E402
+from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
 from adlens.plots import save_figure  # noqa: E402
 
 ENGINES = ("kv", "rerun")  # the project's engines; an --adapter model runs its own rollout (engine "adapter")
@@ -72,6 +74,9 @@ COMPRESSION_CONFIG = {
     "sweep_ratios": [0.7, 0.5, 0.3, 0.2, 0.1],
     "vec_env": "dummy",  # dummy (stable-baselines3 DummyVecEnv) | batched (all envs in one numpy call)
     "threads": 0,  # torch CPU threads for the timed runs (0 = half the cores, at least 1)
+    "backend": "local",  # local | ray: where the configurations of a sweep run (each one a job, timed on one node)
+    "workers": 1,  # configurations in parallel (local: processes, one at a time per node when timed; ray local: CPUs)
+    "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster) | HOST:PORT
     "out": "runs/compression",
 }
 ALIASES = {"compression_strategy": ["--strategy"], "compression_ratio": ["--ratio"], "compression_interval": ["--interval"]}
@@ -79,6 +84,9 @@ HELP = {
     "compare_rerun": "also time the uncompressed rerun engine",
     "sweep": "every strategy of --sweep-strategies x every ratio of --sweep-ratios",
     "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
+    "backend": "local | ray: where the sweep's configurations run",
+    "workers": "configurations in parallel",
+    "ray_address": "ray backend: local | auto | HOST:PORT",
 }
 
 
@@ -258,6 +266,19 @@ def best_within(rows: list[dict], max_loss: float = 0.05) -> dict | None:
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
+def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
+    """One configuration measured on one worker: its own runner, warm-up, then baseline and compressed
+    runs alternated (a job of `adlens.ray_pool.fan_out`; a speedup never mixes workers)."""
+    pin_threads(cfg["threads"])
+    runner = make_runner(cfg)
+    try:
+        comp = build_compression(cfg, strategy, ratio, runner.context)
+        runner.run(None, cfg["seeds"][0])  # warm-up, untimed
+        return measure(runner, strategy, comp, cfg["seeds"], cfg["compare_rerun"] and runner.engine == "kv")
+    finally:
+        runner.close()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
@@ -276,6 +297,10 @@ def main(argv=None) -> dict:
         raise UserError("--seeds needs at least one seed")
     if cfg["threads"] < 0:
         raise UserError(f"--threads must be >= 0, got {cfg['threads']}")
+    if cfg["backend"] not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
+    if cfg["workers"] < 1:
+        raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
     if cfg["sweep"] and not (cfg["sweep_strategies"] and cfg["sweep_ratios"]):
         raise UserError("--sweep needs at least one strategy (--sweep-strategies) and one ratio (--sweep-ratios)")
     threads = pin_threads(cfg["threads"])
@@ -291,14 +316,22 @@ def main(argv=None) -> dict:
     out = Path(cfg["out"])
     print(f"{runner.engine} engine, {len(runner.tasks)} {cfg['tasks']} tasks, {cfg['episodes']} episodes, seeds {cfg['seeds']}, "
           f"{threads} torch thread(s); baseline and compressed runs alternate per seed", flush=True)  # fmt: skip
-    try:
-        runner.run(None, cfg["seeds"][0])  # warm-up, untimed
-        rows = []
-        for i, (s, comp) in enumerate(comps):
-            print(f"[{i + 1}/{len(comps)}] {runner.engine} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
-            rows.append(measure(runner, s, comp, cfg["seeds"], cfg["compare_rerun"] and runner.engine == "kv"))
-    finally:
+    if cfg["backend"] != "local" or cfg["workers"] > 1:  # every configuration a job, timed on one worker
         runner.close()
+        rows: list = [None] * len(configs)
+        with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], timed_row):
+            for done in fan_out(timed_row, [(cfg, s, r) for s, r in configs], cfg["backend"], cfg["workers"], cfg["ray_address"],
+                                exclusive=True, desc="sweep"):  # fmt: skip
+                rows[done.idx] = done.result | {"worker": done.worker}
+    else:
+        try:
+            runner.run(None, cfg["seeds"][0])  # warm-up, untimed
+            rows = []
+            for i, (s, comp) in enumerate(comps):
+                print(f"[{i + 1}/{len(comps)}] {runner.engine} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
+                rows.append(measure(runner, s, comp, cfg["seeds"], cfg["compare_rerun"] and runner.engine == "kv"))
+        finally:
+            runner.close()
     out.mkdir(parents=True, exist_ok=True)
     result = {"schema": "ad-compression-results", "version": 2, "provenance": provenance(), "rows": rows, "config": cfg,
               "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}  # fmt: skip

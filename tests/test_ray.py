@@ -191,3 +191,16 @@ def test_ctrl_c_cancels_the_ray_tasks_and_leaves_no_process_behind(tmp_path):
     while any(_alive(p) for p in started) and time.time() < deadline:
         time.sleep(0.5)
     assert not [p for p in started if _alive(p)]
+
+
+def test_ray_compression_sweep_matches_the_local_one(ray_session, tmp_path):
+    import compression_template
+
+    args = ["--sweep", "--sweep-strategies", "fixed_window", "sink_window", "--sweep-ratios", "0.1", "--interval", "5",
+            "--keep-recent", "4", "--n-sink", "2", "--episodes", "2", "--seeds", "0", "1", "--threads", "1"]  # fmt: skip
+    here = compression_template.main(args + ["--out", str(tmp_path / "here")])["rows"]
+    fanned = compression_template.main(args + ["--out", str(tmp_path / "ray"), "--backend", "ray"])["rows"]
+    assert [(r["strategy"], r["ratio"]) for r in fanned] == [(r["strategy"], r["ratio"]) for r in here]
+    for a, b in zip(here, fanned):  # same returns; each configuration timed on one worker, baseline and variant paired
+        assert (a["return_full"], a["return_compressed"]) == (b["return_full"], b["return_compressed"])
+        assert b["worker"]["backend"] == "ray" and len(b["time_full_s"]) == 2
