@@ -1,15 +1,38 @@
-"""Key/value cache for incremental in-context rollout, with merge plans for compression.
+"""Key/value caches for incremental in-context rollout: a sliding/compacting cache and a streaming one.
 
-    >>> cache = model.new_cache(batch_size=8)          # capacity = max_context
-    >>> logits = model.step(tokens, cache)              # one new token per environment
+    >>> cache = model.new_cache(batch_size=8)                   # capacity = max_context
+    >>> logits = model.step(tokens, cache)                       # one new token per environment
+    >>> cache = model.new_cache(8, capacity=72, n_sink=4)        # StreamingLLM: 4 sinks + a 68-slot ring
 
-Keys are stored already rotated by their rotary position. Until the cache is full, slots fill in
-order; after that the oldest slot is overwritten (a sliding window), so the new token attends over
-exactly the last `capacity` tokens. Order of slots does not matter to a single query; `order()`
-gives the temporal order when it does (capture, compression).
+`KVCache` stores keys already rotated by their rotary position. Until it is full, slots fill in order;
+after that the oldest slot is overwritten (a sliding window), so the new token attends over exactly
+the last `capacity` tokens. Compression compacts it with a merge plan (`apply_plan`). Order of slots
+does not matter to a single query; `order()` gives the temporal order when it does (capture,
+compression).
+
+`StreamingCache` is the rolling cache of StreamingLLM (arXiv 2309.17453) for strategies that only
+keep the first `n_sink` tokens and the newest ones: sink slots plus a ring buffer that the newest
+token overwrites, so it never compacts. Rotary positions are position-in-cache, as StreamingLLM
+assigns them: the newest token and the ring keep their step index (they are contiguous), and the
+sinks are placed just before the oldest ring token, i.e. sink j sits `capacity - 1 - j` positions
+before the newest token at every step. The sinks' keys are kept as computed and re-rotated once per
+step (n_sink rows per layer); nothing else moves. A full forward over the kept tokens at positions
+0..capacity-1 therefore sees the same relative distances (test), and no distance exceeds capacity - 1.
+
+Static shape (`static=True`): attention always runs over all `capacity` slots with a validity mask,
+so its shapes never change and the keys/values it reads are contiguous (a slice of a larger cache is
+not, and the fused CPU kernel then copies it every step). Compressed rollouts use it with capacity =
+budget + interval, the most a compressed context ever holds.
+
+Attention scores for scoring strategies (H2O's accumulated attention, arXiv 2306.14048) are computed
+lazily: each step stores its query, and the attention those queries paid is computed in one batched
+product when the scores are read (before a compaction) or before a slide would drop a key they saw.
+The step itself keeps the fused attention kernel.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,22 +43,41 @@ class KVCache:
     """Per-layer keys/values `(L, B, H, C, Dh)` plus, per slot, its rotary position `pos (B, C)`,
     the rollout step it came from `src_step (B, C)` (the newest one for merged tokens) and,
     when `track_scores`, the attention it has received, `scores (B, C)` (mean over layers and heads,
-    summed over queries: H2O's accumulated score, 2306.14048)."""
+    summed over queries: H2O's accumulated score, 2306.14048).
 
-    def __init__(self, n_layer, batch_size, n_head, capacity, head_size, device, dtype, track_scores=False, rope_base=10000.0):
+    static       : attend over all slots with a validity mask (fixed shapes) instead of the valid prefix
+    score_window : queries kept for lazy scores before they are folded into `scores`
+    """
+
+    def __init__(
+        self, n_layer, batch_size, n_head, capacity, head_size, device, dtype,
+        track_scores=False, rope_base=10000.0, static=False, score_window=32,
+    ):  # fmt: skip
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1, got {capacity}")
-        shape = (n_layer, batch_size, n_head, capacity, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # keys and values in one tensor, so that a step writes both with one copy; each layer's keys
+        # (B, H, C, Dh) stay contiguous, as the fused attention kernel wants them
+        self.kv = torch.zeros(n_layer, 2, batch_size, n_head, capacity, head_size, device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views (L, B, H, C, Dh)
         self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.src_step = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.scores = torch.zeros(batch_size, capacity, device=device) if track_scores else None
         self.n_layer, self.capacity, self.head_size, self.rope_base = n_layer, capacity, head_size, rope_base
+        self.static = static
+        self.valid = torch.zeros(1, 1, 1, capacity, dtype=torch.bool, device=device) if static else None  # (1, 1, 1, C)
         self.n = 0  # valid slots
         self.n_added = 0  # tokens ever added (= next rotary position, = rollout step)
         self._oldest = 0  # slot overwritten next once full
         self._slot = 0
+        self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
+        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (P, 3, 1, 1, Dh/2) for q, k, v
+        if track_scores:  # queries not yet folded into scores
+            self._q = torch.zeros(n_layer, batch_size, n_head, max(1, score_window), head_size, device=device, dtype=dtype)
+            self._q_step = torch.zeros(max(1, score_window), dtype=torch.long, device=device)
+        else:
+            self._q = self._q_step = None
+        self._n_q = 0
 
     def __len__(self) -> int:
         return self.n
@@ -44,30 +86,91 @@ class KVCache:
     def full(self) -> bool:
         return self.n == self.capacity
 
+    def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, Dh/2) of one rotary position, from a table grown geometrically."""
+        table = self._rope
+        if table is None or pos >= len(table[0]):
+            n = max(2 * pos, 4096)  # same float64 angles as rope_cos_sin(pos)
+            table = self._rope = rope_cos_sin(torch.arange(n, device=self.k.device), self.head_size, self.rope_base)
+        return table[0][pos : pos + 1], table[1][pos : pos + 1]
+
+    def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with `apply_rope`:
+        q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
+        if self._rot is None or pos >= len(self._rot[0]):
+            self.rope_at(max(pos, 4095))  # grows the angle table
+            cos, sin = self._rope  # (P, Dh/2)
+            self._rot = (
+                torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
+                torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
+            )  # (P, 3, 1, 1, Dh/2)
+        return self._rot[0][pos], self._rot[1][pos]
+
+    def _next_slot(self) -> int:
+        if self.n < self.capacity:
+            self.n += 1
+            if self.valid is not None:
+                self.valid[..., self.n - 1] = True
+            return self.n - 1
+        if self._n_q:
+            self._flush_scores()  # the slide drops a key that pending queries saw
+        slot, self._oldest = self._oldest, (self._oldest + 1) % self.capacity
+        self._in_order = False
+        return slot
+
     def advance(self) -> int:
         """Reserve a slot for one new token per sequence; return its rotary position."""
-        if self.n < self.capacity:
-            self._slot, self.n = self.n, self.n + 1
-        else:
-            self._slot, self._oldest = self._oldest, (self._oldest + 1) % self.capacity
+        self._slot = self._next_slot()
         pos = self.n_added
         self.n_added += 1
         self.pos[:, self._slot] = pos
         self.src_step[:, self._slot] = pos
         if self.scores is not None:
             self.scores[:, self._slot] = 0.0
+            if self._n_q == len(self._q_step):
+                self._flush_scores()
+            self._q_step[self._n_q] = pos
+            self._n_q += 1
         return pos
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new token's (B, H, 1, Dh) key/value; return the valid (B, H, n, Dh) keys/values."""
-        self.k[layer, :, :, self._slot] = k[:, :, 0]
-        self.v[layer, :, :, self._slot] = v[:, :, 0]
-        return self.k[layer, :, :, : self.n], self.v[layer, :, :, : self.n]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new token's (B, H, 1, Dh) key/value; see `write_kv`."""
+        return self.write_kv(layer, torch.stack([k, v], dim=1))
+
+    def write_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new token's key and value, kv (B, 2, H, 1, Dh); return the keys/values to attend over
+        (B, H, n or C, Dh) and a boolean mask (1, 1, 1, C) of valid slots, or None when all are valid."""
+        self.kv[layer].select(3, self._slot).copy_(kv[:, :, :, 0].transpose(0, 1))
+        if self.n == self.capacity:
+            return self.k[layer], self.v[layer], None
+        if self.static:
+            return self.k[layer], self.v[layer], self.valid
+        return self.k[layer, :, :, : self.n], self.v[layer, :, :, : self.n], None
+
+    def note_query(self, layer: int, q: torch.Tensor) -> None:
+        """Keep the new token's rotated query (B, H, 1, Dh) for lazy attention scores."""
+        if self._q is not None:
+            self._q[layer, :, :, self._n_q - 1] = q[:, :, 0]
+
+    def _flush_scores(self) -> None:
+        """Add the attention the pending queries paid to every valid slot; one batched product for all layers.
+
+        Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
+        since it ran (compaction and slides flush first)."""
+        m, n = self._n_q, self.n
+        self._n_q = 0
+        if m == 0:
+            return
+        keys = self.k[:, :, :, :n]  # (L, B, H, n, Dh)
+        logits = self._q[:, :, :, :m] @ keys.transpose(-2, -1) / math.sqrt(self.head_size)  # (L, B, H, m, n)
+        seen = self.src_step[:, None, :n] <= self._q_step[:m, None]  # (B, m, n)
+        attn = logits.masked_fill(~seen[None, :, None], float("-inf")).softmax(-1)  # (L, B, H, m, n)
+        self.scores[:, :n] += attn.mean(2).sum((0, 2)) / self.n_layer
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
-        """Accumulate the new query's attention (B, H, 1, n) into per-slot scores."""
+        """Accumulate attention (B, H, 1, n) that a caller computed itself into per-slot scores."""
         if self.scores is not None:
-            self.scores[:, : self.n] += attn[:, :, 0].mean(1) / self.n_layer
+            self.scores[:, : self.n] += attn[:, :, 0, : self.n].mean(1) / self.n_layer
 
     @property
     def newest_slot(self) -> int:
@@ -75,11 +178,18 @@ class KVCache:
 
     def order(self) -> torch.Tensor:
         """(B, n) slot indices in temporal order, oldest first."""
+        if self._in_order:
+            return torch.arange(self.n, device=self.pos.device).expand(self.pos.shape[0], self.n)
         return self.pos[:, : self.n].argsort(dim=1)
 
     def ordered_scores(self) -> torch.Tensor | None:
         """Accumulated scores (B, n) in temporal order, or None when not tracked."""
-        return None if self.scores is None else self.scores[:, : self.n].gather(1, self.order())
+        if self.scores is None:
+            return None
+        self._flush_scores()
+        if self._in_order:
+            return self.scores[:, : self.n]
+        return self.scores[:, : self.n].gather(1, self.order())
 
     def _take(self, t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(L, B, H, capacity, Dh) at per-sequence slots (B, m) -> (L, B, H, m, Dh).
@@ -90,16 +200,20 @@ class KVCache:
         return t[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # indexing puts the (B, m) dims first
 
     def temporal(self) -> dict:
-        """Valid slots gathered into temporal order: k, v (L, B, H, n, Dh), pos, src_step, scores (B, n)."""
+        """Valid slots in temporal order: k, v (L, B, H, n, Dh), pos, src_step, scores (B, n).
+        Views of the cache while it is in order (no slide since the last compaction), copies otherwise."""
+        n = self.n
+        if self._in_order:
+            return {"k": self.k[:, :, :, :n], "v": self.v[:, :, :, :n], "pos": self.pos[:, :n],
+                    "src_step": self.src_step[:, :n], "scores": self.ordered_scores()}  # fmt: skip
         idx = self.order()
-        out = {
+        return {
             "k": self._take(self.k, idx),
             "v": self._take(self.v, idx),
-            "pos": self.pos[:, : self.n].gather(1, idx),
-            "src_step": self.src_step[:, : self.n].gather(1, idx),
+            "pos": self.pos[:, :n].gather(1, idx),
+            "src_step": self.src_step[:, :n].gather(1, idx),
+            "scores": self.ordered_scores(),
         }
-        out["scores"] = self.ordered_scores()
-        return out
 
     def apply_plan(self, assign: torch.Tensor, weight: torch.Tensor, n_out: int) -> None:
         """Compact the cache to `n_out` tokens.
@@ -111,6 +225,8 @@ class KVCache:
         the slot's new position; positions become contiguous, ending at the newest token's.
         Scores of merged tokens add up, so total attention mass is conserved.
         """
+        if self.scores is not None:
+            self._flush_scores()
         keep = assign >= 0
         if bool((keep.sum(1) == n_out).all()):  # every slot holds exactly one token: a pure selection
             self._apply_selection(assign, keep, n_out)
@@ -120,6 +236,16 @@ class KVCache:
     def _new_positions(self, n_out: int) -> torch.Tensor:
         """Rotary positions of n_out compacted tokens: contiguous, ending at the newest token's."""
         return self.n_added - n_out + torch.arange(n_out, device=self.pos.device)
+
+    def _finish(self, n_out: int) -> None:
+        self.pos[:, :n_out] = self._new_positions(n_out)
+        self.pos[:, n_out:] = -1
+        self.src_step[:, n_out:] = -1
+        if self.scores is not None:
+            self.scores[:, n_out:] = 0.0
+        if self.valid is not None:
+            self.valid[..., n_out:] = False
+        self.n, self._oldest, self._in_order = n_out, 0, True
 
     def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
@@ -140,32 +266,73 @@ class KVCache:
         den = den.view(1, B, 1, n_out, 1)
         new_k = torch.zeros(L, B, H, n_out, Dh, dtype=self.k.dtype, device=self.k.device).scatter_add_(3, idx, k_rot * wk) / den
         new_v = torch.zeros_like(new_k).scatter_add_(3, idx, t["v"] * wk) / den
-        self.k[:, :, :, :n_out] = new_k
-        self.v[:, :, :, :n_out] = new_v
-        self.pos[:, :n_out] = new_pos
-        self.pos[:, n_out:] = -1
         src = torch.where(keep, t["src_step"], torch.full_like(t["src_step"], -1))
-        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(1, tgt, src, "amax")
+        new_src = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(1, tgt, src, "amax")
         if self.scores is not None:
             sc = torch.where(keep, t["scores"], torch.zeros_like(t["scores"]))
             self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt, sc)
-            self.scores[:, n_out:] = 0.0
-        self.n, self._oldest = n_out, 0
+        self.k[:, :, :, :n_out] = new_k  # written last: t[...] may be views of the cache
+        self.v[:, :, :, :n_out] = new_v
+        self.src_step[:, :n_out] = new_src
+        self._finish(n_out)
 
     def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` for a plan that only drops tokens: gathers and re-rotates the kept ones alone."""
         B = assign.shape[0]
         which = torch.where(keep, assign, torch.full_like(assign, n_out))  # dropped tokens -> a spare column
         src = torch.zeros(B, n_out + 1, dtype=torch.long, device=assign.device).scatter_(1, which, self.order())[:, :n_out]
-        k, v = self._take(self.k, src), self._take(self.v, src)  # (L, B, H, n_out, Dh)
+        k, v = self._take(self.k, src), self._take(self.v, src)  # (L, B, H, n_out, Dh), copies
         new_pos = self._new_positions(n_out)
         cos, sin = rope_cos_sin(new_pos - self.pos[:, : self.n].gather(1, src), self.head_size, self.rope_base)  # (B, n_out, Dh/2)
         self.k[:, :, :, :n_out] = apply_rope(k, cos[None, :, None], sin[None, :, None])
         self.v[:, :, :, :n_out] = v
         self.src_step[:, :n_out] = self.src_step[:, : self.n].gather(1, src)
-        self.pos[:, :n_out] = new_pos
-        self.pos[:, n_out:] = -1
         if self.scores is not None:
             self.scores[:, :n_out] = self.scores[:, : self.n].gather(1, src)
-            self.scores[:, n_out:] = 0.0
-        self.n, self._oldest = n_out, 0
+        self._finish(n_out)
+
+
+class StreamingCache(KVCache):
+    """StreamingLLM's rolling cache: the first `n_sink` tokens plus a ring of the newest
+    `capacity - n_sink`, which the newest token overwrites; never compacted (see the module docstring
+    for the rotary positions). `pos` holds each slot's rollout step (as `src_step`)."""
+
+    def __init__(self, *args, n_sink: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 <= n_sink < self.capacity:
+            raise ValueError(f"n_sink must be in [0, {self.capacity - 1}] (below the capacity), got {n_sink}")
+        self.n_sink = n_sink
+        self._sink_k: torch.Tensor | None = None  # (L, B, H, n_sink, Dh) sink keys at their own positions
+
+    def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with `apply_rope`:
+        q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
+        if self._rot is None or pos >= len(self._rot[0]):
+            self.rope_at(max(pos, 4095))  # grows the angle table
+            cos, sin = self._rope  # (P, Dh/2)
+            self._rot = (
+                torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
+                torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
+            )  # (P, 3, 1, 1, Dh/2)
+        return self._rot[0][pos], self._rot[1][pos]
+
+    def _next_slot(self) -> int:
+        if self.n < self.capacity:
+            return super()._next_slot()
+        if self._n_q:
+            self._flush_scores()
+        self._in_order = False
+        return self.n_sink + (self.n_added - self.n_sink) % (self.capacity - self.n_sink)
+
+    def advance(self) -> int:
+        pos = super().advance()
+        shift = pos - self.capacity + 1  # how far the sinks move (position-in-cache)
+        if shift > 0 and self.n_sink:
+            if self._sink_k is None:
+                self._sink_k = self.k[:, :, :, : self.n_sink].clone()
+            cos, sin = self.rope_at(shift)
+            self.k[:, :, :, : self.n_sink] = apply_rope(self._sink_k, cos, sin)
+        return pos
+
+    def apply_plan(self, assign, weight, n_out):
+        raise NotImplementedError("a streaming cache evicts as it goes; it takes no merge plans")
