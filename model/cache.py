@@ -78,6 +78,7 @@ class KVCache:
         else:
             self._q = self._q_step = None
         self._n_q = 0
+        self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
 
     def __len__(self) -> int:
         return self.n
@@ -233,37 +234,56 @@ class KVCache:
         else:
             self._apply_merge(assign, weight, keep, n_out)
 
+    def _work(self, m: int) -> torch.Tensor:
+        """Contiguous (L, B, H, m, Dh) work memory, reused: compaction allocates no large tensor (on a
+        busy machine a fresh 10 MB tensor costs more in page faults than the arithmetic on it)."""
+        L, B, H, C, Dh = self.k.shape
+        if self._scratch is None:
+            self._scratch = torch.empty(L * B * H * C * Dh, device=self.k.device, dtype=self.k.dtype)
+        return self._scratch[: L * B * H * m * Dh].view(L, B, H, m, Dh)
+
+    def _rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """`apply_rope` in place on x (L, B, H, m, Dh), a view of the cache, by cos/sin broadcastable to
+        (..., m, Dh/2): the same arithmetic (x1*c - x2*s, x1*s + x2*c) over full rows of Dh."""
+        half = x.shape[-1] // 2
+        swapped = self._work(x.shape[3])
+        swapped[..., :half].copy_(x[..., half:])
+        swapped[..., half:].copy_(x[..., :half])
+        x.mul_(torch.cat([cos, cos], dim=-1))
+        x.add_(swapped.mul_(torch.cat([-sin, sin], dim=-1)))
+
     def _new_positions(self, n_out: int) -> torch.Tensor:
         """Rotary positions of n_out compacted tokens: contiguous, ending at the newest token's."""
         return self.n_added - n_out + torch.arange(n_out, device=self.pos.device)
 
-    def _finish(self, n_out: int) -> None:
-        self.pos[:, :n_out] = self._new_positions(n_out)
+    def _finish(self, n_out: int, in_order: bool = True) -> None:
+        if in_order:
+            self.pos[:, :n_out] = self._new_positions(n_out)
         self.pos[:, n_out:] = -1
         self.src_step[:, n_out:] = -1
         if self.scores is not None:
             self.scores[:, n_out:] = 0.0
         if self.valid is not None:
             self.valid[..., n_out:] = False
-        self.n, self._oldest, self._in_order = n_out, 0, True
+        self.n, self._oldest, self._in_order = n_out, 0, in_order
 
     def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
-        t = self.temporal()
         B, n = assign.shape
+        a = assign[0]
+        if self._in_order and bool((assign == a).all()) and bool((a[keep[0]].diff() >= 0).all()):
+            self._merge_in_place(a, weight, keep, n_out)
+            return
+        t = self.temporal()
         tgt = assign.clamp(min=0)
         w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
         new_pos = self._new_positions(n_out)  # (n_out,)
-        delta = new_pos[tgt] - t["pos"]  # (B, n)
-        cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)  # (B, n, Dh/2)
+        cos, sin = rope_cos_sin(new_pos[tgt] - t["pos"], self.head_size, self.rope_base)  # (B, n, Dh/2)
         k_rot = apply_rope(t["k"], cos[None, :, None], sin[None, :, None])  # (L, B, H, n, Dh)
         L, _, H, _, Dh = k_rot.shape
         idx = tgt.view(1, B, 1, n, 1).expand(L, B, H, n, Dh)
         wk = w.view(1, B, 1, n, 1)
-        den = torch.zeros(B, n_out, dtype=w.dtype, device=w.device).scatter_add_(1, tgt, w)  # (B, n_out)
-        if (den <= 0).any():
-            raise ValueError("compression plan leaves an output slot without a token of positive weight")
-        den = den.view(1, B, 1, n_out, 1)
+        den = self._denominator(tgt, w, n_out)
         new_k = torch.zeros(L, B, H, n_out, Dh, dtype=self.k.dtype, device=self.k.device).scatter_add_(3, idx, k_rot * wk) / den
         new_v = torch.zeros_like(new_k).scatter_add_(3, idx, t["v"] * wk) / den
         src = torch.where(keep, t["src_step"], torch.full_like(t["src_step"], -1))
@@ -276,20 +296,69 @@ class KVCache:
         self.src_step[:, :n_out] = new_src
         self._finish(n_out)
 
-    def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
-        """`apply_plan` for a plan that only drops tokens: gathers and re-rotates the kept ones alone."""
-        B = assign.shape[0]
-        which = torch.where(keep, assign, torch.full_like(assign, n_out))  # dropped tokens -> a spare column
-        src = torch.zeros(B, n_out + 1, dtype=torch.long, device=assign.device).scatter_(1, which, self.order())[:, :n_out]
-        k, v = self._take(self.k, src), self._take(self.v, src)  # (L, B, H, n_out, Dh), copies
+    @staticmethod
+    def _denominator(tgt: torch.Tensor, w: torch.Tensor, n_out: int) -> torch.Tensor:
+        den = torch.zeros(tgt.shape[0], n_out, dtype=w.dtype, device=w.device).scatter_add_(1, tgt, w)  # (B, n_out)
+        if (den <= 0).any():
+            raise ValueError("compression plan leaves an output slot without a token of positive weight")
+        return den.view(1, tgt.shape[0], 1, n_out, 1)
+
+    def _merge_in_place(self, a: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
+        """`_apply_merge` for a plan shared by every sequence with slots in temporal order (fixed_window,
+        pooling: the same groups, per-sequence weights) on a cache in temporal order: keys rotated and
+        weighed in place, each slot's extra members added into its first one (only they move), the
+        first members gathered to the front once; no large temporary tensors."""
+        B, n = keep.shape
+        keep0 = keep[0]
+        k, v = self.k[:, :, :, :n], self.v[:, :, :, :n]  # (L, B, H, n, Dh) views, temporal order
+        tgt = a.clamp(min=0)
         new_pos = self._new_positions(n_out)
-        cos, sin = rope_cos_sin(new_pos - self.pos[:, : self.n].gather(1, src), self.head_size, self.rope_base)  # (B, n_out, Dh/2)
-        self.k[:, :, :, :n_out] = apply_rope(k, cos[None, :, None], sin[None, :, None])
-        self.v[:, :, :, :n_out] = v
-        self.src_step[:, :n_out] = self.src_step[:, : self.n].gather(1, src)
+        cos, sin = rope_cos_sin(new_pos[tgt] - self.pos[0, :n], self.head_size, self.rope_base)  # (n, Dh/2)
+        self._rotate_(k, cos, sin)
+        w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
+        if not bool((w[keep] == 1).all()):
+            k.mul_(w.view(1, B, 1, n, 1))
+            v.mul_(w.view(1, B, 1, n, 1))
+        first = keep0.clone()
+        first[1:] &= a[1:] != a[:-1]  # slots are contiguous runs of kept tokens
+        first_idx = first.nonzero()[:, 0]  # (n_out,)
+        rest = (keep0 & ~first).nonzero()[:, 0]
+        if len(rest):
+            lead = first_idx[a[rest]]  # the first member of each extra member's slot
+            k.index_add_(3, lead, k.index_select(3, rest))
+            v.index_add_(3, lead, v.index_select(3, rest))
+        den = self._denominator(tgt.expand(B, n), w, n_out)
+        for buf in (self.k, self.v):
+            out = self._work(n_out)
+            torch.index_select(buf[:, :, :, :n], 3, first_idx, out=out)
+            buf[:, :, :, :n_out].copy_(out).div_(den)
+        src = torch.where(keep, self.src_step[:, :n], torch.full_like(self.src_step[:, :n], -1))
+        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(1, tgt.expand(B, n), src, "amax")
         if self.scores is not None:
-            self.scores[:, :n_out] = self.scores[:, : self.n].gather(1, src)
+            sc = torch.where(keep, self.scores[:, :n], torch.zeros_like(self.scores[:, :n]))
+            self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt.expand(B, n), sc)
         self._finish(n_out)
+
+    def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
+        """`apply_plan` for a plan that only drops tokens, in place: a kept token in a slot at or past
+        `n_out` moves into a dropped token's slot below it (the only data that moves: as many tokens as
+        were dropped), then the kept keys are rotated in place to their new positions. Slots are then
+        no longer in temporal order (`order()` sorts them)."""
+        B, n = assign.shape
+        keep_slot = torch.zeros(B, n, dtype=torch.bool, device=keep.device).scatter_(1, self.order(), keep)  # (B, n) per slot
+        holes = (~keep_slot[:, :n_out]).nonzero()  # (m, 2) row, slot: dropped below n_out, row-major
+        movers = keep_slot[:, n_out:].nonzero()  # (m, 2) row, slot - n_out: kept at or past n_out
+        if len(holes):
+            rows, dst, src = holes[:, 0], holes[:, 1], movers[:, 1] + n_out  # each row has as many of both
+            self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
+            for buf in (self.pos, self.src_step) + ((self.scores,) if self.scores is not None else ()):
+                buf[rows, dst] = buf[rows, src]
+        rank = self.pos[:, :n_out].argsort(1).argsort(1)  # (B, n_out) temporal rank of each slot's token
+        new_pos = self.n_added - n_out + rank
+        cos, sin = rope_cos_sin(new_pos - self.pos[:, :n_out], self.head_size, self.rope_base)  # (B, n_out, Dh/2)
+        self._rotate_(self.k[:, :, :, :n_out], cos[:, None], sin[:, None])
+        self.pos[:, :n_out] = new_pos
+        self._finish(n_out, in_order=not len(holes))
 
 
 class StreamingCache(KVCache):
