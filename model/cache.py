@@ -79,6 +79,7 @@ class KVCache:
             self._q = self._q_step = None
         self._n_q = 0
         self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
+        self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
 
     def __len__(self) -> int:
         return self.n
@@ -154,7 +155,8 @@ class KVCache:
             self._q[layer, :, :, self._n_q - 1] = q[:, :, 0]
 
     def _flush_scores(self) -> None:
-        """Add the attention the pending queries paid to every valid slot; one batched product for all layers.
+        """Add the attention the pending queries paid to every valid slot: per layer one batched product
+        into reused memory, masked and normalised in place (no large temporaries).
 
         Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
         since it ran (compaction and slides flush first)."""
@@ -162,12 +164,17 @@ class KVCache:
         self._n_q = 0
         if m == 0:
             return
-        keys = self.k[:, :, :, :n]  # (L, B, H, n, Dh)
-        logits = self._q[:, :, :, :m] @ keys.transpose(-2, -1) / math.sqrt(self.head_size)  # (L, B, H, m, n)
-        seen = self.src_step[:, None, :n] <= self._q_step[:m, None]  # (B, m, n)
-        attn = logits.masked_fill(~seen[None, :, None], float("-inf")).softmax(-1)  # (L, B, H, m, n)
-        self.scores[:, :n] += attn.mean(2).sum((0, 2)) / self.n_layer
-
+        L, B, H, _, Dh = self.k.shape
+        unseen = (self.src_step[:, None, :n] > self._q_step[:m, None])[:, None]  # (B, 1, m, n)
+        if self._score_buf is None or self._score_buf.numel() < B * H * m * n:
+            self._score_buf = torch.empty(B * H * len(self._q_step) * self.capacity, device=self.k.device, dtype=self.k.dtype)
+        attn = self._score_buf[: B * H * m * n].view(B, H, m, n)
+        for layer in range(L):
+            torch.matmul(self._q[layer, :, :, :m], self.k[layer, :, :, :n].transpose(-2, -1), out=attn)  # (B, H, m, n)
+            attn.mul_(1.0 / math.sqrt(Dh)).masked_fill_(unseen, float("-inf"))
+            attn.sub_(attn.amax(-1, keepdim=True)).exp_()
+            attn.div_(attn.sum(-1, keepdim=True))  # softmax over the keys each query saw
+            self.scores[:, :n] += attn.sum((1, 2)) / (H * L)
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Accumulate attention (B, H, 1, n) that a caller computed itself into per-slot scores."""
         if self.scores is not None:

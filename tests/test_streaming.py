@@ -174,3 +174,14 @@ def test_streaming_cache_rejects_bad_sinks_and_plans():
     with pytest.raises(NotImplementedError):
         cache.apply_plan(*make_compression("sink_window", context=4, ratio=0.5, n_sink=1).plan(4, 4, batch=2))
     assert copy.deepcopy(cache).n_sink == 1
+
+
+@pytest.mark.parametrize("grid_size", [0, 3])
+def test_step_embedding_equals_embed_also_after_a_weight_update(grid_size):
+    model = _model(grid_size=grid_size)
+    tok = _tokens(model.cfg, 3, 5, seed=7)
+    with torch.no_grad():
+        assert torch.equal(model._embed_step(tok), model.embed(tok))
+        for p in model.parameters():
+            p.add_(0.1)  # an optimizer step: the cached state table must follow
+        assert torch.equal(model._embed_step(tok), model.embed(tok))
