@@ -124,11 +124,19 @@ def main(argv=None) -> dict:
         "speedup_max": float(ratio.max()), "break_even_steps": break_even,
         "typical_run_s": {"eager": cfg["typical_steps"] * eager_ms / 1000, "compiled": compile_s + cfg["typical_steps"] * comp_ms / 1000},
     }  # fmt: skip
-    print(f"{result['date']}  torch {torch.__version__}, {cfg['threads']} thread(s), {B} envs, {T} transitions, {cfg['rounds']} rounds x {cfg['steps']} steps")
+    print(
+        f"{result['date']}  torch {torch.__version__}, {cfg['threads']} thread(s), {B} envs, {T} transitions, {cfg['rounds']} rounds x {cfg['steps']} steps"
+    )
     print(f"compile: {compile_s:.1f} s")
-    print(f"step: eager {eager_ms:.3f} ms ({result['eager_cpu_ms']:.3f} ms CPU), compiled {comp_ms:.3f} ms ({result['compiled_cpu_ms']:.3f} ms CPU)")
-    print(f"compiled vs eager: {result['speedup']:.2f}x [{result['speedup_min']:.2f}-{result['speedup_max']:.2f}]; break-even after {break_even:.0f} steps")
-    print(f"a typical run of {cfg['typical_steps']} steps: eager {result['typical_run_s']['eager']:.1f} s, compiled {result['typical_run_s']['compiled']:.1f} s")
+    print(
+        f"step: eager {eager_ms:.3f} ms ({result['eager_cpu_ms']:.3f} ms CPU), compiled {comp_ms:.3f} ms ({result['compiled_cpu_ms']:.3f} ms CPU)"
+    )
+    print(
+        f"compiled vs eager: {result['speedup']:.2f}x [{result['speedup_min']:.2f}-{result['speedup_max']:.2f}]; break-even after {break_even:.0f} steps"
+    )
+    print(
+        f"a typical run of {cfg['typical_steps']} steps: eager {result['typical_run_s']['eager']:.1f} s, compiled {result['typical_run_s']['compiled']:.1f} s"
+    )
     if cfg["out"]:
         out = Path(cfg["out"])
         out.parent.mkdir(parents=True, exist_ok=True)

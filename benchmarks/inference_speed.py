@@ -228,9 +228,22 @@ def main(argv=None) -> dict:
             for row in measure(model, spec, tasks, cfg, T, B, device):
                 rows.append(row)
                 va = f"{row['speedup_vs_rerun']:.1f}x" if "speedup_vs_rerun" in row else ""
-                vb = f"{row['speedup_vs_kv']:.2f}x [{row['speedup_vs_kv_min']:.2f}-{row['speedup_vs_kv_max']:.2f}]" if "speedup_vs_kv" in row else ""
-                print(f"{T:>8}{B:>6}  {row['engine']:<32}{row['ms_per_step']:>9.2f}{row['env_steps_per_s']:>13.0f}{va:>9}{vb:>22}", flush=True)
-    result = {"date": str(datetime.date.today()), "device": str(device), "hardware": hw, "torch": torch.__version__, "config": cfg, "rows": rows}
+                vb = (
+                    f"{row['speedup_vs_kv']:.2f}x [{row['speedup_vs_kv_min']:.2f}-{row['speedup_vs_kv_max']:.2f}]"
+                    if "speedup_vs_kv" in row
+                    else ""
+                )
+                print(
+                    f"{T:>8}{B:>6}  {row['engine']:<32}{row['ms_per_step']:>9.2f}{row['env_steps_per_s']:>13.0f}{va:>9}{vb:>22}", flush=True
+                )
+    result = {
+        "date": str(datetime.date.today()),
+        "device": str(device),
+        "hardware": hw,
+        "torch": torch.__version__,
+        "config": cfg,
+        "rows": rows,
+    }
     if cfg["rerun"]:
         n_ep = 2 * base.cfg.max_context // spec.horizon
         within, after = greedy_agreement(base, spec, tasks, n_ep)

@@ -246,12 +246,18 @@ class ADTransformer(nn.Module):
             key = (self.row_emb.weight._version, self.col_emb.weight._version, self.row_emb.weight.device)  # in-place updates bump _version
             if getattr(self, "_state_table_key", None) != key:
                 s = torch.arange(self.cfg.n_states, device=self.row_emb.weight.device)
-                self._state_table = self.row_emb.weight[s // self.cfg.grid_size] + self.col_emb.weight[s % self.cfg.grid_size]  # (n_states, D)
+                self._state_table = (
+                    self.row_emb.weight[s // self.cfg.grid_size] + self.col_emb.weight[s % self.cfg.grid_size]
+                )  # (n_states, D)
                 self._state_table_key = key
             table = self._state_table
         else:
             table = self.state_emb.weight
-        x = F.embedding(tok.states, table) + F.embedding(tok.prev_actions, self.action_emb.weight) + F.embedding(tok.timesteps, self.time_emb.weight)
+        x = (
+            F.embedding(tok.states, table)
+            + F.embedding(tok.prev_actions, self.action_emb.weight)
+            + F.embedding(tok.timesteps, self.time_emb.weight)
+        )
         return x + F.linear(tok.prev_rewards.unsqueeze(-1).float(), self.reward_emb.weight, self.reward_emb.bias)
 
     @torch.no_grad()

@@ -175,6 +175,7 @@ class KVCache:
             attn.sub_(attn.amax(-1, keepdim=True)).exp_()
             attn.div_(attn.sum(-1, keepdim=True))  # softmax over the keys each query saw
             self.scores[:, :n] += attn.sum((1, 2)) / (H * L)
+
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Accumulate attention (B, H, 1, n) that a caller computed itself into per-slot scores."""
         if self.scores is not None:
@@ -340,7 +341,9 @@ class KVCache:
             torch.index_select(buf[:, :, :, :n], 3, first_idx, out=out)
             buf[:, :, :, :n_out].copy_(out).div_(den)
         src = torch.where(keep, self.src_step[:, :n], torch.full_like(self.src_step[:, :n], -1))
-        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(1, tgt.expand(B, n), src, "amax")
+        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(
+            1, tgt.expand(B, n), src, "amax"
+        )
         if self.scores is not None:
             sc = torch.where(keep, self.scores[:, :n], torch.zeros_like(self.scores[:, :n]))
             self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt.expand(B, n), sc)

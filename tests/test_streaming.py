@@ -1,17 +1,21 @@
 """The streaming (sink + ring buffer) cache, the static-shape cached step and lazily computed scores.
 
-    python -m pytest -q tests/test_streaming.py
+python -m pytest -q tests/test_streaming.py
 """
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from adlens.capture import capture_attention
+from benchmarks.inference_speed import main as benchmark_main
 from adlens.compression import make_compression
 from env import get_spec, make_env
 from model.ad import ADConfig, ADTransformer, Tokens
@@ -119,7 +123,9 @@ def test_static_step_equals_dynamic_step(n_sink_or_none):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name, params", [("fixed_window", {"keep_recent": 3}), ("topk", {"keep_recent": 2}), ("pooling", {"keep_recent": 3})])
+@pytest.mark.parametrize(
+    "name, params", [("fixed_window", {"keep_recent": 3}), ("topk", {"keep_recent": 2}), ("pooling", {"keep_recent": 3})]
+)
 def test_static_compressed_engine_equals_dynamic(name, params):
     model = _model(n_layer=2, max_context=16)
     comp = make_compression(name, context=16, ratio=0.4, interval=3, **params)
@@ -158,7 +164,10 @@ def test_ratio_one_and_none_build_the_uncompressed_engine():
     tok = _tokens(model.cfg, 2, 30, seed=6)
     plain = KVEngine(model, 2, None)
     names = ("none", "sink_window", "topk", "fixed_window")
-    same = [KVEngine(model, 2, make_compression(n, context=16, ratio=1.0, **({} if n in ("none", "sink_window") else {"keep_recent": 4}))) for n in names]
+    same = [
+        KVEngine(model, 2, make_compression(n, context=16, ratio=1.0, **({} if n in ("none", "sink_window") else {"keep_recent": 4})))
+        for n in names
+    ]
     with torch.inference_mode():
         for t in range(30):
             want = plain.step(_at(tok, slice(t, t + 1)))
@@ -185,3 +194,16 @@ def test_step_embedding_equals_embed_also_after_a_weight_update(grid_size):
         for p in model.parameters():
             p.add_(0.1)  # an optimizer step: the cached state table must follow
         assert torch.equal(model._embed_step(tok), model.embed(tok))
+
+
+def test_inference_speed_benchmark_smoke(tmp_path):
+    """The benchmark runs every engine interleaved and reports (c) against (b); bad input exits 2."""
+    out = tmp_path / "bench.json"
+    res = benchmark_main(["--contexts", "24", "--envs", "2", "--steps", "2", "--rounds", "2", "--no-rerun", "--ratios", "0.5",
+                "--interval", "2", "--keep-recent", "2", "--n-sink", "1", "--out", str(out)])  # fmt: skip
+    labels = [r["engine"] for r in res["rows"]]
+    assert labels == ["(b) kv", "(c) fixed_window 0.5", "(c) topk 0.5", "(c) pooling 0.5", "(c) sink_window 0.5"]
+    assert all(r["speedup_vs_kv"] > 0 for r in res["rows"][1:]) and out.is_file()
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
+    r = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--rounds must be >= 1" in r.stderr and "Traceback" not in r.stderr
