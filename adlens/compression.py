@@ -11,7 +11,8 @@ over the shorter context. Output slots keep temporal order and the newest token 
 
 `ratio` is the fraction of the model's context kept (1.0 = no compression); the budget is
 `round(ratio * context)` tokens, enforced every `interval` steps. Between compressions the context
-grows again by up to `interval` tokens.
+grows again by up to `interval` tokens. Strategies marked `streaming` (sink_window) evict at every
+step instead, so their context never exceeds the budget and `interval` does not apply.
 
 Adding a strategy: one dataclass below (fields = validated hyper-parameters, a `plan` method or,
 for a pure selection, a `keep_mask` method) and one line in `STRATEGIES`.
@@ -33,6 +34,9 @@ class Compression:
     ratio: float = 0.5
     interval: int = 20
     needs_scores: ClassVar[bool] = False  # True: plan() needs accumulated attention scores
+    # True: a pure recent-keeping eviction (the first n_sink tokens + the newest ones), applied at every
+    # step as a rolling cache (StreamingLLM); `interval` is not used
+    streaming: ClassVar[bool] = False
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
@@ -204,9 +208,16 @@ class TopK(Compression):
 
 @dataclass
 class SinkWindow(Compression):
-    """StreamingLLM: the first `n_sink` tokens (attention sinks) plus the most recent ones."""
+    """StreamingLLM: the first `n_sink` tokens (attention sinks) plus the most recent ones.
+
+    A rolling window: evicts at every step once the context exceeds the budget (the KV engine keeps
+    it as sink slots + a ring buffer, with no compaction), so `interval` is not used."""
 
     n_sink: int = 4
+    streaming: ClassVar[bool] = True
+
+    def due(self, steps_since: int, n: int, context: int) -> bool:
+        return n > self.budget(context)
 
     def check(self, context: int) -> None:
         if not 0 <= self.n_sink < self.budget(context):

@@ -1,15 +1,19 @@
 """In-context rollout throughput: (a) re-running the whole window every step, (b) the KV-cached
-incremental rollout, (c) (b) with compression; same weights, same seeds, measured side by side.
+incremental rollout, (c) (b) with compression; same weights, measured side by side, interleaved.
 
     python benchmarks/inference_speed.py                          # 8 and 256 envs, contexts 240 and 1000
+    python benchmarks/inference_speed.py --contexts 240 --envs 8 --strategies sink_window --ratios 0.3
     python benchmarks/inference_speed.py --envs 1024 4096 --device cuda
 
-For each (context, number of environments) the context is first filled (untimed) to its full
-length, then `--steps` rollout steps are timed: model, action sampling and environment step.
-Reports ms per rollout step, environment steps per second and the ratios to (a). The shipped model is
-used where its context allows; longer contexts use a model of the same size with random weights
-(speed does not depend on the weights). Also checks that (a) and (b) pick the same greedy actions
-while the context is within the model's window.
+For each (context, number of environments) every engine is built once and its context filled
+(untimed): (a) and (b) to the full context, (c) until its compressed context cycles (budget +
+2 intervals). Then `rounds` rounds time `steps` rollout steps of every engine in turn (model, action
+sampling and environment step), the order reversed every other round (ABBA), so that load on a
+shared machine hits all alike. Reported: ms per step (summed time / summed steps), environment steps
+per second, (b) against (a), and every (c) against (b) as the ratio of summed times with the lowest
+and highest per-round ratio. The shipped model is used where its context allows; longer contexts use a
+model of the same size with random weights (speed does not depend on the weights). Also checks that
+(a) and (b) pick the same greedy actions while the context is within the model's window.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -27,14 +32,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adlens.config import run_cli  # noqa: E402
-from env import get_spec  # noqa: E402
+from adlens.compression import make_compression  # noqa: E402
+from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
+from env import get_spec, make_vec_env  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
-from env import make_vec_env  # noqa: E402
 from model.ad import ADConfig, ADTransformer, Tokens  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
-from adlens.compression import make_compression  # noqa: E402
 from model.rollout import make_engine, run_episodes  # noqa: E402
+
+CONFIG = {
+    "checkpoint": "default",  # model.pt (default: the shipped model)
+    "contexts": [240, 1000],  # transitions in the model's context
+    "envs": [8, 256],  # parallel environments (batch)
+    "steps": 40,  # timed kv steps per engine per round (a multiple of the interval: same compactions per round)
+    "rerun_steps": 4,  # timed steps of (a) per round (re-running 1,000 transitions x 256 envs takes seconds)
+    "rounds": 3,  # interleaved rounds
+    "rerun": True,  # time (a) at all
+    "strategies": ["fixed_window", "topk", "pooling", "sink_window"],  # compression for (c)
+    "ratios": [0.5, 0.3, 0.1],
+    "interval": 20,
+    "keep_recent": 20,  # fixed_window / topk / pooling
+    "n_sink": 4,  # sink_window
+    "dynamic": False,  # also time (c) attending over the valid prefix instead of the static masked cache
+    "threads": 1,  # torch CPU threads (0 = torch's default)
+    "vec_env": "batched",  # batched | dummy
+    "device": "cpu",
+    "out": "",  # write the results as JSON here
+}
 
 
 def prefill(eng, model, B, n, device, gen):
@@ -54,31 +79,45 @@ def prefill(eng, model, B, n, device, gen):
         eng.n = n
 
 
-@torch.inference_mode()
-def time_rollout(model, spec, tasks, engine, comp, B, steps, device, vec_env, seed=0) -> float:
-    """Seconds for `steps` rollout steps with a full context (the same loop as model.rollout)."""
-    venv = make_vec_env(spec, (tasks * (B // len(tasks) + 1))[:B], vec_env)  # B envs cycling over the tasks
-    gen = torch.Generator().manual_seed(seed)
-    eng = make_engine(engine, model, B, comp)
-    prefill(eng, model, B, model.cfg.max_context, device, gen)
-    obs = venv.reset()
-    prev_a = torch.zeros(B, 1, dtype=torch.long, device=device)
-    prev_r = torch.zeros(B, 1, device=device)
-    dgen = torch.Generator(device=device).manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for t in range(steps):
-        states = torch.as_tensor(spec.state_index(obs), device=device).view(B, 1)
-        logits = eng.step(Tokens(states, prev_a, prev_r, torch.full((B, 1), t % spec.horizon, dtype=torch.long, device=device)))
-        actions = torch.multinomial(logits.softmax(-1), 1, generator=dgen)[:, 0]
-        obs, rewards, _, _ = venv.step(actions.cpu().numpy())
-        prev_a = actions.view(B, 1)
-        prev_r = torch.as_tensor(rewards, dtype=torch.float32, device=device).view(B, 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    venv.close()
-    return time.perf_counter() - t0
+class Runner:
+    """One engine with its environments and the rollout loop of model.rollout, timed in slices."""
+
+    def __init__(self, model, spec, tasks, engine, comp, B, device, vec_env, static=True, seed=0):
+        self.model, self.spec, self.B, self.device = model, spec, B, device
+        self.venv = make_vec_env(spec, (tasks * (B // len(tasks) + 1))[:B], vec_env)  # B envs cycling over the tasks
+        opts = {"static": static} if engine == "kv" else {}
+        self.eng = make_engine(engine, model, B, comp, **opts)
+        T = model.cfg.max_context
+        n = T if comp is None else min(T, comp.budget(T) + 2 * comp.interval)
+        prefill(self.eng, model, B, n, device, torch.Generator().manual_seed(seed))
+        self.obs = self.venv.reset()
+        self.prev_a = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.prev_r = torch.zeros(B, 1, device=device)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.t = 0
+
+    @torch.inference_mode()
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` more rollout steps."""
+        B, spec, device = self.B, self.spec, self.device
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            states = torch.as_tensor(spec.state_index(self.obs), device=device).view(B, 1)
+            ts = torch.full((B, 1), self.t % spec.horizon, dtype=torch.long, device=device)
+            logits = self.eng.step(Tokens(states, self.prev_a, self.prev_r, ts))
+            actions = torch.multinomial(logits.softmax(-1), 1, generator=self.gen)[:, 0]
+            self.obs, rewards, _, _ = self.venv.step(actions.cpu().numpy())
+            self.prev_a = actions.view(B, 1)
+            self.prev_r = torch.as_tensor(rewards, dtype=torch.float32, device=device).view(B, 1)
+            self.t += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def close(self):
+        self.venv.close()
 
 
 def greedy_agreement(model, spec, tasks, n_episodes) -> tuple[float, float]:
@@ -96,64 +135,126 @@ def greedy_agreement(model, spec, tasks, n_episodes) -> tuple[float, float]:
     return float(same[:T].mean()), float(same[T:].mean()) if len(same) > T else float("nan")
 
 
+def validate(cfg: dict) -> None:
+    for key in ("steps", "rerun_steps", "rounds", "interval"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if min(cfg["contexts"]) < 1 or min(cfg["envs"]) < 1:
+        raise UserError("--contexts and --envs must be >= 1")
+    if cfg["threads"] < 0:
+        raise UserError(f"--threads must be >= 0, got {cfg['threads']}")
+    if cfg["vec_env"] not in ("batched", "dummy"):
+        raise UserError(f"--vec-env must be batched or dummy, got {cfg['vec_env']!r}")
+
+
+def build_comp(cfg, name, ratio, T):
+    kw = {"keep_recent": cfg["keep_recent"]} if name in ("fixed_window", "topk", "pooling") else {}
+    kw |= {"n_sink": cfg["n_sink"]} if name == "sink_window" else {}
+    try:
+        return make_compression(name, context=T, ratio=ratio, interval=cfg["interval"], **kw)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def measure(model, spec, tasks, cfg, T, B, device) -> list[dict]:
+    """Every engine for one (context, envs), interleaved; one row per engine."""
+    variants = [("(b) kv", "kv", None, True)]
+    if cfg["rerun"]:
+        variants.insert(0, ("(a) rerun", "rerun", None, True))
+    for name in cfg["strategies"]:
+        for ratio in cfg["ratios"]:
+            comp = build_comp(cfg, name, ratio, T)
+            variants.append((f"(c) {name} {ratio:g}", "kv", comp, True))
+            if cfg["dynamic"]:
+                variants.append((f"(c) {name} {ratio:g} dynamic", "kv", comp, False))
+    runners = {label: Runner(model, spec, tasks, eng, comp, B, device, cfg["vec_env"], static) for label, eng, comp, static in variants}
+    steps = {label: cfg["rerun_steps"] if label.startswith("(a)") else cfg["steps"] for label in runners}
+    for label, r in runners.items():
+        r.run(min(3, steps[label]))  # warm-up
+    times = {label: [] for label in runners}
+    labels = list(runners)
+    for rnd in range(cfg["rounds"]):
+        for label in labels if rnd % 2 == 0 else labels[::-1]:
+            times[label].append(runners[label].run(steps[label]))
+    for r in runners.values():
+        r.close()
+    per_step = {label: np.array(t) / steps[label] for label, t in times.items()}  # (rounds,) seconds per step
+    rows = []
+    for label in labels:
+        ms = 1000 * per_step[label].sum() / cfg["rounds"]
+        row = {"context": T, "envs": B, "engine": label, "ms_per_step": ms, "env_steps_per_s": 1000 * B / ms}
+        if "(a) rerun" in per_step:
+            row["speedup_vs_rerun"] = float(per_step["(a) rerun"].sum() / per_step[label].sum())
+        if label.startswith("(c)"):
+            ratios = per_step["(b) kv"] / per_step[label]
+            row |= {"speedup_vs_kv": float(per_step["(b) kv"].sum() / per_step[label].sum()),
+                    "speedup_vs_kv_min": float(ratios.min()), "speedup_vs_kv_max": float(ratios.max())}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="model.pt (default: the shipped model)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[240, 1000])
-    p.add_argument("--envs", type=int, nargs="+", default=[8, 256])
-    p.add_argument("--steps", type=int, default=40, help="timed rollout steps per measurement")
-    p.add_argument("--strategy", default="fixed_window", help="compression for (c)")
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--interval", type=int, default=20)
-    p.add_argument("--keep-recent", type=int, default=20)
-    p.add_argument("--vec-env", default="batched", choices=["batched", "dummy"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    base, meta = load_model(args.checkpoint, device)
+    add_config_flags(p, CONFIG)
+    cfg = resolve(CONFIG, p.parse_args(argv))
+    validate(cfg)
+    device = resolve_device(cfg["device"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    base, meta = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for("test")
+    for T in cfg["contexts"]:  # validate every configuration before measuring
+        for name in cfg["strategies"]:
+            for ratio in cfg["ratios"]:
+                build_comp(cfg, name, ratio, T)
     torch.set_grad_enabled(False)
-    rows = []
     hw = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
         if device.type == "cpu"
         else torch.cuda.get_device_name(device)
     )
-    print(f"{datetime.date.today()}  device {device} ({hw}), torch {torch.__version__}, env {args.vec_env}, {args.steps} timed steps")
-    print(f"{'context':>8}{'envs':>6}{'engine':>22}{'ms/step':>10}{'env steps/s':>13}{'vs (a)':>9}")
-    for T in args.contexts:
-        if T <= base.cfg.max_context:
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  device {device} ({hw}), torch {torch.__version__}, env {cfg['vec_env']}, "
+          f"{cfg['rounds']} interleaved rounds of {cfg['steps']} steps ((a): {cfg['rerun_steps']})")  # fmt: skip
+    print(f"{'context':>8}{'envs':>6}  {'engine':<32}{'ms/step':>9}{'env steps/s':>13}{'vs (a)':>9}{'vs (b) [min-max]':>22}")
+    rows = []
+    for T in cfg["contexts"]:
+        if T == base.cfg.max_context:
             model = base
         else:
             torch.manual_seed(0)
             model = ADTransformer(ADConfig(**(base.cfg.to_dict() | {"max_context": T}))).to(device).eval()
-        comp = make_compression(args.strategy, context=T, ratio=args.ratio, interval=args.interval,
-                                **({"keep_recent": args.keep_recent} if args.strategy in ("fixed_window", "topk", "pooling") else {}))  # fmt: skip
-        for B in args.envs:
-            times = {}
-            for label, engine, c in (
-                ("(a) rerun", "rerun", None),
-                ("(b) kv", "kv", None),
-                (f"(c) kv+{args.strategy} {args.ratio}", "kv", comp),
-            ):
-                time_rollout(model, spec, tasks, engine, c, B, 3, device, args.vec_env)  # warm-up
-                times[label] = time_rollout(model, spec, tasks, engine, c, B, args.steps, device, args.vec_env)
-            ref = times["(a) rerun"]
-            for label, sec in times.items():
-                row = {"context": T, "envs": B, "engine": label, "ms_per_step": 1000 * sec / args.steps,
-                       "env_steps_per_s": B * args.steps / sec, "speedup_vs_rerun": ref / sec}  # fmt: skip
+        for B in cfg["envs"]:
+            for row in measure(model, spec, tasks, cfg, T, B, device):
                 rows.append(row)
-                print(f"{T:>8}{B:>6}{label:>22}{row['ms_per_step']:>10.2f}{row['env_steps_per_s']:>13.0f}{row['speedup_vs_rerun']:>8.1f}x")
-    n_ep = 2 * base.cfg.max_context // spec.horizon
-    within, after = greedy_agreement(base, spec, tasks, n_ep)
-    print(f"greedy actions (a) vs (b): {100 * within:.1f}% identical within the window, {100 * after:.1f}% after it slides")
-    result = {"date": str(datetime.date.today()), "device": str(device), "hardware": hw, "rows": rows,
-              "greedy_agreement_within_window": within, "greedy_agreement_after_slide": after}  # fmt: skip
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+                va = f"{row['speedup_vs_rerun']:.1f}x" if "speedup_vs_rerun" in row else ""
+                vb = (
+                    f"{row['speedup_vs_kv']:.2f}x [{row['speedup_vs_kv_min']:.2f}-{row['speedup_vs_kv_max']:.2f}]"
+                    if "speedup_vs_kv" in row
+                    else ""
+                )
+                print(
+                    f"{T:>8}{B:>6}  {row['engine']:<32}{row['ms_per_step']:>9.2f}{row['env_steps_per_s']:>13.0f}{va:>9}{vb:>22}", flush=True
+                )
+    result = {
+        "date": str(datetime.date.today()),
+        "device": str(device),
+        "hardware": hw,
+        "torch": torch.__version__,
+        "config": cfg,
+        "rows": rows,
+    }
+    if cfg["rerun"]:
+        n_ep = 2 * base.cfg.max_context // spec.horizon
+        within, after = greedy_agreement(base, spec, tasks, n_ep)
+        print(f"greedy actions (a) vs (b): {100 * within:.1f}% identical within the window, {100 * after:.1f}% after it slides")
+        result |= {"greedy_agreement_within_window": within, "greedy_agreement_after_slide": after}
+    if cfg["out"]:
+        out = Path(cfg["out"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
     return result
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.cache import KVCache
+from model.cache import KVCache, StreamingCache
 from model.rope import apply_rope, rope_cos_sin
 
 
@@ -136,25 +136,26 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(attn, p) @ v
         return self._merge(y)
 
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int) -> torch.Tensor:
         """One new token per sequence, (B, 1, D), attending over the cache (which it joins).
 
-        The per-step hot path: functional calls (no module dispatch), q and k rotated together,
-        and a fused single-query attention unless weights are recorded or scores tracked.
+        The per-step hot path: functional calls (no module dispatch), q and k rotated together by
+        `rot` = cos, sin (3, 1, 1, Dh/2) (`KVCache.rotation_at`, v untouched), key and value written
+        with one copy, and a fused single-query attention unless weights are recorded.
         """
         B, _, D = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, self.n_head, 1, self.head_size)
-        qk = apply_rope(qkv[:, :2], cos, sin)  # (B, 2, H, 1, Dh)
-        q = qk[:, 0]  # (B, H, 1, Dh)
-        keys, values = cache.write(layer, qk[:, 1], qkv[:, 2])  # (B, H, n, Dh) valid slots, the new one included
-        if self.record or cache.scores is not None:
-            attn = ((q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)).softmax(-1)  # (B, H, 1, n)
-            if self.record:
-                attn = self.hook_weights(attn)
-            cache.observe(layer, attn)
+        qkv = apply_rope(F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
+        q = qkv[:, 0]  # (B, H, 1, Dh)
+        keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
+        cache.note_query(layer, q)  # scores for compression are computed later, from stored queries
+        if self.record:
+            attn = (q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H, 1, n)
+            if mask is not None:
+                attn = attn.masked_fill(~mask, float("-inf"))
+            attn = self.hook_weights(attn.softmax(-1))
             y = attn @ values
         else:
-            y = F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, Dh)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, Dh)
         return F.linear(y.reshape(B, 1, D), self.proj.weight, self.proj.bias)
 
 
@@ -172,9 +173,9 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x), cos, sin))
         return x + self.mlp(self.ln2(x))
 
-    def step(self, x, cos, sin, cache, layer):
+    def step(self, x, rot, cache, layer):
         D = x.shape[-1]
-        x = x + self.attn.step(F.layer_norm(x, (D,), self.ln1.weight, self.ln1.bias, self.ln1.eps), cos, sin, cache, layer)
+        x = x + self.attn.step(F.layer_norm(x, (D,), self.ln1.weight, self.ln1.bias, self.ln1.eps), rot, cache, layer)
         up, down = self.mlp[0], self.mlp[2]
         h = F.layer_norm(x, (D,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
         return x + F.linear(F.gelu(F.linear(h, up.weight, up.bias)), down.weight, down.bias)
@@ -200,7 +201,6 @@ class ADTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.n_actions)
         self.apply(self._init)
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position, for step()
 
     @staticmethod
     def _init(m):
@@ -235,23 +235,45 @@ class ADTransformer(nn.Module):
     @torch.no_grad()
     def step(self, tok: Tokens, cache) -> torch.Tensor:
         """Append one token per sequence (fields (B, 1)) to `cache`; return its logits (B, A)."""
-        return self.step_embeddings(self.embed(tok), cache)
+        return self.step_embeddings(self._embed_step(tok), cache)
+
+    def _embed_step(self, tok: Tokens) -> torch.Tensor:
+        """`embed` in eval mode with functional lookups and one state table (row + column embeddings
+        summed once per weight update): the same sums in the same order, fewer small operations."""
+        if self.training:  # dropout
+            return self.embed(tok)
+        if self.cfg.grid_size:
+            key = (self.row_emb.weight._version, self.col_emb.weight._version, self.row_emb.weight.device)  # in-place updates bump _version
+            if getattr(self, "_state_table_key", None) != key:
+                s = torch.arange(self.cfg.n_states, device=self.row_emb.weight.device)
+                self._state_table = (
+                    self.row_emb.weight[s // self.cfg.grid_size] + self.col_emb.weight[s % self.cfg.grid_size]
+                )  # (n_states, D)
+                self._state_table_key = key
+            table = self._state_table
+        else:
+            table = self.state_emb.weight
+        x = (
+            F.embedding(tok.states, table)
+            + F.embedding(tok.prev_actions, self.action_emb.weight)
+            + F.embedding(tok.timesteps, self.time_emb.weight)
+        )
+        return x + F.linear(tok.prev_rewards.unsqueeze(-1).float(), self.reward_emb.weight, self.reward_emb.bias)
 
     @torch.no_grad()
     def step_embeddings(self, x: torch.Tensor, cache) -> torch.Tensor:
-        pos = cache.advance()
-        table = self._rope_table
-        if table is None or pos >= len(table[0]) or table[0].device != x.device:
-            n = max(2 * pos, 4096)  # grow geometrically; same float64 angles as rope_cos_sin(pos)
-            table = self._rope_table = rope_cos_sin(torch.arange(n, device=x.device), self.cfg.head_size, self.cfg.rope_base)
-        cos, sin = table[0][pos : pos + 1], table[1][pos : pos + 1]  # (1, Dh/2)
+        rot = cache.rotation_at(cache.advance())  # cos, sin (3, 1, 1, Dh/2)
         for i, blk in enumerate(self.blocks):
-            x = blk.step(x, cos, sin, cache, i)
-        return self.head(self.ln_f(x))[:, -1]
+            x = blk.step(x, rot, cache, i)
+        D = x.shape[-1]
+        return F.linear(F.layer_norm(x[:, -1], (D,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.head.weight, self.head.bias)
 
-    def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False):
+    def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False, static: bool = False,
+                  n_sink: int | None = None, score_window: int = 32):  # fmt: skip
+        """A KV cache for `step`: `KVCache`, or with `n_sink` set a `StreamingCache` (sinks + ring buffer)."""
         p = next(self.parameters())
-        return KVCache(
-            self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context,
-            self.cfg.head_size, p.device, p.dtype, track_scores=track_scores, rope_base=self.cfg.rope_base,
-        )  # fmt: skip
+        args = (self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context, self.cfg.head_size, p.device, p.dtype)
+        kw = {"track_scores": track_scores, "rope_base": self.cfg.rope_base, "static": static, "score_window": score_window}
+        if n_sink is not None:
+            return StreamingCache(*args, n_sink=n_sink, **kw)
+        return KVCache(*args, **kw)

@@ -1,15 +1,38 @@
-"""Key/value cache for incremental in-context rollout, with merge plans for compression.
+"""Key/value caches for incremental in-context rollout: a sliding/compacting cache and a streaming one.
 
-    >>> cache = model.new_cache(batch_size=8)          # capacity = max_context
-    >>> logits = model.step(tokens, cache)              # one new token per environment
+    >>> cache = model.new_cache(batch_size=8)                   # capacity = max_context
+    >>> logits = model.step(tokens, cache)                       # one new token per environment
+    >>> cache = model.new_cache(8, capacity=72, n_sink=4)        # StreamingLLM: 4 sinks + a 68-slot ring
 
-Keys are stored already rotated by their rotary position. Until the cache is full, slots fill in
-order; after that the oldest slot is overwritten (a sliding window), so the new token attends over
-exactly the last `capacity` tokens. Order of slots does not matter to a single query; `order()`
-gives the temporal order when it does (capture, compression).
+`KVCache` stores keys already rotated by their rotary position. Until it is full, slots fill in order;
+after that the oldest slot is overwritten (a sliding window), so the new token attends over exactly
+the last `capacity` tokens. Compression compacts it with a merge plan (`apply_plan`). Order of slots
+does not matter to a single query; `order()` gives the temporal order when it does (capture,
+compression).
+
+`StreamingCache` is the rolling cache of StreamingLLM (arXiv 2309.17453) for strategies that only
+keep the first `n_sink` tokens and the newest ones: sink slots plus a ring buffer that the newest
+token overwrites, so it never compacts. Rotary positions are position-in-cache, as StreamingLLM
+assigns them: the newest token and the ring keep their step index (they are contiguous), and the
+sinks are placed just before the oldest ring token, i.e. sink j sits `capacity - 1 - j` positions
+before the newest token at every step. The sinks' keys are kept as computed and re-rotated once per
+step (n_sink rows per layer); nothing else moves. A full forward over the kept tokens at positions
+0..capacity-1 therefore sees the same relative distances (test), and no distance exceeds capacity - 1.
+
+Static shape (`static=True`): attention always runs over all `capacity` slots with a validity mask,
+so its shapes never change and the keys/values it reads are contiguous (a slice of a larger cache is
+not, and the fused CPU kernel then copies it every step). Compressed rollouts use it with capacity =
+budget + interval, the most a compressed context ever holds.
+
+Attention scores for scoring strategies (H2O's accumulated attention, arXiv 2306.14048) are computed
+lazily: each step stores its query, and the attention those queries paid is computed in one batched
+product when the scores are read (before a compaction) or before a slide would drop a key they saw.
+The step itself keeps the fused attention kernel.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,22 +43,43 @@ class KVCache:
     """Per-layer keys/values `(L, B, H, C, Dh)` plus, per slot, its rotary position `pos (B, C)`,
     the rollout step it came from `src_step (B, C)` (the newest one for merged tokens) and,
     when `track_scores`, the attention it has received, `scores (B, C)` (mean over layers and heads,
-    summed over queries: H2O's accumulated score, 2306.14048)."""
+    summed over queries: H2O's accumulated score, 2306.14048).
 
-    def __init__(self, n_layer, batch_size, n_head, capacity, head_size, device, dtype, track_scores=False, rope_base=10000.0):
+    static       : attend over all slots with a validity mask (fixed shapes) instead of the valid prefix
+    score_window : queries kept for lazy scores before they are folded into `scores`
+    """
+
+    def __init__(
+        self, n_layer, batch_size, n_head, capacity, head_size, device, dtype,
+        track_scores=False, rope_base=10000.0, static=False, score_window=32,
+    ):  # fmt: skip
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1, got {capacity}")
-        shape = (n_layer, batch_size, n_head, capacity, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # keys and values in one tensor, so that a step writes both with one copy; each layer's keys
+        # (B, H, C, Dh) stay contiguous, as the fused attention kernel wants them
+        self.kv = torch.zeros(n_layer, 2, batch_size, n_head, capacity, head_size, device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views (L, B, H, C, Dh)
         self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.src_step = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.scores = torch.zeros(batch_size, capacity, device=device) if track_scores else None
         self.n_layer, self.capacity, self.head_size, self.rope_base = n_layer, capacity, head_size, rope_base
+        self.static = static
+        self.valid = torch.zeros(1, 1, 1, capacity, dtype=torch.bool, device=device) if static else None  # (1, 1, 1, C)
         self.n = 0  # valid slots
         self.n_added = 0  # tokens ever added (= next rotary position, = rollout step)
         self._oldest = 0  # slot overwritten next once full
         self._slot = 0
+        self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
+        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (P, 3, 1, 1, Dh/2) for q, k, v
+        if track_scores:  # queries not yet folded into scores
+            self._q = torch.zeros(n_layer, batch_size, n_head, max(1, score_window), head_size, device=device, dtype=dtype)
+            self._q_step = torch.zeros(max(1, score_window), dtype=torch.long, device=device)
+        else:
+            self._q = self._q_step = None
+        self._n_q = 0
+        self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
+        self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
 
     def __len__(self) -> int:
         return self.n
@@ -44,30 +88,98 @@ class KVCache:
     def full(self) -> bool:
         return self.n == self.capacity
 
+    def rope_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, Dh/2) of one rotary position, from a table grown geometrically."""
+        table = self._rope
+        if table is None or pos >= len(table[0]):
+            n = max(2 * pos, 4096)  # same float64 angles as rope_cos_sin(pos)
+            table = self._rope = rope_cos_sin(torch.arange(n, device=self.k.device), self.head_size, self.rope_base)
+        return table[0][pos : pos + 1], table[1][pos : pos + 1]
+
+    def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with `apply_rope`:
+        q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
+        if self._rot is None or pos >= len(self._rot[0]):
+            self.rope_at(max(pos, 4095))  # grows the angle table
+            cos, sin = self._rope  # (P, Dh/2)
+            self._rot = (
+                torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
+                torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
+            )  # (P, 3, 1, 1, Dh/2)
+        return self._rot[0][pos], self._rot[1][pos]
+
+    def _next_slot(self) -> int:
+        if self.n < self.capacity:
+            self.n += 1
+            if self.valid is not None:
+                self.valid[..., self.n - 1] = True
+            return self.n - 1
+        if self._n_q:
+            self._flush_scores()  # the slide drops a key that pending queries saw
+        slot, self._oldest = self._oldest, (self._oldest + 1) % self.capacity
+        self._in_order = False
+        return slot
+
     def advance(self) -> int:
         """Reserve a slot for one new token per sequence; return its rotary position."""
-        if self.n < self.capacity:
-            self._slot, self.n = self.n, self.n + 1
-        else:
-            self._slot, self._oldest = self._oldest, (self._oldest + 1) % self.capacity
+        self._slot = self._next_slot()
         pos = self.n_added
         self.n_added += 1
         self.pos[:, self._slot] = pos
         self.src_step[:, self._slot] = pos
         if self.scores is not None:
             self.scores[:, self._slot] = 0.0
+            if self._n_q == len(self._q_step):
+                self._flush_scores()
+            self._q_step[self._n_q] = pos
+            self._n_q += 1
         return pos
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new token's (B, H, 1, Dh) key/value; return the valid (B, H, n, Dh) keys/values."""
-        self.k[layer, :, :, self._slot] = k[:, :, 0]
-        self.v[layer, :, :, self._slot] = v[:, :, 0]
-        return self.k[layer, :, :, : self.n], self.v[layer, :, :, : self.n]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new token's (B, H, 1, Dh) key/value; see `write_kv`."""
+        return self.write_kv(layer, torch.stack([k, v], dim=1))
+
+    def write_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new token's key and value, kv (B, 2, H, 1, Dh); return the keys/values to attend over
+        (B, H, n or C, Dh) and a boolean mask (1, 1, 1, C) of valid slots, or None when all are valid."""
+        self.kv[layer].select(3, self._slot).copy_(kv[:, :, :, 0].transpose(0, 1))
+        if self.n == self.capacity:
+            return self.k[layer], self.v[layer], None
+        if self.static:
+            return self.k[layer], self.v[layer], self.valid
+        return self.k[layer, :, :, : self.n], self.v[layer, :, :, : self.n], None
+
+    def note_query(self, layer: int, q: torch.Tensor) -> None:
+        """Keep the new token's rotated query (B, H, 1, Dh) for lazy attention scores."""
+        if self._q is not None:
+            self._q[layer, :, :, self._n_q - 1] = q[:, :, 0]
+
+    def _flush_scores(self) -> None:
+        """Add the attention the pending queries paid to every valid slot: per layer one batched product
+        into reused memory, masked and normalised in place (no large temporaries).
+
+        Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
+        since it ran (compaction and slides flush first)."""
+        m, n = self._n_q, self.n
+        self._n_q = 0
+        if m == 0:
+            return
+        L, B, H, _, Dh = self.k.shape
+        unseen = (self.src_step[:, None, :n] > self._q_step[:m, None])[:, None]  # (B, 1, m, n)
+        if self._score_buf is None or self._score_buf.numel() < B * H * m * n:
+            self._score_buf = torch.empty(B * H * len(self._q_step) * self.capacity, device=self.k.device, dtype=self.k.dtype)
+        attn = self._score_buf[: B * H * m * n].view(B, H, m, n)
+        for layer in range(L):
+            torch.matmul(self._q[layer, :, :, :m], self.k[layer, :, :, :n].transpose(-2, -1), out=attn)  # (B, H, m, n)
+            attn.mul_(1.0 / math.sqrt(Dh)).masked_fill_(unseen, float("-inf"))
+            attn.sub_(attn.amax(-1, keepdim=True)).exp_()
+            attn.div_(attn.sum(-1, keepdim=True))  # softmax over the keys each query saw
+            self.scores[:, :n] += attn.sum((1, 2)) / (H * L)
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
-        """Accumulate the new query's attention (B, H, 1, n) into per-slot scores."""
+        """Accumulate attention (B, H, 1, n) that a caller computed itself into per-slot scores."""
         if self.scores is not None:
-            self.scores[:, : self.n] += attn[:, :, 0].mean(1) / self.n_layer
+            self.scores[:, : self.n] += attn[:, :, 0, : self.n].mean(1) / self.n_layer
 
     @property
     def newest_slot(self) -> int:
@@ -75,11 +187,18 @@ class KVCache:
 
     def order(self) -> torch.Tensor:
         """(B, n) slot indices in temporal order, oldest first."""
+        if self._in_order:
+            return torch.arange(self.n, device=self.pos.device).expand(self.pos.shape[0], self.n)
         return self.pos[:, : self.n].argsort(dim=1)
 
     def ordered_scores(self) -> torch.Tensor | None:
         """Accumulated scores (B, n) in temporal order, or None when not tracked."""
-        return None if self.scores is None else self.scores[:, : self.n].gather(1, self.order())
+        if self.scores is None:
+            return None
+        self._flush_scores()
+        if self._in_order:
+            return self.scores[:, : self.n]
+        return self.scores[:, : self.n].gather(1, self.order())
 
     def _take(self, t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(L, B, H, capacity, Dh) at per-sequence slots (B, m) -> (L, B, H, m, Dh).
@@ -90,16 +209,20 @@ class KVCache:
         return t[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # indexing puts the (B, m) dims first
 
     def temporal(self) -> dict:
-        """Valid slots gathered into temporal order: k, v (L, B, H, n, Dh), pos, src_step, scores (B, n)."""
+        """Valid slots in temporal order: k, v (L, B, H, n, Dh), pos, src_step, scores (B, n).
+        Views of the cache while it is in order (no slide since the last compaction), copies otherwise."""
+        n = self.n
+        if self._in_order:
+            return {"k": self.k[:, :, :, :n], "v": self.v[:, :, :, :n], "pos": self.pos[:, :n],
+                    "src_step": self.src_step[:, :n], "scores": self.ordered_scores()}  # fmt: skip
         idx = self.order()
-        out = {
+        return {
             "k": self._take(self.k, idx),
             "v": self._take(self.v, idx),
-            "pos": self.pos[:, : self.n].gather(1, idx),
-            "src_step": self.src_step[:, : self.n].gather(1, idx),
+            "pos": self.pos[:, :n].gather(1, idx),
+            "src_step": self.src_step[:, :n].gather(1, idx),
+            "scores": self.ordered_scores(),
         }
-        out["scores"] = self.ordered_scores()
-        return out
 
     def apply_plan(self, assign: torch.Tensor, weight: torch.Tensor, n_out: int) -> None:
         """Compact the cache to `n_out` tokens.
@@ -111,61 +234,184 @@ class KVCache:
         the slot's new position; positions become contiguous, ending at the newest token's.
         Scores of merged tokens add up, so total attention mass is conserved.
         """
+        if self.scores is not None:
+            self._flush_scores()
         keep = assign >= 0
         if bool((keep.sum(1) == n_out).all()):  # every slot holds exactly one token: a pure selection
             self._apply_selection(assign, keep, n_out)
         else:
             self._apply_merge(assign, weight, keep, n_out)
 
+    def _work(self, m: int) -> torch.Tensor:
+        """Contiguous (L, B, H, m, Dh) work memory, reused: compaction allocates no large tensor (on a
+        busy machine a fresh 10 MB tensor costs more in page faults than the arithmetic on it)."""
+        L, B, H, C, Dh = self.k.shape
+        if self._scratch is None:
+            self._scratch = torch.empty(L * B * H * C * Dh, device=self.k.device, dtype=self.k.dtype)
+        return self._scratch[: L * B * H * m * Dh].view(L, B, H, m, Dh)
+
+    def _rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """`apply_rope` in place on x (L, B, H, m, Dh), a view of the cache, by cos/sin broadcastable to
+        (..., m, Dh/2): the same arithmetic (x1*c - x2*s, x1*s + x2*c) over full rows of Dh."""
+        half = x.shape[-1] // 2
+        swapped = self._work(x.shape[3])
+        swapped[..., :half].copy_(x[..., half:])
+        swapped[..., half:].copy_(x[..., :half])
+        x.mul_(torch.cat([cos, cos], dim=-1))
+        x.add_(swapped.mul_(torch.cat([-sin, sin], dim=-1)))
+
     def _new_positions(self, n_out: int) -> torch.Tensor:
         """Rotary positions of n_out compacted tokens: contiguous, ending at the newest token's."""
         return self.n_added - n_out + torch.arange(n_out, device=self.pos.device)
 
+    def _finish(self, n_out: int, in_order: bool = True) -> None:
+        if in_order:
+            self.pos[:, :n_out] = self._new_positions(n_out)
+        self.pos[:, n_out:] = -1
+        self.src_step[:, n_out:] = -1
+        if self.scores is not None:
+            self.scores[:, n_out:] = 0.0
+        if self.valid is not None:
+            self.valid[..., n_out:] = False
+        self.n, self._oldest, self._in_order = n_out, 0, in_order
+
     def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
-        t = self.temporal()
         B, n = assign.shape
+        a = assign[0]
+        if self._in_order and bool((assign == a).all()) and bool((a[keep[0]].diff() >= 0).all()):
+            self._merge_in_place(a, weight, keep, n_out)
+            return
+        t = self.temporal()
         tgt = assign.clamp(min=0)
         w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
         new_pos = self._new_positions(n_out)  # (n_out,)
-        delta = new_pos[tgt] - t["pos"]  # (B, n)
-        cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)  # (B, n, Dh/2)
+        cos, sin = rope_cos_sin(new_pos[tgt] - t["pos"], self.head_size, self.rope_base)  # (B, n, Dh/2)
         k_rot = apply_rope(t["k"], cos[None, :, None], sin[None, :, None])  # (L, B, H, n, Dh)
         L, _, H, _, Dh = k_rot.shape
         idx = tgt.view(1, B, 1, n, 1).expand(L, B, H, n, Dh)
         wk = w.view(1, B, 1, n, 1)
-        den = torch.zeros(B, n_out, dtype=w.dtype, device=w.device).scatter_add_(1, tgt, w)  # (B, n_out)
-        if (den <= 0).any():
-            raise ValueError("compression plan leaves an output slot without a token of positive weight")
-        den = den.view(1, B, 1, n_out, 1)
+        den = self._denominator(tgt, w, n_out)
         new_k = torch.zeros(L, B, H, n_out, Dh, dtype=self.k.dtype, device=self.k.device).scatter_add_(3, idx, k_rot * wk) / den
         new_v = torch.zeros_like(new_k).scatter_add_(3, idx, t["v"] * wk) / den
-        self.k[:, :, :, :n_out] = new_k
-        self.v[:, :, :, :n_out] = new_v
-        self.pos[:, :n_out] = new_pos
-        self.pos[:, n_out:] = -1
         src = torch.where(keep, t["src_step"], torch.full_like(t["src_step"], -1))
-        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(1, tgt, src, "amax")
+        new_src = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(1, tgt, src, "amax")
         if self.scores is not None:
             sc = torch.where(keep, t["scores"], torch.zeros_like(t["scores"]))
             self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt, sc)
-            self.scores[:, n_out:] = 0.0
-        self.n, self._oldest = n_out, 0
+        self.k[:, :, :, :n_out] = new_k  # written last: t[...] may be views of the cache
+        self.v[:, :, :, :n_out] = new_v
+        self.src_step[:, :n_out] = new_src
+        self._finish(n_out)
+
+    @staticmethod
+    def _denominator(tgt: torch.Tensor, w: torch.Tensor, n_out: int) -> torch.Tensor:
+        den = torch.zeros(tgt.shape[0], n_out, dtype=w.dtype, device=w.device).scatter_add_(1, tgt, w)  # (B, n_out)
+        if (den <= 0).any():
+            raise ValueError("compression plan leaves an output slot without a token of positive weight")
+        return den.view(1, tgt.shape[0], 1, n_out, 1)
+
+    def _merge_in_place(self, a: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
+        """`_apply_merge` for a plan shared by every sequence with slots in temporal order (fixed_window,
+        pooling: the same groups, per-sequence weights) on a cache in temporal order: keys rotated and
+        weighed in place, each slot's extra members added into its first one (only they move), the
+        first members gathered to the front once; no large temporary tensors."""
+        B, n = keep.shape
+        keep0 = keep[0]
+        k, v = self.k[:, :, :, :n], self.v[:, :, :, :n]  # (L, B, H, n, Dh) views, temporal order
+        tgt = a.clamp(min=0)
+        new_pos = self._new_positions(n_out)
+        cos, sin = rope_cos_sin(new_pos[tgt] - self.pos[0, :n], self.head_size, self.rope_base)  # (n, Dh/2)
+        self._rotate_(k, cos, sin)
+        w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
+        if not bool((w[keep] == 1).all()):
+            k.mul_(w.view(1, B, 1, n, 1))
+            v.mul_(w.view(1, B, 1, n, 1))
+        first = keep0.clone()
+        first[1:] &= a[1:] != a[:-1]  # slots are contiguous runs of kept tokens
+        first_idx = first.nonzero()[:, 0]  # (n_out,)
+        rest = (keep0 & ~first).nonzero()[:, 0]
+        if len(rest):
+            lead = first_idx[a[rest]]  # the first member of each extra member's slot
+            k.index_add_(3, lead, k.index_select(3, rest))
+            v.index_add_(3, lead, v.index_select(3, rest))
+        den = self._denominator(tgt.expand(B, n), w, n_out)
+        for buf in (self.k, self.v):
+            out = self._work(n_out)
+            torch.index_select(buf[:, :, :, :n], 3, first_idx, out=out)
+            buf[:, :, :, :n_out].copy_(out).div_(den)
+        src = torch.where(keep, self.src_step[:, :n], torch.full_like(self.src_step[:, :n], -1))
+        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(
+            1, tgt.expand(B, n), src, "amax"
+        )
+        if self.scores is not None:
+            sc = torch.where(keep, self.scores[:, :n], torch.zeros_like(self.scores[:, :n]))
+            self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt.expand(B, n), sc)
+        self._finish(n_out)
 
     def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
-        """`apply_plan` for a plan that only drops tokens: gathers and re-rotates the kept ones alone."""
-        B = assign.shape[0]
-        which = torch.where(keep, assign, torch.full_like(assign, n_out))  # dropped tokens -> a spare column
-        src = torch.zeros(B, n_out + 1, dtype=torch.long, device=assign.device).scatter_(1, which, self.order())[:, :n_out]
-        k, v = self._take(self.k, src), self._take(self.v, src)  # (L, B, H, n_out, Dh)
-        new_pos = self._new_positions(n_out)
-        cos, sin = rope_cos_sin(new_pos - self.pos[:, : self.n].gather(1, src), self.head_size, self.rope_base)  # (B, n_out, Dh/2)
-        self.k[:, :, :, :n_out] = apply_rope(k, cos[None, :, None], sin[None, :, None])
-        self.v[:, :, :, :n_out] = v
-        self.src_step[:, :n_out] = self.src_step[:, : self.n].gather(1, src)
+        """`apply_plan` for a plan that only drops tokens, in place: a kept token in a slot at or past
+        `n_out` moves into a dropped token's slot below it (the only data that moves: as many tokens as
+        were dropped), then the kept keys are rotated in place to their new positions. Slots are then
+        no longer in temporal order (`order()` sorts them)."""
+        B, n = assign.shape
+        keep_slot = torch.zeros(B, n, dtype=torch.bool, device=keep.device).scatter_(1, self.order(), keep)  # (B, n) per slot
+        holes = (~keep_slot[:, :n_out]).nonzero()  # (m, 2) row, slot: dropped below n_out, row-major
+        movers = keep_slot[:, n_out:].nonzero()  # (m, 2) row, slot - n_out: kept at or past n_out
+        if len(holes):
+            rows, dst, src = holes[:, 0], holes[:, 1], movers[:, 1] + n_out  # each row has as many of both
+            self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
+            for buf in (self.pos, self.src_step) + ((self.scores,) if self.scores is not None else ()):
+                buf[rows, dst] = buf[rows, src]
+        rank = self.pos[:, :n_out].argsort(1).argsort(1)  # (B, n_out) temporal rank of each slot's token
+        new_pos = self.n_added - n_out + rank
+        cos, sin = rope_cos_sin(new_pos - self.pos[:, :n_out], self.head_size, self.rope_base)  # (B, n_out, Dh/2)
+        self._rotate_(self.k[:, :, :, :n_out], cos[:, None], sin[:, None])
         self.pos[:, :n_out] = new_pos
-        self.pos[:, n_out:] = -1
-        if self.scores is not None:
-            self.scores[:, :n_out] = self.scores[:, : self.n].gather(1, src)
-            self.scores[:, n_out:] = 0.0
-        self.n, self._oldest = n_out, 0
+        self._finish(n_out, in_order=not len(holes))
+
+
+class StreamingCache(KVCache):
+    """StreamingLLM's rolling cache: the first `n_sink` tokens plus a ring of the newest
+    `capacity - n_sink`, which the newest token overwrites; never compacted (see the module docstring
+    for the rotary positions). `pos` holds each slot's rollout step (as `src_step`)."""
+
+    def __init__(self, *args, n_sink: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 <= n_sink < self.capacity:
+            raise ValueError(f"n_sink must be in [0, {self.capacity - 1}] (below the capacity), got {n_sink}")
+        self.n_sink = n_sink
+        self._sink_k: torch.Tensor | None = None  # (L, B, H, n_sink, Dh) sink keys at their own positions
+
+    def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with `apply_rope`:
+        q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
+        if self._rot is None or pos >= len(self._rot[0]):
+            self.rope_at(max(pos, 4095))  # grows the angle table
+            cos, sin = self._rope  # (P, Dh/2)
+            self._rot = (
+                torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
+                torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
+            )  # (P, 3, 1, 1, Dh/2)
+        return self._rot[0][pos], self._rot[1][pos]
+
+    def _next_slot(self) -> int:
+        if self.n < self.capacity:
+            return super()._next_slot()
+        if self._n_q:
+            self._flush_scores()
+        self._in_order = False
+        return self.n_sink + (self.n_added - self.n_sink) % (self.capacity - self.n_sink)
+
+    def advance(self) -> int:
+        pos = super().advance()
+        shift = pos - self.capacity + 1  # how far the sinks move (position-in-cache)
+        if shift > 0 and self.n_sink:
+            if self._sink_k is None:
+                self._sink_k = self.k[:, :, :, : self.n_sink].clone()
+            cos, sin = self.rope_at(shift)
+            self.k[:, :, :, : self.n_sink] = apply_rope(self._sink_k, cos, sin)
+        return pos
+
+    def apply_plan(self, assign, weight, n_out):
+        raise NotImplementedError("a streaming cache evicts as it goes; it takes no merge plans")

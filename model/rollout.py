@@ -11,7 +11,8 @@ token per step, optionally compressed. Two engines compute the same policy:
 Both engines see exactly the same tokens. Until the context holds `max_context` tokens they give the
 same action probabilities (test); after that, `kv` keeps the cached keys/values of older tokens as
 they were computed when those tokens arrived (a streaming window, as in Transformer-XL and
-StreamingLLM), while `rerun` recomputes them from the window alone.
+StreamingLLM), while `rerun` recomputes them from the window alone. With compression both keep the
+same tokens for the same plan: streaming strategies (sink_window) evict at every step in both.
 """
 
 from __future__ import annotations
@@ -31,11 +32,28 @@ ENGINES = ("kv", "rerun")
 
 
 class KVEngine:
-    """Incremental rollout over a `KVCache`; compression acts on the cache."""
+    """Incremental rollout over a key/value cache; compression acts on the cache.
 
-    def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None):
-        self.model, self.comp, self.T = model, compression, model.cfg.max_context
-        self.cache = model.new_cache(batch, track_scores=bool(compression and compression.needs_scores))
+    Uncompressed (or ratio 1.0): a `KVCache` of `max_context` slots, a sliding window once full.
+    Streaming strategies (sink_window): a `StreamingCache` of `budget` slots, never compacted.
+    Other strategies: a static-shape `KVCache` of `budget + interval` slots (the most the compressed
+    context holds), compacted by the strategy's plan when due; scores, if the strategy needs them,
+    are computed lazily at compaction. `static=False` attends over the valid prefix instead (slower
+    where the batch is large: a prefix is not contiguous and the fused kernel copies it).
+    """
+
+    def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None, static: bool = True):
+        self.model, self.T = model, model.cfg.max_context
+        budget = compression.budget(self.T) if compression is not None else self.T
+        self.comp = compression if budget < self.T else None  # a budget of the whole context never compresses
+        if self.comp is None:
+            self.cache = model.new_cache(batch)
+        elif self.comp.streaming:
+            self.cache = model.new_cache(batch, capacity=budget, n_sink=getattr(self.comp, "n_sink", 0), static=static)
+        else:
+            capacity = min(self.T, budget + self.comp.interval)
+            self.cache = model.new_cache(batch, capacity=capacity, track_scores=self.comp.needs_scores, static=static,
+                                         score_window=self.comp.interval)  # fmt: skip
         self._since = 0
 
     def __len__(self) -> int:
@@ -44,11 +62,12 @@ class KVEngine:
     def step(self, tok: Tokens) -> torch.Tensor:
         logits = self.model.step(tok, self.cache)  # (B, A)
         self._since += 1
-        if self.comp is not None and self.comp.due(self._since, len(self.cache), self.T):
+        comp = self.comp
+        if comp is not None and not comp.streaming and comp.due(self._since, len(self.cache), self.T):
             n = len(self.cache)
             scores = self.cache.ordered_scores()  # plans are small: built on the CPU, applied on the cache's device
             scores = scores.cpu() if scores is not None else None
-            assign, weight, n_out = self.comp.plan(n, self.T, scores=scores, batch=self.cache.k.shape[1])
+            assign, weight, n_out = comp.plan(n, self.T, scores=scores, batch=self.cache.k.shape[1])
             self.cache.apply_plan(assign.to(self.cache.k.device), weight.to(self.cache.k.device), n_out)
             self._since = 0
         return logits
@@ -76,7 +95,12 @@ class RerunEngine:
         self.x[:, self.n] = new[:, 0]
         self.n += 1
         self._since += 1
-        due = self.comp is not None and self.comp.due(self._since, self.n, self.T)
+        if self.comp is not None and self.comp.streaming and self.comp.due(self._since, self.n, self.T):
+            # a rolling window (as the KV engine's ring buffer): evict before the step, never attend over more than the budget
+            assign, weight, n_out = self.comp.plan(self.n, self.T, batch=self.x.shape[0])
+            self.x[:, :n_out] = merge_rows(self.x[:, : self.n], assign.to(self.x.device), weight.to(self.x.device), n_out)
+            self.n = n_out
+        due = self.comp is not None and not self.comp.streaming and self.comp.due(self._since, self.n, self.T)
         if due and self.comp.needs_scores:
             with capture_attention(self.model) as rec:
                 logits = self.model.forward_embeddings(self.x[:, : self.n])[:, -1]
@@ -94,11 +118,12 @@ class RerunEngine:
         return logits
 
 
-def make_engine(name: str, model: ADTransformer, batch: int, compression: Compression | None = None):
+def make_engine(name: str, model: ADTransformer, batch: int, compression: Compression | None = None, **options):
+    """`options` go to the engine (KVEngine: static)."""
     if name == "kv":
-        return KVEngine(model, batch, compression)
+        return KVEngine(model, batch, compression, **options)
     if name == "rerun":
-        return RerunEngine(model, batch, compression)
+        return RerunEngine(model, batch, compression, **options)
     raise ValueError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
 
 

@@ -1,0 +1,209 @@
+"""The streaming (sink + ring buffer) cache, the static-shape cached step and lazily computed scores.
+
+python -m pytest -q tests/test_streaming.py
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from adlens.capture import capture_attention
+from benchmarks.inference_speed import main as benchmark_main
+from adlens.compression import make_compression
+from env import get_spec, make_env
+from model.ad import ADConfig, ADTransformer, Tokens
+from model.rollout import KVEngine, run_episodes
+
+ATOL = 1e-5
+
+
+def _model(n_layer=1, max_context=16, **overrides) -> ADTransformer:
+    """Seeded small model; weights drawn with std 0.3 so that a wrong position or mask shows in the logits."""
+    torch.manual_seed(0)
+    cfg = {"n_states": 9, "n_actions": 5, "horizon": 4, "max_context": max_context, "n_layer": n_layer, "n_head": 2, "d_model": 16}
+    model = ADTransformer(ADConfig(**(cfg | {"dropout": 0.0} | overrides))).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, 0.3)
+    return model
+
+
+def _tokens(cfg: ADConfig, batch: int, length: int, seed: int = 0) -> Tokens:
+    g = torch.Generator().manual_seed(seed)
+    return Tokens(
+        torch.randint(cfg.n_states, (batch, length), generator=g),
+        torch.randint(cfg.n_actions + 1, (batch, length), generator=g),
+        torch.randint(2, (batch, length), generator=g).float(),
+        (torch.arange(length) % cfg.horizon).expand(batch, length).contiguous(),
+    )
+
+
+def _at(tok: Tokens, idx) -> Tokens:
+    return Tokens(*[f[:, idx] for f in tok])
+
+
+@pytest.mark.parametrize("n_sink", [0, 1, 3])
+def test_streaming_cache_equals_full_forward_over_kept_tokens(n_sink):
+    # With one layer, keys/values depend on their own token only, so the cached step must equal a full
+    # forward over exactly the kept tokens (sinks + newest) at positions 0..n-1: before the ring wraps,
+    # at the wrap and many steps after it (the sinks re-rotated every step).
+    model = _model(n_layer=1, max_context=16)
+    cap, n = 7, 30
+    tok = _tokens(model.cfg, 3, n, seed=1)
+    cache = model.new_cache(3, capacity=cap, n_sink=n_sink)
+    for t in range(n):
+        step = model.step(_at(tok, slice(t, t + 1)), cache)  # (B, A)
+        kept = list(range(t + 1)) if t < cap else list(range(n_sink)) + list(range(t + 1 - (cap - n_sink), t + 1))
+        assert len(cache) == len(kept)
+        assert cache.src_step[0, cache.order()[0]].tolist() == kept  # temporal order, the lead's capture reads it
+        with torch.no_grad():
+            full = model(_at(tok, kept))[:, -1]
+        torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_streaming_cache_equals_compaction_at_every_step(static):
+    # Any depth: the ring buffer must give what the compacting cache gives when sink_window's plan is
+    # applied after every step (the same kept keys/values, re-rotated to contiguous positions). The
+    # ring attends over `budget` tokens, the new one included, so the compacting cache keeps one fewer.
+    model = _model(n_layer=3, max_context=16)
+    comp = make_compression("sink_window", context=16, ratio=0.5, n_sink=2)
+    before_step = make_compression("sink_window", context=16, ratio=7 / 16, n_sink=2)
+    assert before_step.budget(16) == comp.budget(16) - 1
+    tok = _tokens(model.cfg, 2, 40, seed=2)
+    ring = model.new_cache(2, capacity=comp.budget(16), n_sink=2, static=static)
+    ref = model.new_cache(2)
+    for t in range(40):
+        a = model.step(_at(tok, slice(t, t + 1)), ring)
+        b = model.step(_at(tok, slice(t, t + 1)), ref)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        assert len(ring) == len(ref) == min(t + 1, comp.budget(16))
+        if before_step.due(1, len(ref), 16):
+            ref.apply_plan(*before_step.plan(len(ref), 16, batch=2))
+
+
+def _rollout(model, engine, comp, spec, episodes, record_len=False):
+    tasks = spec.tasks_for("test")
+    venv = DummyVecEnv([make_env(spec, **t) for t in tasks])
+    logs = []
+    out = run_episodes(model, venv, spec, episodes, engine=engine, compression=comp, greedy=True, seed=0,
+                       on_step=lambda t, tok, a, r, e: logs.append((a.tolist(), len(e))))  # fmt: skip
+    return out, logs
+
+
+def test_sink_window_kv_and_rerun_keep_the_same_tokens():
+    # One layer: with the same kept tokens at the same positions both engines compute the same policy,
+    # far past the point where the ring wrapped; the context length is the same at every step.
+    spec = get_spec({"name": "darkroom", "size": 3, "horizon": 4, "n_holdout": 2})
+    model = _model(n_layer=1, max_context=16)
+    comp = make_compression("sink_window", context=16, ratio=0.5, interval=5, n_sink=2)
+    _, kv = _rollout(model, "kv", comp, spec, episodes=12)
+    _, rerun = _rollout(model, "rerun", comp, spec, episodes=12)
+    assert kv == rerun
+    assert max(n for _, n in kv) == comp.budget(16)
+
+
+@pytest.mark.parametrize("n_sink_or_none", [None, 2])
+def test_static_step_equals_dynamic_step(n_sink_or_none):
+    # The masked full-capacity attention (fixed shapes) equals attention over the valid prefix, while
+    # the cache fills and after it slides or wraps.
+    model = _model(n_layer=2, max_context=12)
+    tok = _tokens(model.cfg, 3, 20, seed=3)
+    caches = [model.new_cache(3, static=s, n_sink=n_sink_or_none) for s in (False, True)]
+    for t in range(20):
+        a, b = (model.step(_at(tok, slice(t, t + 1)), c) for c in caches)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, params", [("fixed_window", {"keep_recent": 3}), ("topk", {"keep_recent": 2}), ("pooling", {"keep_recent": 3})]
+)
+def test_static_compressed_engine_equals_dynamic(name, params):
+    model = _model(n_layer=2, max_context=16)
+    comp = make_compression(name, context=16, ratio=0.4, interval=3, **params)
+    tok = _tokens(model.cfg, 2, 40, seed=4)
+    engines = [KVEngine(model, 2, comp, static=s) for s in (False, True)]
+    assert engines[1].cache.capacity == comp.budget(16) + comp.interval  # a compressed cache is a smaller one
+    with torch.inference_mode():
+        for t in range(40):
+            a, b = (e.step(_at(tok, slice(t, t + 1))) for e in engines)
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+            assert len(engines[0]) == len(engines[1])
+
+
+@pytest.mark.parametrize("capacity", [20, 9])
+def test_lazy_scores_equal_per_step_accumulation(capacity):
+    # Scores from stored queries, computed in one product when read, equal the attention each step's
+    # query paid, accumulated step by step (H2O): also when the cache slides (capacity 9) and when the
+    # query store fills (score_window 4) between reads.
+    model = _model(n_layer=2, max_context=20)
+    tok = _tokens(model.cfg, 2, 16, seed=5)
+    cache = model.new_cache(2, capacity=capacity, track_scores=True, score_window=4)
+    ref = torch.zeros(2, capacity)
+    with capture_attention(model) as rec:
+        for t in range(16):
+            model.step(_at(tok, slice(t, t + 1)), cache)
+            ref[:, cache.newest_slot] = 0.0
+            for name in rec.names:
+                attn = rec.weights[name][-1]  # (B, H, 1, n) over slots
+                ref[:, : attn.shape[-1]] += attn[:, :, 0].mean(1) / model.cfg.n_layer
+            if t in (6, 15):
+                torch.testing.assert_close(cache.ordered_scores(), ref[:, : len(cache)].gather(1, cache.order()), atol=ATOL, rtol=0)
+
+
+def test_ratio_one_and_none_build_the_uncompressed_engine():
+    model = _model(n_layer=2, max_context=16)
+    tok = _tokens(model.cfg, 2, 30, seed=6)
+    plain = KVEngine(model, 2, None)
+    names = ("none", "sink_window", "topk", "fixed_window")
+    same = [
+        KVEngine(model, 2, make_compression(n, context=16, ratio=1.0, **({} if n in ("none", "sink_window") else {"keep_recent": 4})))
+        for n in names
+    ]
+    with torch.inference_mode():
+        for t in range(30):
+            want = plain.step(_at(tok, slice(t, t + 1)))
+            for e in same:
+                assert torch.equal(e.step(_at(tok, slice(t, t + 1))), want)
+
+
+def test_streaming_cache_rejects_bad_sinks_and_plans():
+    model = _model()
+    with pytest.raises(ValueError, match="n_sink must be in"):
+        model.new_cache(2, capacity=4, n_sink=4)
+    cache = model.new_cache(2, capacity=4, n_sink=1)
+    with pytest.raises(NotImplementedError):
+        cache.apply_plan(*make_compression("sink_window", context=4, ratio=0.5, n_sink=1).plan(4, 4, batch=2))
+    assert copy.deepcopy(cache).n_sink == 1
+
+
+@pytest.mark.parametrize("grid_size", [0, 3])
+def test_step_embedding_equals_embed_also_after_a_weight_update(grid_size):
+    model = _model(grid_size=grid_size)
+    tok = _tokens(model.cfg, 3, 5, seed=7)
+    with torch.no_grad():
+        assert torch.equal(model._embed_step(tok), model.embed(tok))
+        for p in model.parameters():
+            p.add_(0.1)  # an optimizer step: the cached state table must follow
+        assert torch.equal(model._embed_step(tok), model.embed(tok))
+
+
+def test_inference_speed_benchmark_smoke(tmp_path):
+    """The benchmark runs every engine interleaved and reports (c) against (b); bad input exits 2."""
+    out = tmp_path / "bench.json"
+    res = benchmark_main(["--contexts", "24", "--envs", "2", "--steps", "2", "--rounds", "2", "--no-rerun", "--ratios", "0.5",
+                "--interval", "2", "--keep-recent", "2", "--n-sink", "1", "--out", str(out)])  # fmt: skip
+    labels = [r["engine"] for r in res["rows"]]
+    assert labels == ["(b) kv", "(c) fixed_window 0.5", "(c) topk 0.5", "(c) pooling 0.5", "(c) sink_window 0.5"]
+    assert all(r["speedup_vs_kv"] > 0 for r in res["rows"][1:]) and out.is_file()
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
+    r = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--rounds must be >= 1" in r.stderr and "Traceback" not in r.stderr
