@@ -36,7 +36,9 @@ def full_steps_for(n_steps: int, num_full: int) -> list[int]:
 
 
 @torch.no_grad()
-def record_rollout(model, spec, task: dict, eval_timesteps: int, seed: int = 0, greedy: bool = False, num_full: int = 5) -> dict:
+def record_rollout(
+    model, spec, task: dict, eval_timesteps: int, seed: int = 0, greedy: bool = False, num_full: int = 5, progress: bool = True
+) -> dict:
     """Run one task in context for ceil(eval_timesteps / horizon) whole episodes and record attention."""
     if eval_timesteps < 1:
         raise ValueError(f"eval_timesteps must be >= 1, got {eval_timesteps}")
@@ -79,7 +81,7 @@ def record_rollout(model, spec, task: dict, eval_timesteps: int, seed: int = 0, 
     venv = DummyVecEnv([make_env(spec, **task)])
     try:
         with capture_attention(model) as rec:
-            out = run_episodes(model, venv, spec, n_ep, engine="kv", greedy=greedy, seed=seed, on_step=on_step, progress=True)
+            out = run_episodes(model, venv, spec, n_ep, engine="kv", greedy=greedy, seed=seed, on_step=on_step, progress=progress)
     finally:
         venv.close()
     return {
