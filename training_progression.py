@@ -17,7 +17,9 @@ the model's attention when it does.
     holding 90% of attention, normalised entropy per layer.
 Writes OUT/training_progression.json (every number, per snapshot, plus `emergence`: the first step
 at which each curve has covered half of its change over the run), OUT/training_progression.png and
-OUT/progression_config.json. `--reference` adds other checkpoints (e.g. the shipped model, "default")
+OUT/progression_config.json. Each snapshot's numbers are also kept in OUT/points/step_XXXXXX.json, so
+running the command again while training goes on (or after an interruption) computes only the
+snapshots that are new or changed. `--reference` adds other checkpoints (e.g. the shipped model, "default")
 evaluated on the same tasks and seeds, drawn as dashed lines.
 
 Configuration precedence, lowest first: PROGRESSION_CONFIG below < command-line flags. Every
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -62,6 +65,7 @@ PROGRESSION_CONFIG = {
     "recent_window": 5,  # newest tokens counted as "recent" (as in analyze_attention.py)
     "sink_positions": 4,  # as in analyze_attention.py: steps with contexts <= recent_window + this are skipped
     "reference": [],  # other checkpoints evaluated alike, drawn as dashed lines ("default" = the shipped model)
+    "reuse": True,  # reuse OUT/points/step_XXXXXX.json computed earlier with the same settings on the same file
     "threads": 1,  # torch CPU threads (0 = torch's default)
     "device": "cpu",  # cpu | cuda | auto
     "out": "runs/progression/analysis",
@@ -77,9 +81,27 @@ HELP = {
     "recent_window": "newest tokens counted as recent",
     "sink_positions": "first positions counted as attention sinks",
     "reference": "checkpoints evaluated alike, shown as dashed lines (default = the shipped model)",
+    "reuse": "reuse per-snapshot results in OUT/points/ computed with the same settings (--no-reuse: recompute)",
     "threads": "torch CPU threads (0 = default)",
     "out": "output folder",
 }
+
+
+POINTS_DIR = "points"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent or damaged: computed again
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def check_config(cfg: dict) -> dict:
@@ -137,6 +159,9 @@ def main(argv=None) -> dict:
     capture_seeds = list(range(cfg["seed"], cfg["seed"] + cfg["capture_seeds"]))
     capture_steps = cfg["capture_timesteps"] or default_eval_timesteps(spec.horizon)
 
+    settings = {k: cfg[k] for k in ("tasks", "episodes", "late_episodes", "recent_window", "sink_positions", "device")}
+    settings |= {"seeds": seeds, "capture_seeds": capture_seeds, "n_capture_tasks": len(capture_tasks), "capture_timesteps": capture_steps}
+
     def point(path):
         model, _ = load_model(path, device)
         return snapshot_point(
@@ -144,10 +169,20 @@ def main(argv=None) -> dict:
             cfg["late_episodes"], cfg["recent_window"], cfg["sink_positions"],
         )  # fmt: skip
 
+    out = Path(cfg["out"])
     t0 = time.perf_counter()
-    points = []
+    points, n_reused = [], 0
     for step, path in tqdm(snaps, desc="snapshots", dynamic_ncols=True):
+        st = path.stat()
+        key = {"snapshot": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "settings": settings}
+        cached = out / POINTS_DIR / f"step_{step:06d}.json"
+        old = _read_json(cached) if cfg["reuse"] else None
+        if old is not None and old.get("key") == key:
+            points.append(old["point"])
+            n_reused += 1
+            continue
         points.append({"step": step, "path": str(path), **point(path)})
+        _write_json_atomic(cached, {"key": key, "point": points[-1]})
     ref_points = [
         {"name": "shipped model" if r == "default" else Path(r).parent.name or r, "path": r, **point(None if r == "default" else r)}
         for r in references
@@ -175,13 +210,13 @@ def main(argv=None) -> dict:
             "n_snapshots": len(points),
             "threads": torch.get_num_threads(),
             "time_s": round(elapsed, 1),
+            "n_reused": n_reused,
             "metrics": ATTENTION_KEYS,
         },
         "snapshots": points,
         "references": ref_points,
         "emergence": emergence(points),
     }
-    out = Path(cfg["out"])
     with staged_output(out) as stage:
         (stage / "training_progression.json").write_text(json.dumps(doc, indent=1))
         P.save_figure(P.plot_progression(doc), stage / "training_progression.png")
@@ -196,7 +231,9 @@ def main(argv=None) -> dict:
     for p in ref_points:
         print(f"{p['name']}: episode 1 {p['returns']['episode_1']:.3f}, late {p['returns']['late']:.3f}")
     print("half of the change reached at step: " + ", ".join(f"{k} {v}" for k, v in doc["emergence"].items()))
-    print(f"{len(points)} snapshots in {elapsed:.0f} s -> {out / 'training_progression.png'}, {out / 'training_progression.json'}")
+    print(
+        f"{len(points)} snapshots ({n_reused} reused from {out / POINTS_DIR}) in {elapsed:.0f} s -> {out / 'training_progression.png'}, {out / 'training_progression.json'}"
+    )
     return doc
 
 

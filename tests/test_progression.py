@@ -206,7 +206,8 @@ def progression(snapshot_run, tmp_path_factory):
 
 def test_progression_writes_every_artifact(progression, snapshot_run):
     out, doc = progression
-    assert {p.name for p in out.iterdir()} == {"training_progression.json", "training_progression.png", "progression_config.json"}
+    assert {p.name for p in out.iterdir()} == {"training_progression.json", "training_progression.png", "progression_config.json", "points"}
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["step_000001.json", "step_000003.json", "step_000006.json"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert json.loads((out / "training_progression.json").read_text()) == json.loads(json.dumps(doc))
     assert (out / "training_progression.png").read_bytes()[:4] == b"\x89PNG"
@@ -241,6 +242,26 @@ def test_progression_numbers_are_the_evaluation_and_capture_of_each_snapshot(pro
     # the reference is the final model: same weights, same seeds, same numbers as the last snapshot
     ref, last = doc["references"][0], doc["snapshots"][-1]
     assert ref["returns"] == last["returns"] and ref["attention"] == last["attention"]
+
+
+def test_progression_reuses_points_of_unchanged_snapshots_only(progression, snapshot_run, tmp_path, monkeypatch):
+    out, doc = progression
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run / "snapshots", run / "snapshots")
+    args = ["--snapshots", str(run), "--episodes", "3", "--late-episodes", "2", "--seed", "100", "--num-seeds", "2",
+            "--capture-tasks", "1", "--capture-seeds", "1"]  # fmt: skip
+    first = training_progression.main([*args, "--out", str(tmp_path / "a")])
+    assert first["meta"]["n_reused"] == 0
+    assert [p["returns"] for p in first["snapshots"]] == [p["returns"] for p in doc["snapshots"]]  # same seeds, same numbers
+    real, calls = training_progression.snapshot_point, []
+    monkeypatch.setattr(training_progression, "snapshot_point", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = training_progression.main([*args, "--out", str(tmp_path / "a")])
+    assert calls == [] and again["meta"]["n_reused"] == 3 and again["snapshots"] == first["snapshots"]
+    snap = run / "snapshots" / "step_000003.pt"
+    snap.write_bytes(snap.read_bytes())  # a rewritten snapshot (e.g. by a resumed run) is computed again
+    assert training_progression.main([*args, "--out", str(tmp_path / "a")])["meta"]["n_reused"] == 2 and len(calls) == 1
+    training_progression.main([*args, "--out", str(tmp_path / "a"), "--episodes", "4"])  # other settings: all again
+    assert len(calls) == 1 + 3
 
 
 # ---- bad input -----------------------------------------------------------------------------------
