@@ -4,7 +4,7 @@ the model's attention when it does.
 
     python train.py --config config/darkroom.yaml --out runs/progression/darkroom_ad --threads 1 \\
         --snapshot-geometric 14 --snapshot-first 10 --snapshot-every 500
-    python training_progression.py --snapshots runs/progression/darkroom_ad --seed 100 --threads 1
+    python training_progression.py --snapshots runs/progression/darkroom_ad --capture-timesteps 500 --reference default
 
 `--snapshots` is a training run's folder (its `snapshots/` is used) or a folder of
 `step_XXXXXX.pt` files, all from one model config. For every snapshot, with the same tasks and seeds:
@@ -55,7 +55,7 @@ from model.snapshots import SNAPSHOT_DIR, check_same_model, read_snapshots  # no
 PROGRESSION_CONFIG = {
     "snapshots": "runs/progression/darkroom_ad",  # training run folder (or its snapshots/ folder)
     "tasks": "test",  # test (held-out) | train
-    "episodes": 30,  # in-context episodes per task for the return
+    "episodes": 50,  # in-context episodes per task for the return (as evaluate.py)
     "late_episodes": 10,  # "late" return = mean over the last this many episodes
     "seed": 100,  # first sampling seed (evaluation and captures)
     "num_seeds": 3,  # evaluation seeds seed, seed+1, ...
