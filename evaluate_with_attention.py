@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
 
-from adlens.capture_file import save_capture
+from adlens.capture_file import default_capture_steps, save_capture
 from adlens.config import add_config_flags, none_or, resolve, run_cli
 from adlens.errors import UserError
 
@@ -93,10 +92,6 @@ def capture(cfg: dict) -> tuple[dict, dict]:
     }
     return cap, summary
 
-
-def default_capture_steps(max_context: int, horizon: int) -> int:
-    """Twice the model's context, in whole episodes: the context fills, then slides for as long again."""
-    return math.ceil(2 * max_context / horizon) * horizon
 
 
 def main(argv=None) -> Path:

@@ -7,6 +7,13 @@ The loss is the cross-entropy of the source learner's action at every context po
 AdamW with linear warmup and cosine decay, gradient clipping, a validation loss on the held-out
 tasks' histories every `eval_every` steps, and atomic checkpoints: `OUT/model.pt` (weights and
 resolved config, what every other script loads) and `OUT/train_state.pt` (optimizer, for --resume).
+
+Snapshots for studying how in-context learning emerges (`training_progression.py`): copies of the
+weights at chosen steps, `OUT/snapshots/step_XXXXXX.pt`, each in the format of `model.pt`:
+
+    python train.py --config config/darkroom.yaml --out runs/progression/darkroom_ad --snapshot-geometric 12 --snapshot-every 500
+
+A resumed run keeps the snapshots already written and continues the schedule.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from env import get_spec
 from model.ad import ADConfig, ADTransformer
 from model.checkpoint import read_checkpoint, resolve_device, save_atomic
 from model.data import SIBLING_SHARE, HistoryData
+from model.snapshots import SNAPSHOT_DIR, snapshot_name, snapshot_schedule
 
 TRAIN_CONFIG = {
     "data": ["data/darkroom"],  # folder(s) written by collect.py
@@ -59,6 +67,10 @@ TRAIN_CONFIG = {
     "device": "auto",  # auto | cpu | cuda
     "threads": 0,  # torch CPU threads per process (0 = torch's default)
     "resume": False,  # continue from OUT/train_state.pt
+    "snapshot_every": 0,  # keep OUT/snapshots/step_XXXXXX.pt every K steps (0 = none)
+    "snapshot_steps": [],  # and at these steps
+    "snapshot_geometric": 0,  # and at N steps spaced evenly on a log scale from snapshot_first to steps
+    "snapshot_first": 25,  # first step of the geometric schedule
 }
 HELP = {
     "episode_strides": "episode subsampling strides of the learning histories",
@@ -66,6 +78,10 @@ HELP = {
     "loss_mask": "none | sibling_taught: no loss on steps taken before any reward in the window while the "
     f"stream's PPO learner already reached the goal in more than {SIBLING_SHARE * 100:.0f}%% of its streams",
     "resume": "continue from OUT/train_state.pt",
+    "snapshot_every": "keep a snapshot OUT/snapshots/step_XXXXXX.pt every K steps (0 = none)",
+    "snapshot_steps": "also keep snapshots at these steps",
+    "snapshot_geometric": "also keep N snapshots spaced evenly on a log scale from --snapshot-first to --steps",
+    "snapshot_first": "first step of the geometric snapshot schedule",
 }
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
 
@@ -92,6 +108,10 @@ def _validate(model, val_batches, device) -> tuple[float, float]:
     return float(np.mean(losses)), float(np.mean(accs))
 
 
+def _snapshot_steps(cfg: dict) -> list[int]:
+    return snapshot_schedule(cfg["steps"], cfg["snapshot_every"], cfg["snapshot_steps"], cfg["snapshot_geometric"], cfg["snapshot_first"])
+
+
 def parse(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with 'env', 'model' and 'train' sections")
@@ -109,6 +129,11 @@ def parse(argv=None) -> dict:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["lr"] <= 0:
         raise UserError(f"--lr must be > 0, got {cfg['lr']}")
+    try:
+        cfg["snapshot_steps"] = [int(s) for s in cfg["snapshot_steps"]]
+    except (TypeError, ValueError):
+        raise UserError(f"--snapshot-steps must be whole numbers, got {cfg['snapshot_steps']}") from None
+    _snapshot_steps(cfg)  # validates the schedule before any work
     return cfg
 
 
@@ -164,11 +189,18 @@ def main(argv=None) -> Path:
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {data.n_streams} training streams "
               f"of {data.n_episodes} episodes from {len(train_tasks)} tasks; device {device}, {world} process(es)")  # fmt: skip
 
-    def save(final: bool = False):
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_atomic({"model": weights, "config": meta, "step": step}, out / "model.pt")
+    snapshot_steps = set(_snapshot_steps(cfg))
+    if rank == 0 and snapshot_steps:
+        print(f"snapshots at steps {sorted(snapshot_steps)} -> {out / SNAPSHOT_DIR}")
+
+    def weights() -> dict:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def save():
+        w = weights()
+        save_atomic({"model": w, "config": meta, "step": step}, out / "model.pt")
         save_atomic(
-            {"model": weights, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            {"model": w, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
             out / "train_state.pt",
         )
 
@@ -197,6 +229,8 @@ def main(argv=None) -> Path:
                 row["val_loss"], row["val_acc"] = _validate(model, val_batches, device)
                 bar.write(f"step {step}: train loss {loss.item():.4f}, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}")
             log.write(json.dumps(row) + "\n")
+            if step in snapshot_steps:  # weights + config + step, the format of model.pt
+                save_atomic({"model": weights(), "config": meta, "step": step}, out / SNAPSHOT_DIR / snapshot_name(step))
             if step % cfg["save_every"] == 0 or step == cfg["steps"]:
                 log.flush()
                 save()

@@ -33,6 +33,7 @@ dimension. `task_view(cap, i)` gives one task's steps in the version-1 layout, w
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -58,6 +59,11 @@ REQUIRED = (
     "full_attn",
     "returns",
 )
+
+
+def default_capture_steps(max_context: int, horizon: int) -> int:
+    """Twice the model's context, in whole episodes: the context fills, then slides for as long again."""
+    return math.ceil(2 * max_context / horizon) * horizon
 
 
 def full_steps_for(n_steps: int, num_full: int) -> list[int]:

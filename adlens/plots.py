@@ -437,3 +437,71 @@ def plot_head_profiles(aligned, layer_names) -> Figure:
             axes[li, h].set(xlabel="evaluation step", ylabel="relative position")
     fig.colorbar(im, ax=axes, label="attention weight (log colour scale)")
     return fig
+
+
+# ---- attention across training (training_progression.py) --------------------------------------
+def plot_progression(progression: dict) -> Figure:
+    """Six panels against training step (log scale), from `training_progression.json`'s dict:
+    in-context return, reward enrichment, attention per episode, recency, positions for 90%,
+    normalised entropy per layer."""
+    pts = progression["snapshots"]
+    steps = np.array([p["step"] for p in pts], dtype=np.float64)
+    meta = progression["meta"]
+    n_layer = int(meta["n_layer"])
+    colors = layer_colors(n_layer)
+
+    def col(key, src="attention"):
+        return np.array([np.nan if p[src][key] is None else p[src][key] for p in pts], dtype=np.float64)
+
+    def per_layer(key):
+        return np.array([[np.nan if v is None else v for v in p["attention"][key]] for p in pts], dtype=np.float64)
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    ax = axes[0, 0]
+    for key, label, c in (
+        ("episode_1", "episode 1", "tab:gray"),
+        ("late", f"last {pts[0]['returns']['late_episodes']} episodes", "tab:green"),
+    ):
+        se = np.array([np.nan if p["returns"][f"{key}_se"] is None else p["returns"][f"{key}_se"] for p in pts])
+        ax.errorbar(steps, col(key, "returns"), yerr=np.nan_to_num(se), marker="o", ms=4, capsize=2, color=c, label=label)
+    for ref in progression.get("references", []):
+        ax.axhline(ref["returns"]["late"], color="tab:green", ls="--", lw=1, label=f"{ref['name']}: last episodes")
+        ax.axhline(ref["returns"]["episode_1"], color="tab:gray", ls="--", lw=1, label=f"{ref['name']}: episode 1")
+    ax.set(ylabel="return / optimal return", title=f"In-context return, held-out tasks ({len(meta['seeds'])} seeds)")
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    ax = axes[0, 1]
+    ax.plot(steps, col("reward_enrichment"), marker="o", ms=4, color="black", label="all layers")
+    for li in range(n_layer):
+        ax.plot(steps, per_layer("reward_enrichment_per_layer")[:, li], marker=".", color=colors[li], lw=1, label=meta["layer_names"][li])
+    ax.axhline(1.0, color="grey", ls="--", lw=1, label="= share of context")
+    ax.set(ylabel="attention share / context share", title="Attention on rewarding transitions")
+    ax = axes[0, 2]
+    ax.plot(steps, col("current_episode_share"), marker="o", ms=4, color="tab:blue", label="current episode")
+    ax.plot(steps, col("current_episode_context_share"), ls="--", color="tab:blue", lw=1, label="current episode's share of context")
+    ax.plot(steps, col("previous_episode_share"), marker="o", ms=4, color="tab:orange", label="previous episode")
+    ax.set(ylabel="share of attention", title="Current vs earlier episodes", ylim=(0, 1))
+    ax = axes[1, 0]
+    rw, hz = meta["recent_window"], meta["horizon"]
+    ax.plot(steps, col("recent_share"), marker="o", ms=4, color="tab:purple", label=f"newest {rw} tokens")
+    ax.plot(steps, col("last_episode_share"), marker="o", ms=4, color="tab:cyan", label=f"newest {hz} tokens (one episode)")
+    ax.set(ylabel="share of attention", title="Recency", ylim=(0, 1))
+    ax = axes[1, 1]
+    ax.plot(steps, col("positions_for_90"), marker="o", ms=4, color="tab:brown", label="positions")
+    ax.set(ylabel="context positions", title="Positions holding 90% of attention")
+    ax2 = ax.twinx()
+    ax2.plot(steps, col("fraction_for_90") * 100, ls=":", color="tab:brown", label="% of context")
+    ax2.set_ylabel("% of context (dotted)")
+    ax = axes[1, 2]
+    ent = per_layer("entropy_normalised_per_layer")
+    for li in range(n_layer):
+        ax.plot(steps, ent[:, li], marker="o", ms=4, color=colors[li], label=meta["layer_names"][li])
+    ax.set(ylabel="entropy / log(context length)", title="Attention entropy per layer", ylim=(0, 1.02))
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Attention across training: {meta['env_name']}, {meta['n_snapshots']} snapshots, "
+                 f"captures on {meta['n_capture_tasks']} held-out tasks x {len(meta['capture_seeds'])} seed(s)")  # fmt: skip
+    fig.tight_layout()
+    return fig

@@ -25,7 +25,7 @@ from model.rollout import run_episodes
 
 @torch.no_grad()
 def record_rollout(model, spec, tasks: list[dict], eval_timesteps: int, seed: int = 0, greedy: bool = False, num_full: int = 5,
-                   full_task: int | None = None) -> dict:  # fmt: skip
+                   full_task: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Run `tasks` in context, one batched rollout, for ceil(eval_timesteps / horizon) whole episodes and
     record attention (capture format v2: a task dimension first). Full matrices are kept for one task:
     `full_task`, or the task with the median return."""
@@ -70,7 +70,7 @@ def record_rollout(model, spec, tasks: list[dict], eval_timesteps: int, seed: in
     venv = make_vec_env(spec, tasks, "batched")
     try:
         with capture_attention(model) as rec:
-            out = run_episodes(model, venv, spec, n_ep, engine="kv", greedy=greedy, seed=seed, on_step=on_step, progress=True)
+            out = run_episodes(model, venv, spec, n_ep, engine="kv", greedy=greedy, seed=seed, on_step=on_step, progress=progress)
     finally:
         venv.close()
     returns = torch.tensor(out["returns"], dtype=torch.float32)  # (N, E)
