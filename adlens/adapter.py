@@ -340,7 +340,7 @@ def record_capture(adapter: Adapter, model: nn.Module, tasks: list, n_steps: int
         "timestep": t_idx % adapter.horizon,
         "full_task": keep,
         "full_steps": torch.tensor(sorted(full), dtype=torch.long),
-        "full_attn": [full[t][:, keep, :, -T:, -T:].float() for t in sorted(full)],
+        "full_attn": [full[t][:, keep, :, -T:, -T:].clone() for t in sorted(full)],  # clone: a view would save every task's storage
         "returns": returns,
     }
 

@@ -103,6 +103,6 @@ def record_rollout(model, spec, tasks: list[dict], eval_timesteps: int, seed: in
         "timestep": t_idx % H,
         "full_task": keep,
         "full_steps": torch.tensor(sorted(full), dtype=torch.long),
-        "full_attn": [full[t][keep].float() for t in sorted(full)],
+        "full_attn": [full[t][keep].clone() for t in sorted(full)],  # clone: a view would save every task's storage
         "returns": returns,
     }

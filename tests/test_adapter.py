@@ -255,6 +255,7 @@ def test_inline_adapter_runs_compresses_and_captures(tmp_path):
     torch.testing.assert_close(cap["query_attn"].float().sum(-1), torch.ones(3, 20, 2, 2), atol=2e-3, rtol=0)
     assert cap["ctx_step"][2, 19, :13].tolist() == list(range(7, 20))
     full = cap["full_attn"][-1]  # (L, H, n, n): its last row is the step's query row, for the kept task
+    assert full.untyped_storage().nbytes() == full.numel() * 4  # one task's matrices, not a view of every task's
     torch.testing.assert_close(full[:, :, -1], cap["query_attn"][1, 19].float(), atol=2e-3, rtol=0)
     assert cap["reward"].shape == (3, 20) and cap["action"].shape == (3, 20)
 

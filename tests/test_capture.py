@@ -169,6 +169,7 @@ def test_rollout_capture_keeps_actions_and_records_exact_rows(tmp_path):
     for t, full in zip(cap["full_steps"].tolist(), cap["full_attn"]):
         n = int(cap["context_len"][1, t])
         assert full.shape == (2, 2, n, n)
+        assert full.untyped_storage().nbytes() == full.numel() * 4  # its own storage: the file keeps one task's matrices
         torch.testing.assert_close(full[:, :, -1], rows[1, t, :, :, :n], atol=2e-3, rtol=0)
     path = save_capture(cap, tmp_path / "cap.pt")
     back = load_capture(path)
