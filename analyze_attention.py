@@ -349,8 +349,8 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
         heatmaps[k] = f"attention_heatmap_step{full_steps[k]}.png"
 
     title = (
-        f"Attention analysis: {rec['pattern']} -> {rec['strategy']} "
-        f"(compression_ratio {rec['compression_ratio']}, keep_recent {rec['keep_recent']})"
+        f"Attention analysis of {N} task(s): pattern {rec['pattern']} (attention-only suggestion: {rec['strategy']} at "
+        f"compression_ratio {rec['compression_ratio']}; the measured verdict is in recommendation.json)"
     )
     out_dir = Path(out_dir)
     with staged_output(out_dir) as stage:
@@ -407,7 +407,7 @@ def main(argv=None) -> dict:
     result = analyze(capture, cfg["out"], cfg)
     rec = result["recommendation"]
     print(
-        f"{rec['pattern']}: {rec['strategy']} with compression_ratio {rec['compression_ratio']}, "
+        f"{rec['pattern']}; attention-only suggestion: {rec['strategy']} with compression_ratio {rec['compression_ratio']}, "
         f"keep_recent {rec['keep_recent']}, every {rec['compression_interval']} steps "
         f"(estimated speedup {rec['estimated_speedup']:.2f}x); results in {cfg['out']}"
     )
