@@ -383,18 +383,6 @@ class StreamingCache(KVCache):
         self.n_sink = n_sink
         self._sink_k: torch.Tensor | None = None  # (L, B, H, n_sink, Dh) sink keys at their own positions
 
-    def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with `apply_rope`:
-        q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
-        if self._rot is None or pos >= len(self._rot[0]):
-            self.rope_at(max(pos, 4095))  # grows the angle table
-            cos, sin = self._rope  # (P, Dh/2)
-            self._rot = (
-                torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
-                torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
-            )  # (P, 3, 1, 1, Dh/2)
-        return self._rot[0][pos], self._rot[1][pos]
-
     def _next_slot(self) -> int:
         if self.n < self.capacity:
             return super()._next_slot()
