@@ -33,8 +33,6 @@ Then `python compression_template.py --strategy strided` measures it like the ot
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,7 +46,7 @@ import torch  # noqa: E402
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import provenance  # noqa: E402
+from adlens.io import provenance, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
 from adlens.plots import save_figure  # noqa: E402
 
@@ -337,9 +335,7 @@ def main(argv=None) -> dict:
               "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}  # fmt: skip
     best = best_within(rows)
     result["recommended"] = best
-    tmp = out / "compression_results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "compression_results.json")
+    write_json_atomic(out / "compression_results.json", result)
     print_table(rows)
     if cfg["sweep"]:
         plot_tradeoff(rows, out / "compression_tradeoff.png")

@@ -12,14 +12,13 @@ Analyse it with `python analyze_attention.py --capture OUT/capture.pt`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 
 from adlens.capture_file import default_capture_steps, save_capture
 from adlens.config import add_config_flags, none_or, resolve, run_cli
 from adlens.errors import UserError
+from adlens.io import write_json_atomic
 
 EVAL_CONFIG = {
     "checkpoint": "default",  # path to model.pt; "default" = the shipped Darkroom model
@@ -107,9 +106,7 @@ def main(argv=None) -> Path:
     out = Path(cfg["out"])
     path = save_capture(cap, out / "capture.pt")
     for name, obj in (("returns.json", summary), ("capture_config.json", cfg)):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, out / name)
+        write_json_atomic(out / name, obj)
     r = summary["mean_returns"]
     print(f"{len(summary['tasks'])} task(s): mean return per episode {[round(x, 1) for x in r]}")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {cap['query_attn'].shape[0]} task(s) x {cap['query_attn'].shape[1]} steps)")

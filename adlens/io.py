@@ -31,6 +31,24 @@ def staged_output(out_dir: str | Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write `obj` as JSON through a uniquely named temporary file in the same folder, then rename:
+    a reader never sees half a file, and two writers never share a temporary name."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def provenance() -> dict:
     """Where a result came from: commit, UTC date, machine (CPU, core count, accelerator) and versions."""
     import torch

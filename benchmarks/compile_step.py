@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.io import write_json_atomic  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from model.ad import Tokens  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
@@ -138,11 +138,7 @@ def main(argv=None) -> dict:
         f"a typical run of {cfg['typical_steps']} steps: eager {result['typical_run_s']['eager']:.1f} s, compiled {result['typical_run_s']['compiled']:.1f} s"
     )
     if cfg["out"]:
-        out = Path(cfg["out"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        write_json_atomic(cfg["out"], result)
     return result
 
 

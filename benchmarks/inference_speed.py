@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.compression import make_compression  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.io import write_json_atomic  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from env import get_spec, make_vec_env  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
@@ -250,11 +250,7 @@ def main(argv=None) -> dict:
         print(f"greedy actions (a) vs (b): {100 * within:.1f}% identical within the window, {100 * after:.1f}% after it slides")
         result |= {"greedy_agreement_within_window": within, "greedy_agreement_after_slide": after}
     if cfg["out"]:
-        out = Path(cfg["out"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        write_json_atomic(cfg["out"], result)
     return result
 
 
