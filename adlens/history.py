@@ -138,6 +138,9 @@ class HistoryCompressor:
     def _pre(self, _module, args, kwargs):
         x, named = self._split(args, kwargs)
         B, n, _ = x.shape
+        if self.comp is None:  # the uncompressed baseline: only count the tokens, nothing on its hot path
+            self.lengths.append(n)
+            return None
         step = int(self.step_of())
         if step != self.last_step:  # a new rollout step (a step may run several forwards)
             self.since += 1
