@@ -23,7 +23,6 @@ and numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import textwrap
@@ -37,10 +36,10 @@ import numpy as np  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
 from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
-from adlens.config import add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
-from adlens.errors import UserError  # noqa: E402
+from adlens.config import COMMON_BOUNDS, add_config_flags, check_keys, check_out, check_values, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
+from adlens.errors import ConfigError, UserError  # noqa: E402
+from adlens.io import staged_output  # noqa: E402
 
 ANALYSIS_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
@@ -81,20 +80,21 @@ SEMANTICS = (
 )
 
 
-def check_config(cfg: dict) -> dict:
-    """Reject unknown keys and out-of-range values, naming the offender."""
+BOUNDS = {
+    "num_samples": (0, 100), "recent_window": (1, 100_000), "recency_threshold": (1e-6, 1.0), "sparse_threshold": (1e-6, 1.0),
+    "sink_positions": (1, 100_000), "sink_threshold": (1e-6, 1.0), "coverage": (1e-6, 1.0), "ratio_margin": (0.0, 10.0),
+    "smooth": (0, 100_000), "dpi": COMMON_BOUNDS["dpi"], "view_task": (-1, None),
+}  # fmt: skip
+
+
+def check_config(cfg: dict, context: int | None = None) -> dict:
+    """Reject unknown keys and out-of-range values, naming the offender; with the capture's
+    `context`, also windows and sink counts longer than the context."""
     check_keys(cfg, ANALYSIS_CONFIG, "analysis config")
-    for key in ("num_samples", "smooth"):
-        if int(cfg[key]) < 0:
-            raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
-    for key in ("recent_window", "sink_positions", "dpi"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
-    for key in ("recency_threshold", "sparse_threshold", "sink_threshold", "coverage"):
-        if not 0 < float(cfg[key]) <= 1:
-            raise ValueError(f"{key} must be in (0, 1], got {cfg[key]}")
-    if float(cfg["ratio_margin"]) < 0:
-        raise ValueError(f"ratio_margin must be >= 0, got {cfg['ratio_margin']}")
+    check_values(cfg, BOUNDS)
+    for key in ("recent_window", "sink_positions"):
+        if context is not None and int(cfg[key]) > context:
+            raise ConfigError(f"{key} must be at most the capture's context ({context}), got {cfg[key]}")
     return cfg
 
 
@@ -282,9 +282,10 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     Returns {"paths": {name: Path}, "metrics": dict, "recommendation": dict, "pattern": str}.
     """
     config = config or {}
-    cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)})  # None: in memory
     _check_capture(capture)
     capture = upgrade(capture)
+    context = int(capture["query_attn"].shape[-1])
+    cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)}, context)  # None: in memory
     N = n_tasks(capture)
     view = int(capture.get("full_task", 0)) if int(cfg["view_task"]) < 0 else int(cfg["view_task"])
     if not 0 <= view < N:
@@ -397,12 +398,14 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'analysis' section overrides ANALYSIS_CONFIG")
     add_config_flags(parser, ANALYSIS_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None))
+    cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None,
+                               BOUNDS, where=args.config or "config"))  # fmt: skip
+    check_out(cfg["out"])
     capture = load_capture(cfg["capture"])  # checked before anything is written
     result = analyze(capture, cfg["out"], cfg)
     rec = result["recommendation"]

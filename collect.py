@@ -28,7 +28,6 @@ seeds. A task that fails or whose worker is lost is retried `--max-retries` time
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
 from adlens.errors import UserError
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
@@ -194,36 +193,55 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     return _npz_bytes({"task": json.dumps(task), "horizon": horizon, **arrays}), summary
 
 
+BOUNDS = {
+    "size": (2, 1000), "tasks": {"all", "train", "test", "none"}, "first_tasks": (0, None), "goal_free_learners": (1, 100_000),
+    "novelty_bonus": (0.0, 1e6), "n_streams": (1, 100_000), "n_learners": (1, 10_000), "timesteps": (1, None),
+    "backend": set(BACKENDS), "gpus_per_task": (0.0, 1.0), "max_retries": (0, 100), "learning_rate": (1e-9, 10.0),
+    "n_epochs": (1, 1000), "batch_size": (1, 10**7), "ent_coef": (0.0, 100.0), "device": {"auto", "cpu", "cuda"},
+}  # fmt: skip
+# Settings that shape the histories: a rerun into a folder collected with other values would mix
+# two datasets, so it is refused (the rest, e.g. workers or backend, may differ between runs).
+HISTORY_KEYS = ("env", "size", "goal_free_learners", "novelty_bonus", "n_streams", "n_learners", "timesteps", "seed",
+                "learning_rate", "n_epochs", "batch_size", "ent_coef")  # fmt: skip
+TIMESTEPS_PER_S = 5000  # PPO timesteps per second per worker on one CPU core, Darkroom (rough, measured)
+BYTES_PER_TIMESTEP = 1.2  # compressed history on disk, Darkroom (84 KB per 100k timesteps)
+
+
+def _check_same_run(out: Path, spec: EnvSpec, cfg: dict) -> None:
+    prev_path = out / "collect_config.json"
+    if not prev_path.is_file():
+        return
+    try:
+        prev = json.loads(prev_path.read_text())
+        prev_env, prev_cfg = prev["env"], prev["collect"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{prev_path} is damaged; remove it (or collect into a new --out)") from None
+    diff = [k for k in HISTORY_KEYS if prev_cfg.get(k) != cfg[k]] + (["env"] if prev_env != spec.to_dict() else [])
+    if diff:
+        got = ", ".join(f"{k} {prev_cfg.get(k)!r} -> {cfg[k]!r}" for k in diff if k in cfg)
+        raise UserError(f"{out} holds histories collected with other settings ({got or 'env'}); collect into a new --out")
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'env' and 'collect' sections override the defaults")
     add_config_flags(parser, COLLECT_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     env_own, env_sec = env_section(ycfg)
-    cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG))
+    cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG), BOUNDS, where=args.config or "config")
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
-    if cfg["first_tasks"] < 0:
-        raise UserError(f"--first-tasks must be >= 0, got {cfg['first_tasks']}")
-    for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
-    if cfg["max_retries"] < 0:
-        raise UserError(f"--max-retries must be >= 0, got {cfg['max_retries']}")
-    if not 0 <= cfg["gpus_per_task"] <= 1:
-        raise UserError(f"--gpus-per-task must be in [0, 1], got {cfg['gpus_per_task']}")
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
         if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:
             raise UserError("--device cuda on Ray needs --gpus-per-task (the share of a GPU each task holds, e.g. 0.25)")
-    if cfg["novelty_bonus"] < 0:
-        raise UserError(f"--novelty-bonus must be >= 0, got {cfg['novelty_bonus']}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
         raise UserError(f"--timesteps must cover at least one episode per stream ({cfg['n_streams'] * spec.horizon})")
+    per_task = cfg["timesteps"] * cfg["n_learners"]
+    check_memory(64 * per_task * (cfg["workers"] if cfg["backend"] == "local" else 1),
+                 f"recording {per_task:,} timesteps per task", "lower --timesteps, --n-learners or --workers")  # fmt: skip
+    out = check_out(cfg["out"])
+    _check_same_run(out, spec, cfg)
 
     all_tasks = spec.tasks()
     if cfg["tasks"] == "none":
@@ -233,20 +251,23 @@ def main(argv=None) -> list[dict]:
         wanted = list(range(len(all_tasks)))
     elif cfg["tasks"] == "all":
         wanted = list(range(len(all_tasks)))
-    elif cfg["tasks"] in ("train", "test"):
+    else:
         chosen = spec.tasks_for(cfg["tasks"])
         wanted = [all_tasks.index(t) for t in chosen]
-    else:
-        raise UserError(f"--tasks must be all, train, test or none, got {cfg['tasks']!r}")
 
     wanted = wanted[: cfg["first_tasks"] or None]
-    out = Path(cfg["out"])
+    todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
+    parallel = cfg["workers"] if cfg["backend"] == "local" or cfg["ray_address"] == "local" else None
+    hours = len(todo) * per_task / TIMESTEPS_PER_S / 3600 / (parallel or 1)
+    disk = len(todo) * per_task * BYTES_PER_TIMESTEP
+    if todo:
+        when = f"about {hours:.1f} h on {parallel} worker(s)" if parallel else f"about {hours:.1f} worker-hours on the cluster"
+        print(f"{len(todo)} tasks of {per_task:,} timesteps: {when} and {disk / 2**20:,.0f} MB of disk, by a rough estimate")
     results = []
     with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
         out.mkdir(parents=True, exist_ok=True)
         meta = {"env": spec.to_dict(), "collect": cfg}
         (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
-        todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
         print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
         t0 = time.time()
         jobs = [(spec.to_dict(), i, all_tasks[i], cfg) for i in todo]

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
-from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
+from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parser, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import provenance, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
@@ -95,10 +95,7 @@ def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
     valid = {f.name for f in fields(STRATEGIES[strategy])}
     params = {"ratio": ratio, "interval": cfg["compression_interval"], "keep_recent": cfg["keep_recent"], "n_sink": cfg["n_sink"]}
     params["window_size"] = cfg["window_size"] or None
-    try:
-        return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})  # ConfigError if out of range
 
 
 class CheckpointRunner:
@@ -277,28 +274,26 @@ def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
         runner.close()
 
 
+BOUNDS = {
+    "compression_interval": (1, 10**6), "keep_recent": (0, 10**6), "window_size": (0, 10**6),
+    "n_sink": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
+    "device": {"auto", "cpu", "cuda"}, "vec_env": {"dummy", "batched"}, "backend": set(BACKENDS),
+}  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = resolve(COMPRESSION_CONFIG, args)
+    cfg = resolve(COMPRESSION_CONFIG, args, bounds=BOUNDS)
     cfg["adapter"] = none_or(cfg["adapter"], str)
     if cfg["adapter"] and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
-    if cfg["episodes"] < 1:
-        raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
-    if not cfg["seeds"]:
-        raise UserError("--seeds needs at least one seed")
-    if cfg["threads"] < 0:
-        raise UserError(f"--threads must be >= 0, got {cfg['threads']}")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
-    if cfg["workers"] < 1:
-        raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
+    check_out(cfg["out"])
     if cfg["sweep"] and not (cfg["sweep_strategies"] and cfg["sweep_ratios"]):
         raise UserError("--sweep needs at least one strategy (--sweep-strategies) and one ratio (--sweep-ratios)")
     threads = pin_threads(cfg["threads"])

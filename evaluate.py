@@ -17,10 +17,8 @@ seed after another in this process. Parallel seeds share their nodes, so their t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -31,10 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from adlens.plots import save_figure  # noqa: E402
-from adlens.config import add_config_flags, none_or, resolve, run_cli  # noqa: E402
+from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli  # noqa: E402
+from adlens.io import write_json_atomic  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
-from env import get_spec, make_vec_env  # noqa: E402
+from env import VEC_ENVS, get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
@@ -195,21 +194,12 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, EVAL_CONFIG, HELP)
-    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv))
-    if cfg["episodes"] < 1:
-        raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
-    if cfg["num_seeds"] < 1:
-        raise UserError(f"--num-seeds must be >= 1, got {cfg['num_seeds']}")
-    if cfg["engine"] not in ENGINES:
-        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
-    if cfg["tasks"] not in ("test", "train"):
-        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
-    if cfg["workers"] < 1:
-        raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
+    bounds = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": set(VEC_ENVS),
+              "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv), bounds=bounds)
+    out = check_out(cfg["out"])
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
     device = resolve_device(cfg["device"])
@@ -226,11 +216,7 @@ def main(argv=None) -> dict:
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "eval_results.json")
+    write_json_atomic(out / "eval_results.json", results)
     plot_curve(results, out / "in_context_curve.png")
     print_table(results)
     if "source_final_normalized_return" in results:

@@ -17,7 +17,6 @@ Stages (the first two also run alone):
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import analyze_attention
 import evaluate_with_attention
 from adlens.capture_file import save_capture
-from adlens.config import add_config_flags, none_or, resolve, run_cli
+from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli
 from adlens.errors import UserError
 from adlens.io import provenance, staged_output
 from adlens.recommend import break_even_context, candidates, choose, fit_step_cost, recommendation_doc, verdict_lines
@@ -55,19 +54,20 @@ MODES = {
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, PIPELINE_CONFIG, {"skip_compression": "capture and analyse only", "adapter": "adapter file for your own AD model"})
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="4 seeds x 25 episodes per candidate (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="10 seeds x 50 episodes per candidate")
     args = parser.parse_args(argv)
-    cfg = resolve(PIPELINE_CONFIG, args)
+    bounds = {"task": (-1, None), "eval_timesteps": (0, 10**7), "check_episodes": (0, 10_000), "check_seeds": (0, 1000),
+              "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+    cfg = resolve(PIPELINE_CONFIG, args, bounds=bounds)
     cfg["adapter"] = none_or(cfg["adapter"], str)
     if cfg["adapter"] and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
-    for key in ("eval_timesteps", "check_episodes", "check_seeds", "threads", "tasks_limit"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    check_out(cfg["out"])
+    check_out(cfg["capture_out"], "--capture-out")
     m = dict(MODES[args.mode or "quick"])
     m.update({k: cfg[c] for k, c in (("eval_timesteps", "eval_timesteps"), ("episodes", "check_episodes"), ("seeds", "check_seeds")) if cfg[c]})
     if cfg["adapter"]:

@@ -18,7 +18,6 @@ A resumed run keeps the snapshots already written and continues the schedule.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
 from adlens.errors import UserError
 from env import env_section
 from env import get_spec
@@ -112,8 +111,50 @@ def _snapshot_steps(cfg: dict) -> list[int]:
     return snapshot_schedule(cfg["steps"], cfg["snapshot_every"], cfg["snapshot_steps"], cfg["snapshot_geometric"], cfg["snapshot_first"])
 
 
+BOUNDS = {
+    "size": (2, 1000), "context": (1, 100_000), "n_layer": (1, 64), "n_head": (1, 64), "d_model": (2, 16_384),
+    "dropout": (0.0, 0.99), "episode_strides": (1, 1000), "augment": {"none", "dihedral"},
+    "loss_mask": {"none", "sibling_taught"}, "steps": (1, 10**8), "batch_size": (1, 65_536), "lr": (1e-9, 10.0),
+    "weight_decay": (0.0, 100.0), "warmup_steps": (0, 10**8), "grad_clip": (1e-6, 1e6), "eval_every": (1, None),
+    "val_batches": (1, 10_000), "save_every": (1, None), "device": {"auto", "cpu", "cuda"},
+    "snapshot_every": (0, None), "snapshot_steps": (1, None), "snapshot_geometric": (0, 10_000), "snapshot_first": (1, None),
+}  # fmt: skip
+# What `--resume` may change (applied and recorded in train_config.json); any other flag that
+# differs from the saved run is refused. Keys not given are taken from the saved run.
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "val_batches", "snapshot_every", "snapshot_steps",
+                     "snapshot_geometric", "snapshot_first", "threads", "device", "resume")  # fmt: skip
+
+
+def _train_bytes(cfg: dict) -> float:
+    """Rough peak memory of a training step: attention maps and activations kept for backward."""
+    B, T, D, H, L = cfg["batch_size"], cfg["context"], cfg["d_model"], cfg["n_head"], cfg["n_layer"]
+    return 2 * 4 * L * B * (H * T * T + 16 * T * D)
+
+
+def _resume_config(cfg: dict, explicit: set) -> dict:
+    """On --resume: the saved run's settings, with the flags RESUME_MAY_CHANGE allows; a given flag
+    that contradicts the saved run is an error."""
+    state_path = Path(cfg["out"]) / "train_state.pt"
+    if not state_path.is_file():
+        raise UserError(f"--resume: nothing to resume in {cfg['out']} (no train_state.pt); drop --resume to start a new run")
+    saved_meta = read_checkpoint(state_path)["config"]
+    saved = saved_meta.get("train", {})
+    clash = [k for k in sorted(explicit) if k in saved and k not in RESUME_MAY_CHANGE + ("out",) and saved[k] != cfg[k]]
+    saved_env = {k: v for k, v in saved_meta.get("env", {}).items() if k not in ("name", "size")}
+    if cfg["env_extra"] and any(saved_env.get(k) != v for k, v in cfg["env_extra"].items()):
+        clash.append("env")
+    if clash:
+        got = ", ".join(f"{k}={cfg[k]!r} (saved {saved[k]!r})" if k in saved else k for k in clash)
+        raise UserError(f"--resume: {got} contradict(s) the run saved in {cfg['out']}; only "
+                        f"{', '.join(RESUME_MAY_CHANGE[:-1])} may change on resume")
+    changed = {k: cfg[k] for k in sorted(explicit) if k in RESUME_MAY_CHANGE and k != "resume" and saved.get(k) != cfg[k]}
+    out = {**cfg, **{k: v for k, v in saved.items() if k in TRAIN_CONFIG and k not in explicit}, "env_extra": saved_env}
+    out["resume_changes"] = saved.get("resume_changes", []) + ([changed] if changed else [])
+    return out
+
+
 def parse(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file with 'env', 'model' and 'train' sections")
     add_config_flags(parser, TRAIN_CONFIG, HELP)
     args = parser.parse_args(argv)
@@ -122,17 +163,15 @@ def parse(argv=None) -> dict:
     model_sec = section(ycfg, "model", MODEL_KEYS + ("context", "grid_embedding"))
     flat.update(model_sec)
     flat.update(section(ycfg, "train", TRAIN_CONFIG))
-    cfg = resolve(TRAIN_CONFIG, args, flat)
+    explicit: set = set()
+    cfg = resolve(TRAIN_CONFIG, args, flat, BOUNDS, explicit, where=args.config or "config")
     cfg["env_extra"] = env_sec
-    for key in ("steps", "batch_size", "context", "eval_every", "save_every", "val_batches"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["lr"] <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
-    try:
-        cfg["snapshot_steps"] = [int(s) for s in cfg["snapshot_steps"]]
-    except (TypeError, ValueError):
-        raise UserError(f"--snapshot-steps must be whole numbers, got {cfg['snapshot_steps']}") from None
+    if cfg["resume"]:
+        cfg = _resume_config(cfg, explicit)
+    check_out(cfg["out"])
+    check_memory(_train_bytes(cfg), f"a training step of batch {cfg['batch_size']} over {cfg['context']} transitions",
+                 "lower --batch-size or --context")  # fmt: skip
+    resolve_device(cfg["device"])
     _snapshot_steps(cfg)  # validates the schedule before any work
     return cfg
 
@@ -181,7 +220,7 @@ def main(argv=None) -> Path:
     meta = {
         "model": mcfg.to_dict(),
         "env": spec.to_dict(),
-        "train": {k: v for k, v in cfg.items() if k != "env_extra"} | {"world_size": world},
+        "train": {k: v for k, v in cfg.items() if k != "env_extra"} | {"world_size": world},  # with resume_changes
     }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ Configuration precedence: VISUALIZE_CONFIG < the `visualize` section of a `--con
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -32,10 +31,10 @@ import torch  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
 from adlens.capture_file import load_capture, n_tasks, task_view  # noqa: E402
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section  # noqa: E402
+from adlens.config import add_config_flags, check_out, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
+from adlens.io import staged_output  # noqa: E402
 
 VISUALIZE_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
@@ -175,14 +174,14 @@ def to_bertviz(capture: dict, step_index: int) -> list[torch.Tensor]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'visualize' section overrides VISUALIZE_CONFIG")
     add_config_flags(parser, VISUALIZE_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None)
-    if int(cfg["dpi"]) < 1:
-        raise ValueError(f"dpi must be >= 1, got {cfg['dpi']}")
+    bounds = {"task": (-1, None), "step": (-1, None), "layer": (-1, None), "head": (-1, None)}
+    cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None, bounds, where=args.config or "config")
+    check_out(cfg["out"])
     capture = load_capture(cfg["capture"])  # checked before anything is written
     N, full_task = n_tasks(capture), int(capture.get("full_task", 0))
     view = full_task if int(cfg["task"]) == -1 else int(cfg["task"])

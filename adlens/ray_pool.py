@@ -42,7 +42,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from adlens.errors import UserError
+from adlens.errors import ConfigError, UserError
 
 BACKENDS = ("local", "ray")
 SHIP_EXCLUDES = [".git/", "data/", "runs/", "figs/", "**/__pycache__/", "*.npz", "*.tmp"]  # never uploaded to a remote cluster
@@ -191,7 +191,7 @@ def fan_out(
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if workers < 1 or max_retries < 0 or cpus <= 0 or gpus < 0:
-        raise ValueError(f"need workers >= 1, max_retries >= 0, cpus > 0, gpus >= 0; got {workers}, {max_retries}, {cpus}, {gpus}")
+        raise ConfigError(f"need workers >= 1, max_retries >= 0, cpus > 0, gpus >= 0; got {workers}, {max_retries}, {cpus}, {gpus}")
     if not jobs:
         return
     runner = _run_ray if backend == "ray" else _run_local
