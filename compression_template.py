@@ -275,7 +275,7 @@ def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
 
 
 BOUNDS = {
-    "compression_interval": (1, 10**6), "keep_recent": (0, 10**6), "window_size": (0, 10**6),
+    "compression_interval": (1, 10**6), "compression_ratio": (1e-6, 1.0), "sweep_ratios": (1e-6, 1.0), "keep_recent": (0, 10**6), "window_size": (0, 10**6),
     "n_sink": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
     "device": {"auto", "cpu", "cuda"}, "vec_env": {"dummy", "batched"}, "backend": set(BACKENDS),
 }  # fmt: skip

@@ -193,12 +193,14 @@ def print_table(results: dict) -> None:
           f"{results['env_steps_per_second']:.0f} env steps/s")  # fmt: skip
 
 
+BOUNDS = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": set(VEC_ENVS),
+          "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+
+
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
     add_config_flags(parser, EVAL_CONFIG, HELP)
-    bounds = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": set(VEC_ENVS),
-              "device": {"auto", "cpu", "cuda"}}  # fmt: skip
-    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv), bounds=bounds)
+    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv), bounds=BOUNDS)
     out = check_out(cfg["out"])
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])

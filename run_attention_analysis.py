@@ -53,6 +53,10 @@ MODES = {
 }
 
 
+BOUNDS = {"task": (-1, None), "eval_timesteps": (0, 10**7), "check_episodes": (0, 10_000), "check_seeds": (0, 1000),
+          "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+
+
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
     add_config_flags(parser, PIPELINE_CONFIG, {"skip_compression": "capture and analyse only", "adapter": "adapter file for your own AD model"})
@@ -60,9 +64,7 @@ def main(argv=None) -> dict:
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="4 seeds x 25 episodes per candidate (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="10 seeds x 50 episodes per candidate")
     args = parser.parse_args(argv)
-    bounds = {"task": (-1, None), "eval_timesteps": (0, 10**7), "check_episodes": (0, 10_000), "check_seeds": (0, 1000),
-              "device": {"auto", "cpu", "cuda"}}  # fmt: skip
-    cfg = resolve(PIPELINE_CONFIG, args, bounds=bounds)
+    cfg = resolve(PIPELINE_CONFIG, args, bounds=BOUNDS)
     cfg["adapter"] = none_or(cfg["adapter"], str)
     if cfg["adapter"] and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")

@@ -173,14 +173,16 @@ def to_bertviz(capture: dict, step_index: int) -> list[torch.Tensor]:
     return [attn[li].unsqueeze(0) for li in range(attn.shape[0])]
 
 
+BOUNDS = {"task": (-1, None), "step": (-1, None), "layer": (-1, None), "head": (-1, None)}
+
+
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'visualize' section overrides VISUALIZE_CONFIG")
     add_config_flags(parser, VISUALIZE_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    bounds = {"task": (-1, None), "step": (-1, None), "layer": (-1, None), "head": (-1, None)}
-    cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None, bounds, where=args.config or "config")
+    cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None, BOUNDS, where=args.config or "config")
     check_out(cfg["out"])
     capture = load_capture(cfg["capture"])  # checked before anything is written
     N, full_task = n_tasks(capture), int(capture.get("full_task", 0))

@@ -173,7 +173,7 @@ def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None 
             if isinstance(want, list) and not isinstance(value, list):
                 value = yaml_section[key] = [value]
             if isinstance(want, list):
-                ok = all(_type_ok(want[0] if want else None, v) for v in value)
+                ok = all(_type_ok(want[0], v) if want else isinstance(v, (int, float, str)) for v in value)
             else:
                 ok = _type_ok(want, value)
             if not ok:
@@ -235,23 +235,28 @@ def check_out(path: str | Path, flag: str = "--out", is_file: bool = False) -> P
     accepts. Creates nothing that is left behind."""
     path = Path(path)
     folder = path.parent if is_file else path
-    if is_file and path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; give a file name")
-    probe = folder
-    while not probe.exists():
-        if probe.is_symlink():
-            raise UserError(f"{flag} {path}: {probe} is a broken link")
-        probe = probe.parent
+    too_long = UserError(f"{flag} {path}: name too long for the file system")
+    try:
+        if is_file and path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        probe = folder
+        while not probe.exists():
+            if probe.is_symlink():
+                raise UserError(f"{flag} {path}: {probe} is a broken link")
+            probe = probe.parent
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise too_long from None
+        raise UserError(f"{flag} {path}: {e.strerror}") from None
     if not probe.is_dir():
         raise UserError(f"{flag} {path}: {probe} exists and is not a folder")
     try:
-        name_max = os.pathconf(probe, "PC_NAME_MAX")
-        path_max = os.pathconf(probe, "PC_PATH_MAX")
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
-    too_long = [p for p in path.parts if len(os.fsencode(p)) > name_max - 24]  # room for temporary names
-    if too_long or len(os.fsencode(str(path.resolve()))) > path_max - 64:
-        raise UserError(f"{flag} {path}: name too long for the file system (at most {name_max - 24} bytes per name)")
+    # temporary names are short (adlens.io), so only the total length needs room for them
+    if any(len(os.fsencode(p)) > name_max for p in path.parts) or len(os.fsencode(str(path.absolute()))) > path_max - 64:
+        raise too_long
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: no permission to write in {probe}")
     if probe == folder:

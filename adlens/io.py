@@ -21,7 +21,7 @@ def staged_output(out_dir: str | Path):
     temporary folder. On an exception nothing is moved."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name[:40]}.", suffix=".tmp", dir=out_dir.parent))  # short: a long valid name stays valid
     try:
         yield stage
         out_dir.mkdir(exist_ok=True)
@@ -38,7 +38,7 @@ def write_json_atomic(path: str | Path, obj) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
