@@ -166,6 +166,8 @@ def parse(argv=None) -> dict:
     explicit: set = set()
     cfg = resolve(TRAIN_CONFIG, args, flat, BOUNDS, explicit, where=args.config or "config")
     cfg["env_extra"] = env_sec
+    if not all(isinstance(s, int) for s in cfg["snapshot_steps"]):
+        raise UserError(f"--snapshot-steps must be whole numbers, got {cfg['snapshot_steps']}")
     if cfg["resume"]:
         cfg = _resume_config(cfg, explicit)
     check_out(cfg["out"])
