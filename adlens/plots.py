@@ -574,9 +574,12 @@ def plot_compression_tradeoff(rows: list[dict]) -> Figure:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axvline(0.0, color="k", lw=0.8)
     ax.set(xlim=(lo - 1, hi + 1), ylim=(0, top), xlabel="performance loss (% of uncompressed return)", ylabel="speedup (x, whole rollout)")
-    seeds = rows[0]["seeds"]
-    ax.set_title(f"Compression trade-off, {rows[0]['engine']} engine: mean over {len(seeds)} seed(s) {seeds}\n"
-                 "labels: ratio kept; bars: loss +- standard error, speedup range over seeds", fontsize=11)  # fmt: skip
+    seeds = list(rows[0]["seeds"])
+    contiguous = len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    shown = f"{seeds[0]}-{seeds[-1]}" if contiguous else ", ".join(map(str, seeds))
+    bars = "bars: loss +- standard error, speedup range over seeds" if len(seeds) > 1 else "one seed, so no error bars"
+    title = f"Compression trade-off, {rows[0]['engine']} engine: mean over {len(seeds)} seed(s) ({shown})\nlabels: ratio kept; {bars}"
+    ax.set_title(title, fontsize=11)
     ax.legend(loc="lower right", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
