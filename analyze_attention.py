@@ -350,9 +350,11 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
         heatmaps[k] = f"attention_heatmap_step{full_steps[k]}.png"
 
     title = (
-        f"Attention analysis of {N} task(s): pattern {rec['pattern']} (attention-only suggestion: {rec['strategy']} at "
-        f"compression_ratio {rec['compression_ratio']}; the measured verdict is in recommendation.json)"
+        f"Attention analysis of {N} task(s) x {S} steps ({_env_name(meta)}): pattern {rec['pattern']} (attention-only suggestion: "
+        f"{rec['strategy']} at compression_ratio {rec['compression_ratio']}; the measured verdict is in recommendation.json)"
     )
+    view_name = json.dumps(meta.get("tasks", [meta.get("task")])[view])
+    ctx_all = M.to_numpy(capture["ctx_step"][full_task])  # (S, T)
     out_dir = Path(out_dir)
     with staged_output(out_dir) as stage:
         fig = P.comprehensive_figure(
@@ -376,17 +378,22 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
             compressed_len=out["compressed_len"][:S],
             title=title,
             task_recent=task_recent if N > 1 else None,
-            top_title=f"Query attention over time, task {view}: {json.dumps(meta.get('tasks', [meta.get('task')])[view])} (mean over layers and heads)",
+            top_title=f"Query attention over time, task {view} {view_name}, steps 0-{S - 1} (mean over layers and heads)",
             tokens=view_tokens,
+            horizon=s["horizon"],
         )
         P.save_figure(fig, stage / names["comprehensive"], dpi)
         for k, fname in heatmaps.items():
             step = full_steps[k]
             fa = M.to_numpy(capture["full_attn"][k])  # (L, H, n, n)
-            ep, ts = int(episode[step]), int(timestep[step])
-            t = f"Task {full_task} {full_name}: attention at step {step} (episode {ep}, t = {ts}), {fa.shape[-1]} tokens"
-            P.save_figure(P.plot_step_attention(fa, layer_names, t), stage / fname, dpi)
-        fig = P.plot_layer_head(s["entropy_lh"], s["max_attention_lh"], s["recent_share_lh"], layer_names, rw)
+            ep, ts, n_tok = int(episode[step]), int(timestep[step]), fa.shape[-1]
+            held = ctx_all[step, :n_tok]  # the rollout step of each token in this context
+            t = (f"Task {full_task} {full_name}: attention at step {step} (episode {ep}, t = {ts}), "
+                 f"{n_tok} tokens from steps {int(held[0])}-{int(held[-1])}")  # fmt: skip
+            marks = {"episode": episode[held], "reward": M.to_numpy(capture["reward"][full_task])[held]}
+            P.save_figure(P.plot_step_attention(fa, layer_names, t, tokens=marks), stage / fname, dpi)
+        lh_title = f"Per layer and head: {N} task(s) x {S} steps, means over their {s['n_informative_steps']} informative steps"
+        fig = P.plot_layer_head(s["entropy_lh"], s["max_attention_lh"], s["recent_share_lh"], layer_names, rw, lh_title)
         P.save_figure(fig, stage / names["layer_head"], dpi)
         (stage / names["recommendations"]).write_text(_report(across["mean"] | {k: v for k, v in s.items() if k not in across["mean"]}, rec, der, cfg, meta, layer_names, across))
         (stage / names["metrics"]).write_text(json.dumps(metrics_doc, indent=2, default=str))

@@ -39,7 +39,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,7 +47,7 @@ from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parse
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import provenance, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
-from adlens.plots import save_figure  # noqa: E402
+from adlens.plots import plot_compression_tradeoff, save_figure  # noqa: E402
 
 ENGINES = ("kv", "rerun")  # the project's engines; an --adapter model runs its own rollout (engine "adapter")
 COMPRESSION_CONFIG = {
@@ -223,30 +222,6 @@ def measure(runner, strategy: str, compression, seeds: list[int], compare_rerun:
     return row
 
 
-def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 6))
-    lo = min([r["performance_loss"] * 100 for r in rows] + [-1])
-    hi = max([r["performance_loss"] * 100 for r in rows] + [10])
-    top = max([r["speedup"] for r in rows] + [2.5]) * 1.1
-    ax.fill_between([lo - 1, 5], 2, top, color="tab:green", alpha=0.12, label="> 2x faster, < 5% loss")
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        rs = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: -r["ratio"])
-        x = [r["performance_loss"] * 100 for r in rs]
-        y = [r["speedup"] for r in rs]
-        ax.plot(x, y, "o-", label=strategy)
-        for r, xi, yi in zip(rs, x, y):
-            ax.annotate(f"{r['ratio']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set(xlim=(lo - 1, hi + 1), ylim=(0, top), xlabel="performance loss (% of uncompressed return)", ylabel="speedup (x, whole rollout)")
-    engine = rows[0]["engine"]
-    ax.set_title(f"Compression trade-off ({engine} engine; labels = ratio kept; mean over seeds {rows[0]['seeds']})")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
 def print_table(rows: list[dict]) -> None:
     print(f"{'engine':<8}{'strategy':<14}{'ratio':>6}{'context':>9}{'speedup (pairs)':>22}{'return':>9}{'loss % (se)':>14}")
     for r in rows:
@@ -333,7 +308,7 @@ def main(argv=None) -> dict:
     write_json_atomic(out / "compression_results.json", result)
     print_table(rows)
     if cfg["sweep"]:
-        plot_tradeoff(rows, out / "compression_tradeoff.png")
+        save_figure(plot_compression_tradeoff(rows), out / "compression_tradeoff.png", dpi=120)
     if best:
         print(
             f"fastest within 5% loss: {best['strategy']} ratio {best['ratio']} -> {best['speedup']:.2f}x, loss {100 * best['performance_loss']:.1f}%"

@@ -120,13 +120,18 @@ def grid_view(capture: dict, step: int, layer: int = -1, head: int = -1) -> tupl
     return weight.reshape(size, size), visited.reshape(size, size)
 
 
+def _task_name(capture: dict) -> str:
+    return json.dumps(capture["meta"].get("task"))
+
+
 def plot_grid(capture: dict, step: int, layer: int = -1, head: int = -1, ax=None):
     """Figure of `grid_view` with the task's cells marked."""
     weight, visited = grid_view(capture, step, layer, head)
     which_layer = "mean over layers" if layer == -1 else f"layer {layer}"
     which = f"{which_layer}, {'mean over heads' if head == -1 else f'head {head}'}"
     n = int(M.to_numpy(capture["context_len"])[step])
-    title = f"Where the query looks at step {step}\n({n} tokens in context; {which})"
+    ep = int(M.to_numpy(capture["episode"])[step])
+    title = f"Where the query looks at step {step} (episode {ep}), task {_task_name(capture)}\n({n} tokens in context; {which})"
     return P.plot_grid_attention(weight, visited, grid_marks(capture, step), ax=ax, title=title)
 
 
@@ -137,11 +142,12 @@ def head_profiles(capture: dict) -> np.ndarray:
 
 
 def plot_heads_over_time(capture: dict):
-    """Figure with one panel per layer x head (relative position vs step)."""
-    L = capture["query_attn"].shape[1]
-    names = list(capture["meta"].get("layer_names") or [])
-    names = [str(names[i]) if i < len(names) else f"layer {i}" for i in range(L)]
-    return P.plot_head_profiles(head_profiles(capture), names)
+    """Figure with one panel per layer x head (relative position vs step), episode starts and the
+    first reward marked."""
+    S, L = capture["query_attn"].shape[:2]
+    tokens = {"episode": M.to_numpy(capture["episode"]), "reward": M.to_numpy(capture["reward"])}
+    title = f"Per-head attention by relative position over time: task {_task_name(capture)}, steps 0-{S - 1}"
+    return P.plot_head_profiles(head_profiles(capture), [f"layer {i}" for i in range(L)], tokens, title)
 
 
 def token_labels(capture: dict, step_index: int) -> list[str]:
