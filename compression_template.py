@@ -33,6 +33,7 @@ Then `python compression_template.py --strategy strided` measures it like the ot
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -284,6 +285,11 @@ def main(argv=None) -> dict:
     out = Path(cfg["out"])
     print(f"{runner.engine} engine, {len(runner.tasks)} {cfg['tasks']} tasks, {cfg['episodes']} episodes, seeds {cfg['seeds']}, "
           f"{threads} torch thread(s); baseline and compressed runs alternate per seed", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    runner.run(None, cfg["seeds"][0])  # warm-up, untimed; its duration sizes the whole run
+    runs = len(configs) * len(cfg["seeds"]) * (2 + (cfg["compare_rerun"] and runner.engine == "kv"))
+    print(f"{runs} timed rollouts of about {time.perf_counter() - t0:.1f} s each (the baseline's; compressed ones are shorter) "
+          f"on {cfg['workers']} worker(s)", flush=True)  # fmt: skip
     if cfg["backend"] != "local" or cfg["workers"] > 1:  # every configuration a job, timed on one worker
         runner.close()
         rows: list = [None] * len(configs)
@@ -293,7 +299,6 @@ def main(argv=None) -> dict:
                 rows[done.idx] = done.result | {"worker": done.worker}
     else:
         try:
-            runner.run(None, cfg["seeds"][0])  # warm-up, untimed
             rows = []
             for i, (s, comp) in enumerate(comps):
                 print(f"[{i + 1}/{len(comps)}] {runner.engine} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
