@@ -32,7 +32,6 @@ import argparse
 import functools
 import io
 import json
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.io import atomic_path
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
 from env import get_spec
@@ -119,12 +119,6 @@ def _npz_bytes(arrays: dict) -> bytes:
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
     return buf.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tuple[dict, dict]:
@@ -254,7 +248,8 @@ def main(argv=None) -> list[dict]:
                             max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
         for done in done_iter:
             data, r = done.result
-            _write_atomic(out / f"task_{r['task_idx']:04d}.npz", data)
+            with atomic_path(out / f"task_{r['task_idx']:04d}.npz") as tmp:
+                tmp.write_bytes(data)
             results.append(r | {"worker": done.worker})
             optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
             tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")

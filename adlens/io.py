@@ -1,5 +1,7 @@
-"""Writing results safely: `staged_output` publishes a folder of results so that a failure part-way
-leaves nothing half-written."""
+"""Writing results safely: `atomic_path` and `write_json_atomic` replace one file, `staged_output`
+publishes a folder of results, so that a failure part-way leaves nothing half-written. Temporary
+names are unique (two processes writing the same folder never share one) and short (a valid output
+name never makes a temporary name too long): `.NAME.XXXXXXXX.tmp`, NAME cut to `TMP_NAME_CHARS`."""
 
 from __future__ import annotations
 
@@ -9,9 +11,78 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from adlens.errors import UserError
+
+TMP_NAME_CHARS = 40  # of the output's name kept in its temporary name (a file name may have 255 bytes)
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name[:TMP_NAME_CHARS]}."
+
+
+def _default_mode() -> int:
+    """The permissions a plain `open(path, "w")` would give (mkstemp makes files readable by the owner only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a uniquely named temporary file beside `path` to write; on success rename it to `path`
+    (a reader never sees half a file), on an exception remove it.
+
+        >>> with atomic_path("out/model.pt") as tmp:
+        ...     torch.save(obj, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _default_mode())
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(folder: str | Path, names) -> list[Path]:
+    """Remove the temporary files that writes of `names` (file names or glob patterns) into `folder`
+    left behind when a process was killed; returns what was removed. Call it only while no other
+    process writes those names there (e.g. under `lock_folder`)."""
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for tmp in folder.glob(f"{_tmp_prefix(name)}????????.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+@contextmanager
+def lock_folder(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) for one writer at a time; a second
+    process asking for it gets a `UserError` at once. The lock dies with its process, kill -9 included."""
+    import fcntl  # POSIX only, like the rest of the process handling
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another {what} is writing to {folder}; wait for it to finish or choose another output folder") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextmanager
@@ -21,7 +92,7 @@ def staged_output(out_dir: str | Path):
     temporary folder. On an exception nothing is moved."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    stage = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_dir.name), suffix=".tmp", dir=out_dir.parent))
     try:
         yield stage
         out_dir.mkdir(exist_ok=True)
@@ -37,15 +108,8 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     import json
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
     return path
 
 

@@ -9,7 +9,6 @@ Every figure uses the same colour per layer (`layer_colors`), so layer 0 is the 
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from adlens.io import atomic_path
 from adlens.metrics import moving_average, recent_share
 
 LAYER_CMAP = "tab10"
@@ -34,10 +34,11 @@ def layer_colors(n_layer: int) -> list:
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Save as PNG under a temporary name, rename into place, close the figure."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
