@@ -34,6 +34,7 @@ import io
 import json
 import time
 import zipfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -246,13 +247,14 @@ def main(argv=None) -> list[dict]:
         jobs = [(spec.to_dict(), i, all_tasks[i], cfg) for i in todo]
         done_iter = fan_out(_collect_task, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], cpus=1.0, gpus=cfg["gpus_per_task"],
                             max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
-        for done in done_iter:
-            data, r = done.result
-            with atomic_path(out / f"task_{r['task_idx']:04d}.npz") as tmp:
-                tmp.write_bytes(data)
-            results.append(r | {"worker": done.worker})
-            optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
-            tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
+        with closing(done_iter):  # Ctrl-C anywhere in the loop stops the workers at once; written tasks stay
+            for done in done_iter:
+                data, r = done.result
+                with atomic_path(out / f"task_{r['task_idx']:04d}.npz") as tmp:
+                    tmp.write_bytes(data)
+                results.append(r | {"worker": done.worker})
+                optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
+                tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results
