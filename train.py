@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.config import CLIParser, add_config_flags, load_yaml, resolve, run_cli, section
 from adlens.errors import UserError
 from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from env import env_section
@@ -119,7 +119,7 @@ def _snapshot_steps(cfg: dict) -> list[int]:
 
 
 def parse(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with 'env', 'model' and 'train' sections")
     add_config_flags(parser, TRAIN_CONFIG, HELP)
     args = parser.parse_args(argv)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -133,13 +135,47 @@ def pin_threads(n: int) -> int:
     return n
 
 
+LEAD_GRACE_S = 10.0  # under torchrun, how long a process of rank > 0 leaves rank 0 to report an error
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_lead_process() -> bool:
+    """False in the processes of rank > 0 under torchrun (RANK set by the launcher)."""
+    return _rank() == 0
+
+
+def report_and_exit(message: str) -> NoReturn:
+    """Print `error: message` and exit with code 2. Under torchrun every process validates the same
+    input, and rank 0 alone prints: another rank waits `LEAD_GRACE_S` first, in which the launcher,
+    seeing rank 0 fail, stops it; if it is still running then, its error was its own and it says so."""
+    if not is_lead_process():
+        time.sleep(LEAD_GRACE_S)
+        message = f"(rank {_rank()}) {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors go through `report_and_exit` (for scripts run under torchrun)."""
+
+    def error(self, message: str) -> NoReturn:
+        if not is_lead_process():
+            report_and_exit(message)
+        super().error(message)
+
+
 def run_cli(main, argv=None) -> None:
-    """Call `main(argv)`; user errors become one line on stderr and exit code 2."""
+    """Call `main(argv)`; user errors become one line on stderr and exit code 2 (`report_and_exit`)."""
     try:
         main(argv)
     except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        report_and_exit(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
