@@ -6,6 +6,7 @@ name never makes a temporary name too long): `.NAME.XXXXXXXX.tmp`, NAME cut to `
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -86,27 +87,99 @@ def lock_folder(folder: str | Path, what: str) -> Iterator[None]:
 
 
 @contextmanager
-def staged_output(out_dir: str | Path):
+def staged_output(out_dir: str | Path, manifest: OutputManifest | None = None):
     """Yield a temporary folder beside `out_dir`; on success move each file into `out_dir`
     (one atomic rename per file, replacing older results of the same name), always remove the
-    temporary folder. On an exception nothing is moved."""
+    temporary folder. On an exception nothing is moved. With a `manifest`, the files are listed in
+    it before the first one moves."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_dir.name), suffix=".tmp", dir=out_dir.parent))
     try:
         yield stage
         out_dir.mkdir(exist_ok=True)
-        for f in sorted(stage.iterdir()):
+        files = sorted(stage.iterdir())
+        if manifest is not None:
+            manifest.add(f.name for f in files)
+        for f in files:
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA, MANIFEST_VERSION = "adlens-output-manifest", 1
+
+
+def _listed_name(name) -> bool:
+    """A name a manifest may list: a plain file directly in the output folder, never a path."""
+    return isinstance(name, str) and name not in ("", ".", "..", MANIFEST_NAME) and "/" not in name and "\\" not in name
+
+
+class OutputManifest:
+    """The files one run wrote into its output folder, kept in OUT/manifest.json.
+
+        >>> manifest = OutputManifest("figs/attention_analysis", "run_attention_analysis.py")
+        >>> manifest.start()                        # removes the previous run's files, nothing else
+        >>> with staged_output(out, manifest) as stage: ...
+        >>> manifest.finish()
+
+    `start` removes exactly the files the previous manifest lists (so a folder shared with other
+    files, `--out .` included, is safe) and writes this run's manifest, status "running". Files are
+    listed before they are written, so a run killed at any moment leaves a manifest that covers
+    everything it wrote, and the next run removes it all: the folder never holds a mix of two runs'
+    outputs. `finish` sets status "complete".
+    """
+
+    def __init__(self, out_dir: str | Path, producer: str):
+        self.out_dir, self.producer = Path(out_dir), producer
+        self.path = self.out_dir / MANIFEST_NAME
+        self.files: list[str] = []
+
+    def previous(self) -> list[str]:
+        """The names the manifest already in the folder lists ([] if there is none)."""
+        if not self.path.exists():
+            return []
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            doc = None
+        if not isinstance(doc, dict) or doc.get("schema") != MANIFEST_SCHEMA or not isinstance(doc.get("files"), list):
+            raise UserError(f"{self.path} exists and is not this toolkit's output manifest; choose another output folder or remove it")
+        return [n for n in doc["files"] if _listed_name(n)]
+
+    def start(self) -> list[str]:
+        """Remove the previous run's files (regular files only) and list this run as running; returns the removed names."""
+        removed = []
+        for name in self.previous():
+            path = self.out_dir / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(name)
+        self._write("running")
+        return removed
+
+    def add(self, names) -> None:
+        """List `names` (plain file names in the folder) as this run's, before they are written."""
+        new = [n for n in names if n not in self.files]
+        bad = [n for n in new if not _listed_name(n)]
+        if bad:
+            raise ValueError(f"a manifest lists plain file names in its folder, got {bad}")
+        if new:
+            self.files += new
+            self._write("running")
+
+    def finish(self) -> None:
+        self._write("complete")
+
+    def _write(self, status: str) -> None:
+        write_json_atomic(self.path, {"schema": MANIFEST_SCHEMA, "version": MANIFEST_VERSION, "producer": self.producer,
+                                      "status": status, "files": self.files})  # fmt: skip
+
+
 def write_json_atomic(path: str | Path, obj) -> Path:
     """Write `obj` as JSON through a uniquely named temporary file in the same folder, then rename:
     a reader never sees half a file, and two writers never share a temporary name."""
-    import json
-
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1))
