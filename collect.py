@@ -6,6 +6,7 @@ Each task's learner runs `n_streams` parallel environments; every transition of 
 recorded from the very first step (the whole learning history, as AD needs, arXiv 2210.14215).
 One compressed file per task, `task_XXXX.npz`, is written under a temporary name and renamed when
 complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
+Ctrl-C stops the workers at once (exit code 130); one run at a time writes into a folder.
 
 `--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each):
 histories of pure exploration. Never rewarded, PPO alone drifts into mostly repeating one path
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
 from adlens.errors import UserError
-from adlens.io import atomic_path
+from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
 from env import get_spec
@@ -237,10 +238,12 @@ def main(argv=None) -> list[dict]:
     wanted = wanted[: cfg["first_tasks"] or None]
     out = Path(cfg["out"])
     results = []
-    with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"env": spec.to_dict(), "collect": cfg}
-        (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
+    with (
+        backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task),  # a bad address fails here, before any output
+        lock_folder(out, "collect.py run"),
+    ):
+        remove_stale_temps(out, ["task_*.npz", "collect_config.json"])  # left by a run killed mid-write
+        write_json_atomic(out / "collect_config.json", {"env": spec.to_dict(), "collect": cfg})
         todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
         print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
         t0 = time.time()
