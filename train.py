@@ -150,8 +150,8 @@ def read_train_state(out: Path) -> dict:
     if missing:
         raise UserError(f"{out / 'train_state.pt'} lacks {missing}: it is not a train.py state to resume from")
     step = int(state["step"])
-    opt_steps = {int(s["step"]) for s in state["optimizer"].get("state", {}).values() if "step" in s}
-    if state["scheduler"].get("last_epoch") != step or opt_steps - {step}:
+    opt_steps = {int(s["step"]) for s in state["optimizer"].get("state", {}).values() if "step" in s}  # a parameter without a gradient skips a step
+    if state["scheduler"].get("last_epoch") != step or max(opt_steps, default=step) != step:
         raise UserError(f"{out / 'train_state.pt'} is inconsistent (step {step}, scheduler {state['scheduler'].get('last_epoch')}, "
                         f"optimizer {sorted(opt_steps)}); train afresh without --resume")  # fmt: skip
     return state

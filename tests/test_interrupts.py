@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import train
+from adlens.errors import UserError
 from env import get_spec
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds processes through /proc")
@@ -168,7 +169,12 @@ def test_train_resumes_consistently_after_kill_9(histories, tmp_path):
         proc.communicate(timeout=10)
     finally:
         _cleanup(proc, [])
-    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    saved = state["step"]
+    (tmp_path / "mixed").mkdir()
+    torch.save(state | {"step": saved + 1}, tmp_path / "mixed" / "train_state.pt")  # weights and optimizer of different steps
+    with pytest.raises(UserError, match="inconsistent"):
+        train.read_train_state(tmp_path / "mixed")
     with open(out / "metrics.jsonl", "a") as log:  # what a killed run may leave: rows past its state, a cut line
         log.write(json.dumps({"step": saved + 1, "loss": 1.0}) + "\n" + '{"step": ')
     (out / ".model.pt.abcd1234.tmp").write_bytes(b"half a checkpoint")
