@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-from contextlib import closing
 import json
+from contextlib import closing
 from pathlib import Path
 
 import matplotlib
