@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
+from adlens.io import OutputManifest, staged_output  # noqa: E402
 from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_keys, check_out, check_values, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
 from adlens.errors import ConfigError, UserError  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
 
 ANALYSIS_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
@@ -274,11 +274,12 @@ def _heatmap_indices(n_full: int, num_samples: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, n_full - 1, min(num_samples, n_full))})
 
 
-def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> dict:
+def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, manifest: OutputManifest | None = None) -> dict:
     """Compute every metric of `capture`, draw the figures and write all outputs into `out_dir`.
 
-    capture : a capture dict (format v1, see `adlens/capture_file.py`)
-    config  : keys of ANALYSIS_CONFIG to override (unknown keys are errors)
+    capture  : a capture dict (format v1, see `adlens/capture_file.py`)
+    config   : keys of ANALYSIS_CONFIG to override (unknown keys are errors)
+    manifest : lists the files written (the one-click's `adlens.io.OutputManifest`)
     Returns {"paths": {name: Path}, "metrics": dict, "recommendation": dict, "pattern": str}.
     """
     config = config or {}
@@ -356,7 +357,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     view_name = json.dumps(meta.get("tasks", [meta.get("task")])[view])
     ctx_all = M.to_numpy(capture["ctx_step"][full_task])  # (S, T)
     out_dir = Path(out_dir)
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, manifest) as stage:
         fig = P.comprehensive_figure(
             view_rows,
             M.to_numpy(one["context_len"]),

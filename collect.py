@@ -6,6 +6,7 @@ Each task's learner runs `n_streams` parallel environments; every transition of 
 recorded from the very first step (the whole learning history, as AD needs, arXiv 2210.14215).
 One compressed file per task, `task_XXXX.npz`, is written under a temporary name and renamed when
 complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
+Ctrl-C stops the workers at once (exit code 130); one run at a time writes into a folder.
 
 `--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each):
 histories of pure exploration. Never rewarded, PPO alone drifts into mostly repeating one path
@@ -31,9 +32,9 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import time
 import zipfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
 from env import get_spec
@@ -118,12 +120,6 @@ def _npz_bytes(arrays: dict) -> bytes:
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
     return buf.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tuple[dict, dict]:
@@ -264,21 +260,26 @@ def main(argv=None) -> list[dict]:
         when = f"about {hours:.1f} h on {parallel} worker(s)" if parallel else f"about {hours:.1f} worker-hours on the cluster"
         print(f"{len(todo)} tasks of {per_task:,} timesteps: {when} and {disk / 2**20:,.0f} MB of disk, by a rough estimate")
     results = []
-    with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"env": spec.to_dict(), "collect": cfg}
-        (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
+    with (
+        backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task),  # a bad address fails here, before any output
+        lock_folder(out, "collect.py run"),
+    ):
+        remove_stale_temps(out, ["task_*.npz", "collect_config.json"])  # left by a run killed mid-write
+        write_json_atomic(out / "collect_config.json", {"env": spec.to_dict(), "collect": cfg})
+        todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
         print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
         t0 = time.time()
         jobs = [(spec.to_dict(), i, all_tasks[i], cfg) for i in todo]
         done_iter = fan_out(_collect_task, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], cpus=1.0, gpus=cfg["gpus_per_task"],
                             max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
-        for done in done_iter:
-            data, r = done.result
-            _write_atomic(out / f"task_{r['task_idx']:04d}.npz", data)
-            results.append(r | {"worker": done.worker})
-            optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
-            tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
+        with closing(done_iter):  # Ctrl-C anywhere in the loop stops the workers at once; written tasks stay
+            for done in done_iter:
+                data, r = done.result
+                with atomic_path(out / f"task_{r['task_idx']:04d}.npz") as tmp:
+                    tmp.write_bytes(data)
+                results.append(r | {"worker": done.worker})
+                optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
+                tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results

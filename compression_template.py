@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import closing
 from dataclasses import fields
 from pathlib import Path
 
@@ -294,9 +295,11 @@ def main(argv=None) -> dict:
         runner.close()
         rows: list = [None] * len(configs)
         with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], timed_row):
-            for done in fan_out(timed_row, [(cfg, s, r) for s, r in configs], cfg["backend"], cfg["workers"], cfg["ray_address"],
-                                exclusive=True, desc="sweep"):  # fmt: skip
-                rows[done.idx] = done.result | {"worker": done.worker}
+            done_iter = fan_out(timed_row, [(cfg, s, r) for s, r in configs], cfg["backend"], cfg["workers"], cfg["ray_address"],
+                                exclusive=True, desc="sweep")  # fmt: skip
+            with closing(done_iter):
+                for done in done_iter:
+                    rows[done.idx] = done.result | {"worker": done.worker}
     else:
         try:
             rows = []

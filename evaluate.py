@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import closing
 from pathlib import Path
 
 import matplotlib
@@ -101,8 +102,9 @@ def evaluate(
             model = copy.deepcopy(model).cpu()  # a Ray worker may have no GPU
         jobs = [(model, spec, tasks, episodes, [s], greedy, vec_env, engine, compression, False, 1) for s in seeds]
         runs, who = [None] * len(seeds), [None] * len(seeds)
-        for done in fan_out(rollouts, jobs, backend, workers, ray_address, desc="evaluate", progress=progress):
-            runs[done.idx], who[done.idx] = done.result[0], done.worker
+        with closing(fan_out(rollouts, jobs, backend, workers, ray_address, desc="evaluate", progress=progress)) as done_iter:
+            for done in done_iter:
+                runs[done.idx], who[done.idx] = done.result[0], done.worker
     returns = np.stack([r["returns"] for r in runs])  # (n_seeds, n_tasks, episodes)
     opt = np.array([spec.optimal_return(t) for t in tasks])
     if (opt <= 0).any():

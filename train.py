@@ -6,7 +6,10 @@
 The loss is the cross-entropy of the source learner's action at every context position.
 AdamW with linear warmup and cosine decay, gradient clipping, a validation loss on the held-out
 tasks' histories every `eval_every` steps, and atomic checkpoints: `OUT/model.pt` (weights and
-resolved config, what every other script loads) and `OUT/train_state.pt` (optimizer, for --resume).
+resolved config, what every other script loads) and `OUT/train_state.pt` (weights, optimizer and
+scheduler of one step in one file, for --resume). A run killed at any moment resumes from its last
+`train_state.pt`; metric rows it logged past that step are dropped, so each step is logged once.
+One run at a time writes into OUT: a second one is refused with a one-line error.
 
 Snapshots for studying how in-context learning emerges (`training_progression.py`): copies of the
 weights at chosen steps, `OUT/snapshots/step_XXXXXX.pt`, each in the format of `model.pt`:
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,7 @@ from tqdm import tqdm
 
 from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
@@ -83,6 +88,7 @@ HELP = {
     "snapshot_first": "first step of the geometric snapshot schedule",
 }
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
+TRAIN_FILES = ("model.pt", "train_state.pt", "train_config.json", "metrics.jsonl")  # what a run writes into OUT
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -178,11 +184,58 @@ def parse(argv=None) -> dict:
     return cfg
 
 
+def read_train_state(out: Path) -> dict:
+    """OUT/train_state.pt, checked: weights, optimizer and scheduler state in one file, all of one step."""
+    state = read_checkpoint(out / "train_state.pt")
+    missing = [k for k in ("optimizer", "scheduler", "step") if k not in state]
+    if missing:
+        raise UserError(f"{out / 'train_state.pt'} lacks {missing}: it is not a train.py state to resume from")
+    step = int(state["step"])
+    opt_steps = {int(s["step"]) for s in state["optimizer"].get("state", {}).values() if "step" in s}  # a parameter without a gradient skips a step
+    if state["scheduler"].get("last_epoch") != step or max(opt_steps, default=step) != step:
+        raise UserError(f"{out / 'train_state.pt'} is inconsistent (step {step}, scheduler {state['scheduler'].get('last_epoch')}, "
+                        f"optimizer {sorted(opt_steps)}); train afresh without --resume")  # fmt: skip
+    return state
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (a killed run may have logged past its last
+    checkpoint, and its last line may be cut short), so a resumed run logs every step once."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(rows))
+
+
 def main(argv=None) -> Path:
+    """Validate everything (each process under torchrun), then train while holding OUT (rank 0):
+    a second train.py into the same OUT is refused instead of mixing its checkpoints with this one's."""
     cfg = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg["device"])
+    spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
+    train_tasks, held_tasks = spec.split()
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
+    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
+    out = Path(cfg["out"])
+    state = read_train_state(out) if cfg["resume"] else None
+    with lock_folder(out, "train.py run") if rank == 0 else nullcontext():
+        if rank == 0:
+            remove_stale_temps(out, TRAIN_FILES)
+            remove_stale_temps(out / SNAPSHOT_DIR, ["step_*.pt"])
+        return _train(cfg, world, rank, device, spec, data, val, state)
+
+
+def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, data: HistoryData, val: HistoryData, state: dict | None) -> Path:
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -191,10 +244,7 @@ def main(argv=None) -> Path:
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
-    train_tasks, held_tasks = spec.split()
-    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
-    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
+    train_tasks = spec.split()[0]
     val_rng = np.random.default_rng(12345)
     val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
 
@@ -208,8 +258,7 @@ def main(argv=None) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
     out = Path(cfg["out"])
     step = 0
-    if cfg["resume"]:
-        state = read_checkpoint(out / "train_state.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -225,8 +274,7 @@ def main(argv=None) -> Path:
         "train": {k: v for k, v in cfg.items() if k != "env_extra"} | {"world_size": world},  # with resume_changes
     }
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(meta, indent=2))
+        write_json_atomic(out / "train_config.json", meta)
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {data.n_streams} training streams "
               f"of {data.n_episodes} episodes from {len(train_tasks)} tasks; device {device}, {world} process(es)")  # fmt: skip
 
@@ -237,18 +285,20 @@ def main(argv=None) -> Path:
     def weights() -> dict:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
-    def save():
+    def save():  # train_state.pt holds weights, optimizer and step together: --resume reads only it
         w = weights()
-        save_atomic({"model": w, "config": meta, "step": step}, out / "model.pt")
         save_atomic(
             {"model": w, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
             out / "train_state.pt",
         )
+        save_atomic({"model": w, "config": meta, "step": step}, out / "model.pt")
 
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    if rank == 0 and state is not None:
+        _trim_metrics(out / "metrics.jsonl", step)
+    log = open(out / "metrics.jsonl", "a" if state is not None else "w") if rank == 0 else None
     while step < cfg["steps"]:
         tok, tgt = data.sample(rng, cfg["batch_size"])
         tok = type(tok)(*[t.to(device, non_blocking=True) for t in tok])

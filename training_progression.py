@@ -29,7 +29,6 @@ snapshot is read and checked before any work; outputs are staged and moved into 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from adlens import plots as P  # noqa: E402
 from adlens.config import add_config_flags, check_out, make_parser, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
+from adlens.io import staged_output, write_json_atomic  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
 from env import get_spec  # noqa: E402
 from model.checkpoint import load_model, read_checkpoint  # noqa: E402
@@ -94,13 +93,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # absent or damaged: computed again
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 BOUNDS = {"late_episodes": (1, 10_000), "capture_seeds": (1, 1000), "recent_window": (1, 100_000), "capture_tasks": (0, 100_000),
@@ -176,7 +168,7 @@ def main(argv=None) -> dict:
             n_reused += 1
             continue
         points.append({"step": step, "path": str(path), **point(path)})
-        _write_json_atomic(cached, {"key": key, "point": points[-1]})
+        write_json_atomic(cached, {"key": key, "point": points[-1]})
     ref_points = [
         {"name": "shipped model" if r == "default" else Path(r).parent.name or r, "path": r, **point(None if r == "default" else r)}
         for r in references

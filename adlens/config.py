@@ -14,7 +14,9 @@ import errno
 import math
 import os
 import sys
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -296,19 +298,41 @@ def pin_threads(n: int) -> int:
     return n
 
 
+LEAD_GRACE_S = 10.0  # under torchrun, how long a process of rank > 0 leaves rank 0 to report an error
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_lead_process() -> bool:
+    """False in the processes of rank > 0 under torchrun (RANK set by the launcher)."""
+    return _rank() == 0
+
+
+def report_and_exit(message: str) -> NoReturn:
+    """Print `error: message` and exit with code 2. Under torchrun every process validates the same
+    input, and rank 0 alone prints: another rank waits `LEAD_GRACE_S` first, in which the launcher,
+    seeing rank 0 fail, stops it; if it is still running then, its error was its own and it says so."""
+    if not is_lead_process():
+        time.sleep(LEAD_GRACE_S)
+        message = f"(rank {_rank()}) {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 # File-system failures that are the machine's state, not a bug: one line, exit code 1.
 _FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EIO}
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def run_cli(main, argv=None) -> None:
     """Call `main(argv)`. A `UserError` (input that was checked and refused) becomes one line on
     stderr and exit code 2; a full disk or a denied write during the run, one line and exit code 1;
     Ctrl-C, "interrupted" and 130. Anything else is a bug and keeps its traceback. `--debug` (or
-    ADLENS_DEBUG=1) shows the traceback of every error. Under torchrun only rank 0 prints."""
+    ADLENS_DEBUG=1) shows the traceback of every error. Under torchrun rank 0 reports (`report_and_exit`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ADLENS_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -317,13 +341,11 @@ def run_cli(main, argv=None) -> None:
     except UserError as e:
         if debug:
             raise
-        if _is_rank0():
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        report_and_exit(str(e))
     except OSError as e:
         if debug or e.errno not in _FS_ERRNOS:
             raise
-        if _is_rank0():
+        if is_lead_process():
             where = f": {e.filename}" if e.filename else ""
             print(f"error: {e.strerror}{where}", file=sys.stderr)
         sys.exit(1)

@@ -9,8 +9,6 @@ Every figure uses the same colour per layer (`layer_colors`), so layer 0 is the 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patheffects import withStroke
 
+from adlens.io import atomic_path
 from adlens.metrics import moving_average, recent_share
 
 LAYER_CMAP = "tab10"
@@ -40,14 +39,9 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     figure. A reader never sees half a PNG, two writers never share a temporary name, and a failed
     save leaves no temporary file behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
     return path

@@ -243,16 +243,6 @@ def test_a_full_disk_during_the_run_is_one_line_and_exit_1(capsys):
     assert e.value.code == 1 and capsys.readouterr().err == "error: No space left on device: runs/x/capture.pt\n"
 
 
-def test_only_rank_0_prints_under_torchrun(capsys, monkeypatch):
-    def refuses(argv):
-        raise UserError("bad")
-
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(SystemExit) as e:
-        run_cli(refuses, [])
-    assert e.value.code == 2 and capsys.readouterr().err == ""
-
-
 def _tiny_run(tmp_path) -> tuple[Path, Path]:
     data = tmp_path / "data"
     collect.main(["--config", str(TINY), "--out", str(data), "--first-tasks", "9"])
