@@ -71,26 +71,25 @@ def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path
     )
     assert torch.load(tmp_path / "c" / "capture.pt", weights_only=True)["query_attn"].shape[0] == 1  # --task: one task
     assert (out / "attention_metrics.json").is_file() and not (out / "compression_results.json").exists()
+    _rerun_removes_stale_outputs_and_nothing_else(tiny_checkpoint, out, tmp_path / "c")
     r = subprocess.run([sys.executable, str(ROOT / "run_attention_analysis.py"), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and not (tmp_path / "x").exists()
 
 
-def test_one_click_rerun_removes_its_stale_outputs_and_nothing_else(tiny_checkpoint, tmp_path):
-    """A rerun into the same folder replaces the previous run's files (those its manifest lists),
-    keeps a file it did not write, and never leaves outputs of two runs side by side."""
-    out, cap = tmp_path / "figs", tmp_path / "cap"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(cap), "--skip-compression", "--threads", "1"]
-    run_attention_analysis.main(argv)
+def _rerun_removes_stale_outputs_and_nothing_else(checkpoint, out, cap):
+    """A rerun into the same folder replaces the previous run's files (those its manifest.json
+    lists, here with one an interrupted run left), keeps a file it did not write, and never leaves
+    outputs of two runs side by side."""
     first = json.loads((out / "manifest.json").read_text())
     assert first["schema"] == "adlens-output-manifest" and first["status"] == "complete"
     assert sorted(first["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
-    (out / "attention_heatmap_step99999.png").write_bytes(b"stale")  # as if listed by an interrupted run
+    (out / "attention_heatmap_step99999.png").write_bytes(b"stale")
     first["files"].append("attention_heatmap_step99999.png")
-    first["status"] = "running"
-    (out / "manifest.json").write_text(json.dumps(first))
+    (out / "manifest.json").write_text(json.dumps(first | {"status": "running"}))
     (out / "my_notes.txt").write_text("not the toolkit's")
-    run_attention_analysis.main(argv + ["--task", "1"])
+    run_attention_analysis.main(["--checkpoint", str(checkpoint), "--out", str(out), "--capture-out", str(cap), "--skip-compression",
+                                 "--eval-timesteps", "10"])  # fmt: skip
     second = json.loads((out / "manifest.json").read_text())
     assert second["status"] == "complete" and "attention_heatmap_step99999.png" not in second["files"]
     assert (out / "my_notes.txt").read_text() == "not the toolkit's"
