@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.device import check_device_name, resolve_device
 from adlens.errors import UserError
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
@@ -138,6 +139,7 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     from env import make_env
 
     torch.set_num_threads(1)
+    resolve_device(cfg["device"])  # on a Ray node, too: stable-baselines3 would fall back to the CPU silently
     spec = EnvSpec(**spec_dict)
     n = cfg["n_streams"]
     horizon = spec.horizon
@@ -194,6 +196,25 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     return _npz_bytes({"task": json.dumps(task), "horizon": horizon, **arrays}), summary
 
 
+def check_resumed_folder(out: Path, spec: EnvSpec, goal_free: bool) -> None:
+    """A folder that already holds a collection is resumed only with the same environment and kind of
+    tasks: its task_XXXX.npz files count as done, so another env's files would be mixed in silently."""
+    try:
+        old = json.loads((out / "collect_config.json").read_text())
+        old_env, old_goal_free = dict(old["env"]), old["collect"]["tasks"] == "none"
+    except FileNotFoundError:
+        return
+    except (OSError, KeyError, TypeError, ValueError):  # unreadable, not JSON, or not of collect.py
+        raise UserError(f"{out / 'collect_config.json'} is damaged; collect into a new --out") from None
+    diff = [k for k in ("name", "size", "horizon") if old_env.get(k) != getattr(spec, k)]
+    if diff:
+        raise UserError(f"{out} holds histories of env {', '.join(f'{k} {old_env.get(k)!r}' for k in diff)}, not "
+                        f"{', '.join(f'{k} {getattr(spec, k)!r}' for k in diff)}; collect into a new --out")  # fmt: skip
+    if old_goal_free != goal_free:
+        kind = "a room without a goal (--tasks none)" if old_goal_free else "goal tasks"
+        raise UserError(f"{out} holds histories of {kind}; collect the other kind into a new --out")
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file whose 'env' and 'collect' sections override the defaults")
@@ -203,8 +224,10 @@ def main(argv=None) -> list[dict]:
     env_own, env_sec = env_section(ycfg)
     cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG))
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg["backend"] == "local":
+        resolve_device(cfg["device"])  # cuda without CUDA is refused, never run on the CPU instead
+    else:
+        check_device_name(cfg["device"])  # the Ray tasks that hold a GPU check theirs
     if cfg["first_tasks"] < 0:
         raise UserError(f"--first-tasks must be >= 0, got {cfg['first_tasks']}")
     for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
@@ -241,6 +264,7 @@ def main(argv=None) -> list[dict]:
 
     wanted = wanted[: cfg["first_tasks"] or None]
     out = Path(cfg["out"])
+    check_resumed_folder(out, spec, cfg["tasks"] == "none")
     results = []
     with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
         out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from tqdm import tqdm  # noqa: E402
 
 from adlens import plots as P  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.device import check_device_name, resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import staged_output  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
@@ -115,8 +116,7 @@ def check_config(cfg: dict) -> dict:
         raise UserError(f"--late-episodes ({cfg['late_episodes']}) must be at most --episodes ({cfg['episodes']})")
     if cfg["tasks"] not in ("test", "train"):
         raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
-    if cfg["device"] not in ("cpu", "cuda", "auto"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
+    check_device_name(cfg["device"])
     return cfg
 
 
@@ -132,11 +132,7 @@ def main(argv=None) -> dict:
     cfg = check_config(resolve(PROGRESSION_CONFIG, parser.parse_args(argv)))
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    device = torch.device(
-        "cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else "cpu" if cfg["device"] == "auto" else cfg["device"]
-    )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
+    device = resolve_device(cfg["device"])
 
     # ---- everything is read and checked before any work
     folder = snapshot_folder(cfg["snapshots"])
