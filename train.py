@@ -36,7 +36,7 @@ from adlens.errors import UserError
 from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
-from model.checkpoint import read_checkpoint, resolve_device, save_atomic
+from model.checkpoint import check_same_run, read_checkpoint, resolve_device, save_atomic
 from model.data import SIBLING_SHARE, HistoryData
 from model.snapshots import SNAPSHOT_DIR, snapshot_name, snapshot_schedule
 
@@ -152,26 +152,32 @@ def main(argv=None) -> Path:
     torch.manual_seed(cfg["seed"])
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
     train_tasks, held_tasks = spec.split()
-    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
-    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
-    val_rng = np.random.default_rng(12345)
-    val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
-
     mcfg = ADConfig(
         n_states=spec.n_states, n_actions=spec.n_actions, horizon=spec.horizon, max_context=cfg["context"],
         grid_size=spec.size if cfg["grid_embedding"] else 0,
         **{k: cfg[k] for k in MODEL_KEYS},
     )  # fmt: skip
+    out = Path(cfg["out"])
+    state = None
+    if cfg["resume"]:  # the saved run is read and checked before the histories are
+        state = read_checkpoint(out / "train_state.pt", need=("optimizer", "scheduler", "step"))
+        check_same_run(state, mcfg.to_dict(), spec.to_dict(), out / "train_state.pt")
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
+    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
+    val_rng = np.random.default_rng(12345)
+    val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
+
     model = ADTransformer(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
-    out = Path(cfg["out"])
     step = 0
-    if cfg["resume"]:
-        state = read_checkpoint(out / "train_state.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{out / 'train_state.pt'}: its optimizer or scheduler state does not fit this model ({e})") from None
         step = int(state["step"])
         if rank == 0:
             print(f"resuming from step {step}")
