@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
 from adlens.io import staged_output  # noqa: E402
-from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
+from adlens.capture_file import check_capture, load_capture, n_tasks, pool_tasks, task_view  # noqa: E402
 from adlens.config import add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 
@@ -96,15 +96,6 @@ def check_config(cfg: dict) -> dict:
     if float(cfg["ratio_margin"]) < 0:
         raise ValueError(f"ratio_margin must be >= 0, got {cfg['ratio_margin']}")
     return cfg
-
-
-def _check_capture(cap: dict) -> None:
-    missing = [k for k in REQUIRED if k not in cap] if isinstance(cap, dict) else list(REQUIRED)
-    if missing:
-        raise UserError(f"capture lacks {missing}")
-    qa = cap["query_attn"]
-    if qa.ndim not in (4, 5) or 0 in qa.shape[: qa.ndim - 3]:
-        raise UserError(f"capture query_attn must be (N, S, L, H, T) (or (S, L, H, T)) with N, S >= 1, got shape {tuple(qa.shape)}")
 
 
 def _env_name(meta: dict) -> str:
@@ -283,8 +274,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     """
     config = config or {}
     cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)})  # None: in memory
-    _check_capture(capture)
-    capture = upgrade(capture)
+    capture = check_capture(capture)  # a dict from a caller is checked like a file
     N = n_tasks(capture)
     view = int(capture.get("full_task", 0)) if int(cfg["view_task"]) < 0 else int(cfg["view_task"])
     if not 0 <= view < N:
