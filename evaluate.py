@@ -34,7 +34,7 @@ from adlens.plots import save_figure  # noqa: E402
 from adlens.config import add_config_flags, none_or, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
-from env import get_spec, make_vec_env  # noqa: E402
+from env import VEC_ENVS, get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
@@ -210,6 +210,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
     if cfg["workers"] < 1:
         raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
+    if cfg["vec_env"] not in VEC_ENVS:
+        raise UserError(f"--vec-env must be one of {', '.join(VEC_ENVS)}, got {cfg['vec_env']!r}")
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
     device = resolve_device(cfg["device"])
@@ -217,12 +219,15 @@ def main(argv=None) -> dict:
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
     seeds = list(range(cfg["seed"], cfg["seed"] + cfg["num_seeds"]))
+    if min(spec.optimal_return(t) for t in tasks) <= 0:
+        raise UserError(f"a task's optimal return is 0 (horizon {spec.horizon} too short to reach it): returns cannot be normalised")
+    source = source_stats(cfg["source_data"], spec, tasks) if none_or(cfg["source_data"], str) else None  # read before any rollout
     with torch.no_grad(), backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], rollouts):
         results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"],
                            backend=cfg["backend"], workers=cfg["workers"], ray_address=cfg["ray_address"])  # fmt: skip
     results["checkpoint"] = str(cfg["checkpoint"])
-    if none_or(cfg["source_data"], str):
-        src, late = source_stats(cfg["source_data"], spec, tasks)
+    if source is not None:
+        src, late = source
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late
