@@ -160,6 +160,8 @@ def main(argv=None) -> Path:
     out = Path(cfg["out"])
     state = None
     if cfg["resume"]:  # the saved run is read and checked before the histories are
+        if not (out / "train_state.pt").is_file():
+            raise UserError(f"nothing to resume in {out}: it holds no train_state.pt (train without --resume first)")
         state = read_checkpoint(out / "train_state.pt", need=("optimizer", "scheduler", "step"))
         check_same_run(state, mcfg.to_dict(), spec.to_dict(), out / "train_state.pt")
     data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])

@@ -268,6 +268,7 @@ def _listing(folder: Path) -> dict:
         ("none", ["--size", "4"], "another"),
         ("drop optimizer", [], "lacks ['optimizer']"),
         ("nan weight", [], "NaN"),
+        ("no state", [], "nothing to resume"),
     ],
 )
 def test_resume_refuses_a_saved_run_that_does_not_fit(trained, histories, tmp_path, change, flags, match):
@@ -280,6 +281,8 @@ def test_resume_refuses_a_saved_run_that_does_not_fit(trained, histories, tmp_pa
         torch.save(_drop(state, "optimizer"), out / "train_state.pt")
     elif change == "nan weight":
         torch.save(_corrupt_checkpoint(state, "non-finite weight", 0), out / "train_state.pt")
+    elif change == "no state":
+        (out / "train_state.pt").unlink()
     before = _listing(out)
     line = refused(train.main, ["--config", str(TINY), "--data", str(histories[0]), "--out", str(out), "--steps", "4", "--resume", *flags])
     assert match in line and _listing(out) == before  # nothing written, nothing touched
