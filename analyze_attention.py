@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
 from adlens.io import OutputManifest, staged_output  # noqa: E402
-from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
+from adlens.capture_file import check_capture, load_capture, n_tasks, pool_tasks, task_view  # noqa: E402
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_keys, check_out, check_values, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
 from adlens.errors import ConfigError, UserError  # noqa: E402
 
@@ -96,15 +96,6 @@ def check_config(cfg: dict, context: int | None = None) -> dict:
         if context is not None and int(cfg[key]) > context:
             raise ConfigError(f"{key} must be at most the capture's context ({context}), got {cfg[key]}")
     return cfg
-
-
-def _check_capture(cap: dict) -> None:
-    missing = [k for k in REQUIRED if k not in cap] if isinstance(cap, dict) else list(REQUIRED)
-    if missing:
-        raise UserError(f"capture lacks {missing}")
-    qa = cap["query_attn"]
-    if qa.ndim not in (4, 5) or 0 in qa.shape[: qa.ndim - 3]:
-        raise UserError(f"capture query_attn must be (N, S, L, H, T) (or (S, L, H, T)) with N, S >= 1, got shape {tuple(qa.shape)}")
 
 
 def _env_name(meta: dict) -> str:
@@ -283,8 +274,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, mani
     Returns {"paths": {name: Path}, "metrics": dict, "recommendation": dict, "pattern": str}.
     """
     config = config or {}
-    _check_capture(capture)
-    capture = upgrade(capture)
+    capture = check_capture(capture)  # a dict from a caller is checked like a file
     context = int(capture["query_attn"].shape[-1])
     cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)}, context)  # None: in memory
     N = n_tasks(capture)

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
+from adlens.device import check_device_name, resolve_device
 from adlens.errors import UserError
 from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
@@ -133,6 +134,7 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     from env import make_env
 
     torch.set_num_threads(1)
+    resolve_device(cfg["device"])  # on a Ray node, too: stable-baselines3 would fall back to the CPU silently
     spec = EnvSpec(**spec_dict)
     n = cfg["n_streams"]
     horizon = spec.horizon
@@ -216,6 +218,23 @@ def _check_same_run(out: Path, spec: EnvSpec, cfg: dict) -> None:
     if diff:
         got = ", ".join(f"{k} {prev_cfg.get(k)!r} -> {cfg[k]!r}" for k in diff if k in cfg)
         raise UserError(f"{out} holds histories collected with other settings ({got or 'env'}); collect into a new --out")
+def check_resumed_folder(out: Path, spec: EnvSpec, goal_free: bool) -> None:
+    """A folder that already holds a collection is resumed only with the same environment and kind of
+    tasks: its task_XXXX.npz files count as done, so another env's files would be mixed in silently."""
+    try:
+        old = json.loads((out / "collect_config.json").read_text())
+        old_env, old_goal_free = dict(old["env"]), old["collect"]["tasks"] == "none"
+    except FileNotFoundError:
+        return
+    except (OSError, KeyError, TypeError, ValueError):  # unreadable, not JSON, or not of collect.py
+        raise UserError(f"{out / 'collect_config.json'} is damaged; collect into a new --out") from None
+    diff = [k for k in ("name", "size", "horizon") if old_env.get(k) != getattr(spec, k)]
+    if diff:
+        raise UserError(f"{out} holds histories of env {', '.join(f'{k} {old_env.get(k)!r}' for k in diff)}, not "
+                        f"{', '.join(f'{k} {getattr(spec, k)!r}' for k in diff)}; collect into a new --out")  # fmt: skip
+    if old_goal_free != goal_free:
+        kind = "a room without a goal (--tasks none)" if old_goal_free else "goal tasks"
+        raise UserError(f"{out} holds histories of {kind}; collect the other kind into a new --out")
 
 
 def main(argv=None) -> list[dict]:
@@ -227,6 +246,10 @@ def main(argv=None) -> list[dict]:
     env_own, env_sec = env_section(ycfg)
     cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG), BOUNDS, where=args.config or "config")
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
+    if cfg["backend"] == "local":
+        resolve_device(cfg["device"])  # cuda without CUDA is refused, never run on the CPU instead
+    else:
+        check_device_name(cfg["device"])  # the Ray tasks that hold a GPU check theirs
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
         if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:
@@ -237,6 +260,7 @@ def main(argv=None) -> list[dict]:
     check_memory(64 * per_task * (cfg["workers"] if cfg["backend"] == "local" else 1),
                  f"recording {per_task:,} timesteps per task", "lower --timesteps, --n-learners or --workers")  # fmt: skip
     out = check_out(cfg["out"])
+    check_resumed_folder(out, spec, cfg["tasks"] == "none")
     _check_same_run(out, spec, cfg)
 
     all_tasks = spec.tasks()

@@ -42,10 +42,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parser, none_or, pin_threads, resolve, run_cli  # noqa: E402
+from adlens.device import resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import provenance, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
@@ -104,7 +104,7 @@ class CheckpointRunner:
 
     def __init__(self, cfg: dict):
         from env import get_spec, make_vec_env
-        from model.checkpoint import load_model, resolve_device
+        from model.checkpoint import load_model
         from model.rollout import run_episodes
 
         if cfg["engine"] not in ENGINES:
@@ -153,7 +153,7 @@ class AdapterRunner:
         from adlens.adapter import load_adapter
 
         self.adapter = load_adapter(cfg["adapter"])
-        self.device = torch.device(cfg["device"])
+        self.device = resolve_device("cpu" if cfg["device"] == "auto" else cfg["device"])
         self.model = self.adapter.load_model(self.device)
         self.context = self.adapter.max_context
         self.tasks = self.adapter.tasks(cfg["tasks"])

@@ -211,12 +211,15 @@ def main(argv=None) -> dict:
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
     seeds = list(range(cfg["seed"], cfg["seed"] + cfg["num_seeds"]))
+    if min(spec.optimal_return(t) for t in tasks) <= 0:
+        raise UserError(f"a task's optimal return is 0 (horizon {spec.horizon} too short to reach it): returns cannot be normalised")
+    source = source_stats(cfg["source_data"], spec, tasks) if none_or(cfg["source_data"], str) else None  # read before any rollout
     with torch.no_grad(), backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], rollouts):
         results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"],
                            backend=cfg["backend"], workers=cfg["workers"], ray_address=cfg["ray_address"])  # fmt: skip
     results["checkpoint"] = str(cfg["checkpoint"])
-    if none_or(cfg["source_data"], str):
-        src, late = source_stats(cfg["source_data"], spec, tasks)
+    if source is not None:
+        src, late = source
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late

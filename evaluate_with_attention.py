@@ -16,6 +16,7 @@ from pathlib import Path
 
 from adlens.capture_file import default_capture_steps, save_capture
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_memory, check_out, check_values, make_parser, none_or, resolve, run_cli
+from adlens.device import resolve_device
 from adlens.errors import UserError
 from adlens.io import write_json_atomic
 
@@ -59,21 +60,22 @@ def capture_bytes(n_tasks: int, steps: int, model, context: int, num_full: int) 
 def capture(cfg: dict) -> tuple[dict, dict]:
     """Validate cfg, run the recorded rollout; returns (capture dict, returns summary). Writes nothing."""
     check_values(cfg, {**COMMON_BOUNDS, **BOUNDS})
+    device = resolve_device(cfg["device"])  # cuda without CUDA is refused here, for both kinds of model
     adapter_path = none_or(cfg.get("adapter"), str)
     if adapter_path:  # the user's model: nothing of the project's model/ or env/ is imported
         from adlens.adapter import load_adapter, record_capture
 
         adapter = load_adapter(adapter_path)
-        model = adapter.load_model(cfg["device"] if cfg["device"] != "auto" else "cpu")
+        model = adapter.load_model("cpu" if cfg["device"] == "auto" else cfg["device"])  # the user's rollout decides its device
         tasks = adapter.tasks(cfg["tasks"])
         horizon, optimal, context = adapter.horizon, adapter.optimal_return, adapter.max_context
         run = lambda chosen, steps, full: record_capture(adapter, model, chosen, steps, seed=cfg["seed"], num_full=cfg["num_full"], full_task=full)
     else:
         from env import get_spec
-        from model.checkpoint import load_model, resolve_device
+        from model.checkpoint import load_model
         from model.record import record_rollout
 
-        model, meta = load_model(cfg["checkpoint"], resolve_device(cfg["device"]))
+        model, meta = load_model(cfg["checkpoint"], device)
         spec = get_spec(meta["env"])
         tasks = spec.tasks_for(cfg["tasks"])
         horizon, optimal, context = spec.horizon, spec.optimal_return, model.cfg.max_context

@@ -31,6 +31,7 @@ import analyze_attention
 import evaluate_with_attention
 from adlens.capture_file import save_capture
 from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli
+from adlens.device import resolve_device
 from adlens.errors import UserError
 from adlens.io import OutputManifest, lock_folder, provenance, staged_output
 from adlens.recommend import break_even_context, candidates, choose, fit_step_cost, recommendation_doc, verdict_lines
@@ -76,6 +77,7 @@ def main(argv=None) -> dict:
     check_out(cfg["capture_out"], "--capture-out")
     m = dict(MODES[args.mode or "quick"])
     m.update({k: cfg[c] for k, c in (("eval_timesteps", "eval_timesteps"), ("episodes", "check_episodes"), ("seeds", "check_seeds")) if cfg[c]})
+    resolve_device(cfg["device"])  # fail fast: cuda without CUDA
     if cfg["adapter"]:
         from adlens.adapter import load_adapter
 

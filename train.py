@@ -40,7 +40,7 @@ from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_a
 from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
-from model.checkpoint import read_checkpoint, resolve_device, save_atomic
+from model.checkpoint import check_same_run, read_checkpoint, resolve_device, save_atomic
 from model.data import SIBLING_SHARE, HistoryData
 from model.snapshots import SNAPSHOT_DIR, snapshot_name, snapshot_schedule
 
@@ -186,10 +186,7 @@ def parse(argv=None) -> dict:
 
 def read_train_state(out: Path) -> dict:
     """OUT/train_state.pt, checked: weights, optimizer and scheduler state in one file, all of one step."""
-    state = read_checkpoint(out / "train_state.pt")
-    missing = [k for k in ("optimizer", "scheduler", "step") if k not in state]
-    if missing:
-        raise UserError(f"{out / 'train_state.pt'} lacks {missing}: it is not a train.py state to resume from")
+    state = read_checkpoint(out / "train_state.pt", need=("optimizer", "scheduler", "step"))
     step = int(state["step"])
     opt_steps = {int(s["step"]) for s in state["optimizer"].get("state", {}).values() if "step" in s}  # a parameter without a gradient skips a step
     if state["scheduler"].get("last_epoch") != step or max(opt_steps, default=step) != step:
@@ -224,18 +221,27 @@ def main(argv=None) -> Path:
     device = resolve_device(cfg["device"])
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
     train_tasks, held_tasks = spec.split()
+    mcfg = ADConfig(
+        n_states=spec.n_states, n_actions=spec.n_actions, horizon=spec.horizon, max_context=cfg["context"],
+        grid_size=spec.size if cfg["grid_embedding"] else 0,
+        **{k: cfg[k] for k in MODEL_KEYS},
+    )  # fmt: skip
+    out = Path(cfg["out"])
+    state = None
+    if cfg["resume"]:  # the saved run is read and checked before the histories are
+        state = read_train_state(out)
+        check_same_run(state, mcfg.to_dict(), spec.to_dict(), out / "train_state.pt")
     data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
     val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
-    out = Path(cfg["out"])
-    state = read_train_state(out) if cfg["resume"] else None
     with lock_folder(out, "train.py run") if rank == 0 else nullcontext():
         if rank == 0:
             remove_stale_temps(out, TRAIN_FILES)
             remove_stale_temps(out / SNAPSHOT_DIR, ["step_*.pt"])
-        return _train(cfg, world, rank, device, spec, data, val, state)
+        return _train(cfg, world, rank, device, spec, mcfg, data, val, state)
 
 
-def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, data: HistoryData, val: HistoryData, state: dict | None) -> Path:
+def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, mcfg: ADConfig, data: HistoryData, val: HistoryData,
+           state: dict | None) -> Path:
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -248,20 +254,18 @@ def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, data: H
     val_rng = np.random.default_rng(12345)
     val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
 
-    mcfg = ADConfig(
-        n_states=spec.n_states, n_actions=spec.n_actions, horizon=spec.horizon, max_context=cfg["context"],
-        grid_size=spec.size if cfg["grid_embedding"] else 0,
-        **{k: cfg[k] for k in MODEL_KEYS},
-    )  # fmt: skip
+    out = Path(cfg["out"])
     model = ADTransformer(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
-    out = Path(cfg["out"])
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{out / 'train_state.pt'}: its optimizer or scheduler state does not fit this model ({e})") from None
         step = int(state["step"])
         if rank == 0:
             print(f"resuming from step {step}")

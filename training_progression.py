@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 from adlens import plots as P  # noqa: E402
 from adlens.config import add_config_flags, check_out, make_parser, resolve, run_cli  # noqa: E402
+from adlens.device import check_device_name, resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import staged_output, write_json_atomic  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
@@ -102,6 +103,7 @@ BOUNDS = {"late_episodes": (1, 10_000), "capture_seeds": (1, 1000), "recent_wind
 def check_config(cfg: dict) -> dict:
     if cfg["late_episodes"] > cfg["episodes"]:
         raise UserError(f"--late-episodes ({cfg['late_episodes']}) must be at most --episodes ({cfg['episodes']})")
+    check_device_name(cfg["device"])
     check_out(cfg["out"])
     return cfg
 
@@ -118,11 +120,7 @@ def main(argv=None) -> dict:
     cfg = check_config(resolve(PROGRESSION_CONFIG, parser.parse_args(argv), bounds=BOUNDS))
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    device = torch.device(
-        "cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else "cpu" if cfg["device"] == "auto" else cfg["device"]
-    )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
+    device = resolve_device(cfg["device"])
 
     # ---- everything is read and checked before any work
     folder = snapshot_folder(cfg["snapshots"])

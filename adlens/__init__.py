@@ -11,6 +11,7 @@ so it sits beside any AD codebase (which usually has packages of those names):
     adapter       a user's own model through a small adapter file: capture, and compression by a
                   forward pre-hook on the module that receives the token history
     config, errors, io   CLI plumbing, the user-error type, atomic outputs
+    device        the one reading of `--device` (cuda without CUDA is a user error)
 
 Shape glossary used in comments throughout:
     B  batch (parallel environments or training windows)   L  layers     H  heads

@@ -77,6 +77,57 @@ def learner_rate_before(rewards: np.ndarray, horizon: int, per_learner: int | No
     return rate
 
 
+HISTORY_KEYS = ("task", "horizon", "states", "actions", "rewards")  # what training reads of a collect.py file
+
+
+def read_history(path, spec, task: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One collect.py file, checked whole: (states (streams, steps, 2) int64 cells, actions (streams, steps)
+    int64, rewards (streams, steps) float32). It must hold `task` (None: a goal-free learner), be
+    collected with the env's horizon, and hold cells, action ids and rewards the env can produce;
+    anything else is a UserError naming the file."""
+    try:
+        with np.load(path) as d:
+            missing = [k for k in HISTORY_KEYS if k not in d.files]
+            if missing:
+                raise UserError(f"learning history {path} lacks {missing}; was it written by collect.py?")
+            held, horizon = json.loads(str(d["task"])), d["horizon"]
+            s, a, r = d["states"], d["actions"], d["rewards"]
+    except UserError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ValueError (pickled arrays), ...
+        raise UserError(f"corrupt learning history {path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+    if held != task:
+        raise UserError(f"{path} holds task {json.dumps(held)}, expected {json.dumps(task)}")
+    if horizon.shape != () or horizon.dtype.kind not in "iu" or int(horizon) != spec.horizon:
+        raise UserError(f"{path} was collected with horizon {horizon.tolist()}, the env config says {spec.horizon}")
+    if s.ndim != 3 or s.shape[2] != 2 or s.shape[0] < 1 or s.shape[1] < spec.horizon:
+        raise UserError(f"learning history {path}: states must be (streams, steps, 2) with steps >= horizon {spec.horizon}, got {s.shape}")
+    for name, x in (("actions", a), ("rewards", r)):
+        if x.shape != s.shape[:2]:
+            raise UserError(f"learning history {path}: {name} has shape {x.shape}, the states {s.shape[:2]} (streams, steps)")
+    for name, x, lo, hi in (("states", s, 0, spec.size - 1), ("actions", a, 0, spec.n_actions - 1)):
+        if x.dtype.kind not in "iu" or x.min() < lo or x.max() > hi:
+            raise UserError(f"learning history {path}: {name} must be integers in [{lo}, {hi}] for env {spec.name} "
+                            f"of size {spec.size}, got {x.dtype} in [{x.min()}, {x.max()}]")  # fmt: skip
+    if r.dtype.kind not in "fiu" or not np.isfinite(r).all():
+        raise UserError(f"learning history {path}: rewards must be finite numbers")
+    return s.astype(np.int64), a.astype(np.int64), r.astype(np.float32)
+
+
+def check_folder_env(data_dir, spec) -> None:
+    """A folder's collect_config.json (when it has one) must name the env the command uses."""
+    try:
+        env = json.loads((Path(data_dir) / "collect_config.json").read_text())["env"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return  # no record: the files are checked one by one
+    if not isinstance(env, dict):
+        return
+    diff = [k for k in ("name", "size") if k in env and env[k] != getattr(spec, k)]
+    if diff:
+        raise UserError(f"{data_dir} was collected for env {', '.join(f'{k} {env[k]!r}' for k in diff)}; "
+                        f"the config says {', '.join(f'{k} {getattr(spec, k)!r}' for k in diff)}")  # fmt: skip
+
+
 def grid_symmetries(size: int, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
     """The 8 symmetries of a `size` x `size` grid about its centre.
 
@@ -148,6 +199,8 @@ class HistoryData:
         if augment == "dihedral" and spec.name not in ("darkroom", "key_to_door"):
             raise UserError(f"augment 'dihedral' maps task cells; env {spec.name!r} has none (use augment none)")
         dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
+        for d in dirs:
+            check_folder_env(d, spec)
         all_tasks = spec.tasks()
         files = []  # (folder, file, task it must hold; None in a goal-free folder)
         for d in dirs:
@@ -165,22 +218,13 @@ class HistoryData:
         for data_dir, f, task in files:
             if not f.is_file():
                 raise UserError(f"missing learning history {f} for task {json.dumps(task)}: run collect.py first")
-            try:
-                with np.load(f) as d:
-                    if json.loads(str(d["task"])) != task:
-                        raise UserError(f"{f} holds task {d['task']}, expected {json.dumps(task)}")
-                    if int(d["horizon"]) != spec.horizon:
-                        raise UserError(f"{f} was collected with horizon {int(d['horizon'])}, the env config says {spec.horizon}")
-                    states.append(spec.state_index(d["states"].astype(np.int64)).astype(np.int16))
-                    actions.append(d["actions"].astype(np.int8))
-                    rewards.append(d["rewards"].astype(np.float32))
-                    file_tasks.append(task)
-                    if loss_mask == "sibling_taught":
-                        rates.append(learner_rate_before(rewards[-1], spec.horizon, per_learner[data_dir]))
-            except UserError:
-                raise
-            except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
-                raise UserError(f"corrupt learning history {f}: {e}") from None
+            s, a, r = read_history(f, spec, task)
+            states.append(spec.state_index(s).astype(np.int16))
+            actions.append(a.astype(np.int8))
+            rewards.append(r)
+            file_tasks.append(task)
+            if loss_mask == "sibling_taught":
+                rates.append(learner_rate_before(rewards[-1], spec.horizon, per_learner[data_dir]))
         n = min(s.shape[1] for s in states) // spec.horizon * spec.horizon
         cat = lambda xs: np.concatenate([x[:, :n] for x in xs])  # noqa: E731
         symmetries = None

@@ -65,15 +65,14 @@ def read_snapshots(folder: str | Path) -> list[tuple[int, Path]]:
 def check_same_model(snapshots: list[tuple[int, Path]]) -> dict:
     """Read every snapshot's config; they must describe one model on one environment.
 
-    Returns the first snapshot's config. Raises UserError naming the first snapshot that differs,
-    or one that cannot be read or whose step does not match its file name.
+    Returns the first snapshot's config. Every snapshot is checked whole (`read_checkpoint`: config,
+    weights against it, env against the model) before any is evaluated. Raises UserError naming the
+    first snapshot that differs, or one that is damaged or whose step does not match its file name.
     """
     ref = ref_path = None
     for step, path in snapshots:
         ckpt = read_checkpoint(path)
         cfg = ckpt["config"]
-        if not isinstance(cfg, dict) or "model" not in cfg or "env" not in cfg:
-            raise UserError(f"{path} has no model/env config; was it written by train.py?")
         if int(ckpt.get("step", step)) != step:
             raise UserError(f"{path} holds step {ckpt.get('step')}, not the step its name says ({step})")
         key = {"model": cfg["model"], "env": cfg["env"]}

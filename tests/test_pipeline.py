@@ -321,8 +321,9 @@ def _two_learner_histories(spec, path: Path) -> dict:
     return task
 
 
-def test_source_stats_split_the_streams_by_learner(spec, tmp_path):
+def test_source_stats_split_the_streams_by_learner(tmp_path):
     # within each learner the second stream follows a sibling that was rewarded before it (1 of 2 streams, above 0.2)
+    spec = get_spec({**TINY_ENV, "size": 5})  # room for a cell per (episode, stream), the goal within reach
     task = _two_learner_histories(spec, tmp_path)
     _, pooled = evaluate.source_stats(tmp_path, spec, [task])
     (tmp_path / "collect_config.json").write_text(json.dumps({"collect": {"n_streams": 2}}))
