@@ -248,22 +248,23 @@ def smallest_window(mean_curve, target: float) -> int:
     return int(hit[0]) + 1 if len(hit) else len(mean_curve)
 
 
-def simulate_compressed_lengths(n_steps: int, budget: int, compression_interval: int, max_context: int) -> np.ndarray:
-    """Context length each rollout step computes over under periodic compression.
+def simulate_compressed_lengths(n_steps: int, comp, max_context: int) -> np.ndarray:
+    """Context length each rollout step computes over under a compression strategy `comp` (an
+    `adlens.compression.Compression`), by the strategy's own schedule (`due`) and `budget`.
 
-    Mirrors the rollout in model/rollout.py: one token per step (a sliding window of `max_context`
-    once full); when at least `compression_interval` steps have passed since the last compression and
-    the context holds more than `budget` tokens, it is cut to `budget`. Returns (n_steps,) lengths;
-    a budget >= max_context gives the uncompressed lengths min(s + 1, max_context).
+    Mirrors the rollouts: one token per step (a sliding window of `max_context` once full); whenever
+    the strategy is due, the context is cut to its budget. Returns (n_steps,) lengths; a strategy that
+    is never due gives the uncompressed lengths min(s + 1, max_context).
     """
     out = np.empty(n_steps, dtype=np.int64)
+    budget = comp.budget(max_context)
     n = since = 0
     for s in range(n_steps):
         n = min(n + 1, max_context)
         out[s] = n
         since += 1
-        if since >= compression_interval and n > budget:
-            n, since = budget, 0
+        if comp.due(since, n, max_context):
+            n, since = min(n, budget), 0
     return out
 
 
@@ -328,7 +329,9 @@ def recommend(summary: dict, cfg: dict) -> dict:
         keep_recent = min(rw, budget)
     interval = int(min(budget, summary["horizon"]))
     S = len(summary["context_len"])
-    compressed = simulate_compressed_lengths(S, budget, interval, T)
+    from adlens.compression import STRATEGIES  # the strategy's own budget and schedule
+
+    compressed = simulate_compressed_lengths(S, STRATEGIES[strategy](ratio=float(ratio), interval=interval), T)
     speedup = float(np.mean(summary["context_len"]) / np.mean(compressed))
     rec = {
         "strategy": strategy,

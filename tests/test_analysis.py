@@ -116,11 +116,15 @@ def test_grid_projection_sums_per_state():
 
 
 def test_simulated_compression_schedule():
-    full = M.simulate_compressed_lengths(30, budget=100, compression_interval=5, max_context=10)
+    from adlens.compression import make_compression
+
+    full = M.simulate_compressed_lengths(30, make_compression("none"), max_context=10)
     assert full.tolist() == [min(s + 1, 10) for s in range(30)]
-    comp = M.simulate_compressed_lengths(20, budget=4, compression_interval=3, max_context=10)
+    comp = M.simulate_compressed_lengths(20, make_compression("fixed_window", ratio=0.4, interval=3, keep_recent=4), max_context=10)
     assert comp.max() <= 4 + 3 and comp[:5].tolist() == [1, 2, 3, 4, 5]
     assert comp[5] == 5  # cut to 4 after step 4, then one new token
+    rolling = M.simulate_compressed_lengths(20, make_compression("sink_window", ratio=0.4, n_sink=1), max_context=10)
+    assert rolling.tolist() == [1, 2, 3, 4] + [5] * 16  # a rolling window: the budget plus the newest token, every step
 
 
 def test_moving_average():

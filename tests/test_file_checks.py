@@ -257,8 +257,8 @@ def _listing(folder: Path) -> dict:
 @pytest.mark.parametrize(
     "change, flags, match",
     [
-        ("none", ["--d-model", "32"], "another model config"),
-        ("none", ["--size", "4"], "another"),
+        ("none", ["--d-model", "32"], "d_model=32 (saved 16) contradict"),
+        ("none", ["--size", "4"], "size=4 (saved 3) contradict"),
         ("drop optimizer", [], "lacks ['optimizer']"),
         ("nan weight", [], "NaN"),
         ("no state", [], "nothing to resume"),
