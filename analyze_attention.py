@@ -59,21 +59,6 @@ ANALYSIS_CONFIG = {
     "dpi": 100,  # PNG resolution; the overview is 21 x 14 inches
     "view_task": -1,  # task shown in the top panel and the heatmaps (-1 = the capture's representative task)
 }
-HELP = {
-    "capture": "capture file to analyse",
-    "out": "output folder",
-    "num_samples": "number of full-attention heatmaps",
-    "recent_window": "newest positions counted as recent",
-    "recency_threshold": "recent share that signals strong recency",
-    "sparse_threshold": "context fraction holding 80%% of attention that signals sparsity",
-    "sink_positions": "first positions counted as attention sinks",
-    "sink_threshold": "sink share that makes sinks worth keeping",
-    "coverage": "attention a recommended budget should keep",
-    "ratio_margin": "safety margin on the token budget",
-    "smooth": "moving-average window in steps (0 = horizon)",
-    "dpi": "PNG resolution",
-    "view_task": "task index for the top panel (-1 = the capture's representative task, the one with full matrices)",
-}
 SEMANTICS = (
     "as in adlens/compression.py, compression_ratio is the fraction of the model's context kept: a budget of "
     "round(compression_ratio * max_context) tokens, enforced every compression_interval steps once the "
@@ -399,7 +384,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file whose 'analysis' section overrides ANALYSIS_CONFIG")
-    add_config_flags(parser, ANALYSIS_CONFIG, HELP)
+    add_config_flags(parser, ANALYSIS_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None))

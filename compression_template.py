@@ -78,14 +78,6 @@ COMPRESSION_CONFIG = {
     "out": "runs/compression",
 }
 ALIASES = {"compression_strategy": ["--strategy"], "compression_ratio": ["--ratio"], "compression_interval": ["--interval"]}
-HELP = {
-    "compare_rerun": "also time the uncompressed rerun engine",
-    "sweep": "every strategy of --sweep-strategies x every ratio of --sweep-ratios",
-    "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
-    "backend": "local | ray: where the sweep's configurations run",
-    "workers": "configurations in parallel",
-    "ray_address": "ray backend: local | auto | HOST:PORT",
-}
 
 
 def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
@@ -279,7 +271,7 @@ def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
+    add_config_flags(parser, COMPRESSION_CONFIG, aliases=ALIASES)
     return parser.parse_args(argv)
 
 

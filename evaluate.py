@@ -55,9 +55,6 @@ EVAL_CONFIG = {
     "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster, RAY_ADDRESS) | HOST:PORT
     "out": "runs/eval",
 }
-HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions",
-        "backend": "local | ray: where the seeds run", "workers": "seeds in parallel (local: processes, 1 = in turn here; ray local: CPUs)",
-        "ray_address": "ray backend: local (a private Ray instance) | auto (the running cluster) | HOST:PORT"}  # fmt: skip
 
 
 def rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, threads=0) -> list[dict]:
@@ -196,7 +193,7 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, EVAL_CONFIG, HELP)
+    add_config_flags(parser, EVAL_CONFIG)
     cfg = resolve(EVAL_CONFIG, parser.parse_args(argv))
     if cfg["episodes"] < 1:
         raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")

@@ -27,18 +27,12 @@ EVAL_CONFIG = {
     "task": -1,  # index into that task set; -1 = the first tasks_limit tasks, rolled out together
     "tasks_limit": 8,  # at most this many tasks when task is -1
     "full_task": -1,  # which captured task keeps full (q x k) matrices; -1 = the one with the median return
-    "eval_timesteps": 0,  # steps to record, rounded up to whole episodes; 0 = twice the model's context
+    "eval_timesteps": 0,  # steps to record, rounded up to whole episodes; 0 = twice the model's context (it fills, then slides)
     "seed": 0,  # sampling seed
-    "greedy": False,
+    "greedy": False,  # argmax actions instead of sampling
     "num_full": 5,  # steps that also get the full (q x k) matrices, spread over the run
     "device": "auto",
     "out": "runs/attention",
-}
-HELP = {
-    "eval_timesteps": "rollout steps to record (0 = twice the model's context, so it fills and slides)",
-    "task": "task index (-1 = the first --tasks-limit tasks together)",
-    "num_full": "steps with full matrices",
-    "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
 }
 
 
@@ -95,7 +89,7 @@ def capture(cfg: dict) -> tuple[dict, dict]:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, EVAL_CONFIG, HELP)
+    add_config_flags(parser, EVAL_CONFIG)
     args = parser.parse_args(argv)
     cfg = resolve(EVAL_CONFIG, args)
     if none_or(cfg["adapter"], str) and args.checkpoint is not None:

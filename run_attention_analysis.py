@@ -56,7 +56,7 @@ MODES = {
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, PIPELINE_CONFIG, {"skip_compression": "capture and analyse only", "adapter": "adapter file for your own AD model"})
+    add_config_flags(parser, PIPELINE_CONFIG)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="4 seeds x 25 episodes per candidate (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="10 seeds x 50 episodes per candidate")

@@ -65,25 +65,10 @@ PROGRESSION_CONFIG = {
     "recent_window": 5,  # newest tokens counted as "recent" (as in analyze_attention.py)
     "sink_positions": 4,  # as in analyze_attention.py: steps with contexts <= recent_window + this are skipped
     "reference": [],  # other checkpoints evaluated alike, drawn as dashed lines ("default" = the shipped model)
-    "reuse": True,  # reuse OUT/points/step_XXXXXX.json computed earlier with the same settings on the same file
+    "reuse": True,  # reuse OUT/points/step_XXXXXX.json computed earlier with the same settings on the same file (--no-reuse: recompute)
     "threads": 1,  # torch CPU threads (0 = torch's default)
     "device": "cpu",  # cpu | cuda | auto
     "out": "runs/progression/analysis",
-}
-HELP = {
-    "snapshots": "training run folder or folder of step_XXXXXX.pt snapshots",
-    "episodes": "in-context episodes per task for the return",
-    "late_episodes": "late return = mean over the last this many episodes",
-    "num_seeds": "evaluation seeds, starting at --seed",
-    "capture_tasks": "tasks with attention captures (0 = all of the task set)",
-    "capture_seeds": "capture seeds, starting at --seed",
-    "capture_timesteps": "steps per capture (0 = twice the model's context)",
-    "recent_window": "newest tokens counted as recent",
-    "sink_positions": "first positions counted as attention sinks",
-    "reference": "checkpoints evaluated alike, shown as dashed lines (default = the shipped model)",
-    "reuse": "reuse per-snapshot results in OUT/points/ computed with the same settings (--no-reuse: recompute)",
-    "threads": "torch CPU threads (0 = default)",
-    "out": "output folder",
 }
 
 
@@ -128,7 +113,7 @@ def snapshot_folder(path: str | Path) -> Path:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, PROGRESSION_CONFIG, HELP)
+    add_config_flags(parser, PROGRESSION_CONFIG)
     cfg = check_config(resolve(PROGRESSION_CONFIG, parser.parse_args(argv)))
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])

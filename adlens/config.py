@@ -10,8 +10,11 @@ Precedence, lowest first: the config dict at the top of a script < a YAML file g
 from __future__ import annotations
 
 import argparse
+import ast
+import io
 import os
 import sys
+import tokenize
 from pathlib import Path
 
 import yaml
@@ -67,14 +70,52 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def key_comments(defaults: dict) -> dict[str, str]:
+    """The comment that describes each key where a module declares the dict `defaults`: the `# ...`
+    after the key's value, or the comment lines right above the key.
+
+    A config key is then described once, beside its default, and `--help` shows that text (tyro reads
+    dataclass field comments the same way). The declaring module is found by identity among the loaded
+    modules' globals; {} when there is none (a dict built at run time).
+    """
+    for module in list(sys.modules.values()):
+        names = [n for n, v in list(getattr(module, "__dict__", {}).items()) if v is defaults]
+        path = getattr(module, "__file__", None)
+        if not names or not path or not str(path).endswith(".py"):
+            continue
+        source = Path(path).read_text()
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+        trailing = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if not t.line.lstrip().startswith("#")}
+        standalone = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.line.lstrip().startswith("#")}
+        for node in ast.parse(source).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if isinstance(getattr(node, "value", None), ast.Dict) and any(isinstance(t, ast.Name) and t.id in names for t in targets):
+                out = {}
+                for k, v in zip(node.value.keys, node.value.values):
+                    if not (isinstance(k, ast.Constant) and isinstance(k.value, str)):
+                        continue
+                    above, line = [], k.lineno - 1
+                    while line in standalone and line > node.lineno:  # a comment block right above the key
+                        above.insert(0, standalone[line])
+                        line -= 1
+                    text = trailing.get(v.end_lineno) or " ".join(above)
+                    if text:
+                        out[k.value] = text
+                return out
+    return {}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict | None = None, aliases: dict | None = None) -> None:
-    """One `--some-key` flag per key of a script's config dict, typed by its default value.
+    """One `--some-key` flag per key of a script's config dict, typed by its default value; its help
+    is `help[key]` if given, else the comment beside the key where the dict is declared (`key_comments`).
 
     aliases: extra flag names per key, e.g. {"compression_ratio": ["--ratio"]}.
     """
-    help, aliases = help or {}, aliases or {}
+    help = key_comments(defaults) | {k: v.replace("%%", "%") for k, v in (help or {}).items()}
+    aliases = aliases or {}
     for key, value in defaults.items():
-        kw: dict = {"dest": key, "default": None, "help": f"{help.get(key, '')} (default: {value})".strip()}
+        text = help.get(key, "").replace("%", "%%")  # argparse formats help strings with %
+        kw: dict = {"dest": key, "default": None, "help": f"{text} (default: {value})".strip()}
         if isinstance(value, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(value, (list, tuple)):

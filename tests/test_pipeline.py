@@ -513,6 +513,25 @@ def test_base_yaml_equals_the_script_defaults():
     assert train.parse(["--config", str(CONFIG_DIR / "base.yaml")]) == train.parse([])
 
 
+def test_help_is_the_comment_beside_each_config_key():
+    """A config key is described once, where it is declared: --help shows that comment."""
+    import argparse
+
+    from adlens.config import add_config_flags, key_comments
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, train.TRAIN_CONFIG)
+    text = " ".join(parser.format_help().split())
+    assert "--batch-size BATCH_SIZE windows per step (per process under torchrun) (default: 32)" in text
+    comments = key_comments(collect.COLLECT_CONFIG)
+    assert comments["n_streams"] == "parallel environments per PPO learner" and "seed" not in comments  # no comment, no help
+    runtime = {"steps": 3}  # declared nowhere in a source file
+    assert key_comments(runtime) == {}
+    with_percent = argparse.ArgumentParser()
+    add_config_flags(with_percent, {"share": 0.5}, {"share": "80% of it"})  # argparse's %-formatting is escaped
+    assert "80% of it (default: 0.5)" in with_percent.format_help()
+
+
 @pytest.mark.parametrize("name, family", [("darkroom", "darkroom"), ("darkroom_permuted", "darkroom_permuted"),
                                           ("key_to_door", "key_to_door"), ("tiny", "darkroom")])  # fmt: skip
 def test_shipped_configs_are_valid(name, family):
