@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
+from adlens.io import stamp, staged_output  # noqa: E402
 from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
 from adlens.config import add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
@@ -306,9 +306,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
     smooth = int(cfg["smooth"]) or s["horizon"]
     dpi = int(cfg["dpi"])
 
-    metrics_doc = {
-        "format": "ad-attention-metrics",
-        "version": 1,
+    metrics_doc = stamp("ad-attention-metrics", {
         "capture": {k: meta.get(k) for k in ("checkpoint", "env", "task", "seed", "max_context", "horizon", "n_layer", "n_head")},
         "metrics": _json_metrics(across["mean"] | {k: v for k, v in s.items() if k not in across["mean"]}, module_names or layer_names),
         "tasks": {"n": N, "tasks": meta.get("tasks"), "view_task": view, "std": across["std"], "per_task": across["per_task"]},
@@ -317,7 +315,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
         "derivation": der,
         "recommendation_semantics": SEMANTICS,
         "config": cfg,
-    }
+    })  # fmt: skip
     names = {
         "comprehensive": "attention_analysis_comprehensive.png",
         "layer_head": "layer_head_analysis.png",

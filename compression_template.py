@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import provenance, write_json_atomic  # noqa: E402
+from adlens.io import provenance, stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
 from adlens.plots import save_figure  # noqa: E402
 
@@ -323,8 +323,8 @@ def main(argv=None) -> dict:
         finally:
             runner.close()
     out.mkdir(parents=True, exist_ok=True)
-    result = {"schema": "ad-compression-results", "version": 2, "provenance": provenance(), "rows": rows, "config": cfg,
-              "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}  # fmt: skip
+    result = stamp("ad-compression-results", {"provenance": provenance(), "rows": rows, "config": cfg, "model_context": runner.context,
+                                              "device": str(runner.device), "torch_threads": threads})  # fmt: skip
     best = best_within(rows)
     result["recommended"] = best
     write_json_atomic(out / "compression_results.json", result)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 from adlens.plots import save_figure  # noqa: E402
 from adlens.config import add_config_flags, none_or, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
+from adlens.io import stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
 from env import get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
@@ -223,11 +223,9 @@ def main(argv=None) -> dict:
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late
+    results = stamp("ad-eval-results", results)
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "eval_results.json")
+    write_json_atomic(out / "eval_results.json", results)
     plot_curve(results, out / "in_context_curve.png")
     print_table(results)
     if "source_final_normalized_return" in results:

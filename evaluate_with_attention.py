@@ -18,7 +18,7 @@ from pathlib import Path
 from adlens.capture_file import default_capture_steps, save_capture
 from adlens.config import add_config_flags, none_or, resolve, run_cli
 from adlens.errors import UserError
-from adlens.io import write_json_atomic
+from adlens.io import stamp, write_json_atomic
 
 EVAL_CONFIG = {
     "checkpoint": "default",  # path to model.pt; "default" = the shipped Darkroom model
@@ -99,7 +99,7 @@ def main(argv=None) -> Path:
     cap, summary = capture(cfg)
     out = Path(cfg["out"])
     path = save_capture(cap, out / "capture.pt")
-    for name, obj in (("returns.json", summary), ("capture_config.json", cfg)):
+    for name, obj in (("returns.json", stamp("ad-capture-returns", summary)), ("capture_config.json", cfg)):
         write_json_atomic(out / name, obj)
     r = summary["mean_returns"]
     print(f"{len(summary['tasks'])} task(s): mean return per episode {[round(x, 1) for x in r]}")

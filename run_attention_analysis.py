@@ -29,7 +29,7 @@ import evaluate_with_attention
 from adlens.capture_file import save_capture
 from adlens.config import add_config_flags, none_or, resolve, run_cli
 from adlens.errors import UserError
-from adlens.io import provenance, staged_output
+from adlens.io import provenance, stamp, staged_output
 from adlens.recommend import break_even_context, candidates, choose, fit_step_cost, recommendation_doc, verdict_lines
 
 PIPELINE_CONFIG = {
@@ -180,9 +180,9 @@ def measured_recommendation(cfg: dict, m: dict, res: dict, summary: dict) -> dic
     doc = recommendation_doc(best, rows, res["recommendation"], seeds, rerun_best, estimate) | {"provenance": provenance()}
     with staged_output(out) as stage:
         (stage / "recommendation.json").write_text(json.dumps(doc, indent=1))
-        (stage / "compression_results.json").write_text(json.dumps({"schema": "ad-compression-results", "version": 2, "provenance": provenance(),
+        (stage / "compression_results.json").write_text(json.dumps(stamp("ad-compression-results", {"provenance": provenance(),
                                                                   "rows": rows + ([rerun_best] if rerun_best else []),
-                                                                  "torch_threads": threads, "model_context": runner.context}, indent=1))  # fmt: skip
+                                                                  "torch_threads": threads, "model_context": runner.context}), indent=1))  # fmt: skip
         text = (out / "compression_recommendations.txt").read_text()
         (stage / "compression_recommendations.txt").write_text(text + "\n" + "\n".join(verdict_lines(doc)) + "\n")
     return doc

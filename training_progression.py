@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from adlens import plots as P  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
+from adlens.io import stamp, staged_output  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
 from env import get_spec  # noqa: E402
 from model.checkpoint import load_model, read_checkpoint  # noqa: E402
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - t0
 
     model_cfg = ref_cfg["model"]
-    doc = {
+    doc = stamp("ad-training-progression", {
         "meta": {
             "snapshots": str(folder),
             "env": ref_cfg["env"],
@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
         "snapshots": points,
         "references": ref_points,
         "emergence": emergence(points),
-    }
+    })  # fmt: skip
     with staged_output(out) as stage:
         (stage / "training_progression.json").write_text(json.dumps(doc, indent=1))
         P.save_figure(P.plot_progression(doc), stage / "training_progression.png")

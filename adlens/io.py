@@ -1,5 +1,9 @@
-"""Writing results safely: `staged_output` publishes a folder of results so that a failure part-way
-leaves nothing half-written."""
+"""Writing results: `staged_output` publishes a folder of results so that a failure part-way leaves
+nothing half-written, `write_json_atomic` does the same for one file, and `stamp` names the layout of
+every JSON result the tools write.
+
+    write_json_atomic(out / "eval_results.json", stamp("ad-eval-results", results))
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,26 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# Every JSON result the tools write: schema name -> version of its layout. A reader checks the name
+# and accepts the versions it knows; a change of layout (a key renamed, removed or re-meant) bumps
+# the version. Files written before the stamp carried "version" (and "format" for attention metrics)
+# or nothing.
+SCHEMAS = {
+    "ad-eval-results": 1,  # evaluate.py: eval_results.json
+    "ad-capture-returns": 1,  # evaluate_with_attention.py: returns.json
+    "ad-attention-metrics": 1,  # analyze_attention.py: attention_metrics.json
+    "ad-compression-results": 2,  # compression_template.py, run_attention_analysis.py: compression_results.json
+    "ad-compression-recommendation": 1,  # run_attention_analysis.py: recommendation.json
+    "ad-training-progression": 1,  # training_progression.py: training_progression.json
+    "ad-benchmark-inference-speed": 1,  # benchmarks/inference_speed.py --out
+    "ad-benchmark-compile-step": 1,  # benchmarks/compile_step.py --out
+}
+
+
+def stamp(schema: str, doc: dict) -> dict:
+    """`doc` with `"schema"` and `"schema_version"` first (replacing any it had), for a JSON result."""
+    body = {k: v for k, v in doc.items() if k not in ("schema", "schema_version")}
+    return {"schema": schema, "schema_version": SCHEMAS[schema], **body}
 
 
 @contextmanager

@@ -360,7 +360,7 @@ def test_evaluate_writes_results_and_curve(evaluated, spec):
     assert (out / "in_context_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert EVAL_KEYS <= set(saved)
+    assert EVAL_KEYS <= set(saved) and (saved["schema"], saved["schema_version"]) == ("ad-eval-results", 1)
     held = spec.tasks_for("test")
     assert saved["tasks"] == held and len(held) == 2
     assert saved["episodes"] == 2 and saved["seeds"] == [0] and saved["greedy"] is True and saved["engine"] == "kv"
@@ -374,7 +374,8 @@ def test_evaluate_writes_results_and_curve(evaluated, spec):
         norm.append(np.array(pt["returns"]) / pt["optimal_return"])
     np.testing.assert_allclose(saved["normalized_return_per_episode"], np.mean(norm, 0))
     assert saved["mean_context_length"] == pytest.approx(6.5)  # 1..12 tokens, never more than max_context
-    assert saved["env_steps_per_second"] > 0
+    n_steps = len(held) * saved["episodes"] * spec.horizon  # one seed: every environment step of the run
+    assert saved["env_steps_per_second"] == pytest.approx(n_steps / saved["time_s"])
 
 
 def test_evaluate_engines_agree_within_max_context(evaluated, trained, tmp_path):
