@@ -108,3 +108,22 @@ def test_doc_command_flags_exist(doc, script, args):
         if a.startswith("--"):
             flag = a.split("=")[0]
             assert re.search(rf"{re.escape(flag)}\b", _HELP[script]), f"{doc}: {script} has no flag {flag}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_links_point_at_files_and_headings_that_exist(doc):
+    """A link such as [x](EXPERIMENTS.md#rollout-speed) or [x](#7-files) names a file and a heading that exist."""
+    text = (ROOT / doc).read_text()
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path = ROOT / (target or doc)
+        assert path.exists(), f"{doc}: link to missing {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M), flags=re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{doc}: no heading for #{anchor} in {path.name}"
