@@ -69,19 +69,23 @@ def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path
 
 
 def _doc_commands():
-    """Every `python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...` line in the docs' code blocks."""
+    """Every `python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...` in the docs: each line of their
+    shell code blocks, and each inline `code span` of the prose (which may wrap onto a second line)."""
+    command = re.compile(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)")
     cmds = []
     for doc in DOCS:
         text = (ROOT / doc).read_text()
+        lines = []
         for lang, block in re.findall(r"^```(\w*)[ \t]*\n(.*?)^```", text, flags=re.S | re.M):
-            if lang not in ("", "bash", "sh", "console"):
-                continue
-            for line in block.replace("\\\n", " ").splitlines():
-                line = line.split("#")[0].strip()
-                m = re.search(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)", line)
-                if m and not line.startswith("pip"):
-                    # "path/to/toolkit/X.py": a toolkit script run from the user's own codebase
-                    cmds.append((doc, m.group(1).removeprefix("path/to/toolkit/"), shlex.split(m.group(2))))
+            if lang in ("", "bash", "sh", "console"):
+                lines += [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        lines += [span.replace("\n", " ") for span in re.findall(r"`([^`\n]+(?:\n[^`\n]+)?)`", prose)]
+        for line in lines:
+            m = command.search(line)
+            if m and not line.startswith("pip") and m.group(1) != "SCRIPT.py":  # SCRIPT.py: a placeholder
+                # "path/to/toolkit/X.py": a toolkit script run from the user's own codebase
+                cmds.append((doc, m.group(1).removeprefix("path/to/toolkit/"), shlex.split(m.group(2))))
     return cmds
 
 
