@@ -23,7 +23,6 @@ and numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import textwrap
@@ -37,10 +36,10 @@ import numpy as np  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
-from adlens.io import stamp, staged_output  # noqa: E402
+from adlens.io import OutputManifest, stamp, staged_output  # noqa: E402
 from adlens.capture_file import REQUIRED, load_capture, n_tasks, pool_tasks, task_view, upgrade  # noqa: E402
-from adlens.config import add_config_flags, check_keys, load_yaml, resolve, run_cli, section  # noqa: E402
-from adlens.errors import UserError  # noqa: E402
+from adlens.config import COMMON_BOUNDS, add_config_flags, check_keys, check_out, check_values, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
+from adlens.errors import ConfigError, UserError  # noqa: E402
 
 ANALYSIS_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
@@ -66,20 +65,21 @@ SEMANTICS = (
 )
 
 
-def check_config(cfg: dict) -> dict:
-    """Reject unknown keys and out-of-range values, naming the offender."""
+BOUNDS = {
+    "num_samples": (0, 100), "recent_window": (1, 100_000), "recency_threshold": (1e-6, 1.0), "sparse_threshold": (1e-6, 1.0),
+    "sink_positions": (1, 100_000), "sink_threshold": (1e-6, 1.0), "coverage": (1e-6, 1.0), "ratio_margin": (0.0, 10.0),
+    "smooth": (0, 100_000), "dpi": COMMON_BOUNDS["dpi"], "view_task": (-1, None),
+}  # fmt: skip
+
+
+def check_config(cfg: dict, context: int | None = None) -> dict:
+    """Reject unknown keys and out-of-range values, naming the offender; with the capture's
+    `context`, also windows and sink counts longer than the context."""
     check_keys(cfg, ANALYSIS_CONFIG, "analysis config")
-    for key in ("num_samples", "smooth"):
-        if int(cfg[key]) < 0:
-            raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
-    for key in ("recent_window", "sink_positions", "dpi"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
-    for key in ("recency_threshold", "sparse_threshold", "sink_threshold", "coverage"):
-        if not 0 < float(cfg[key]) <= 1:
-            raise ValueError(f"{key} must be in (0, 1], got {cfg[key]}")
-    if float(cfg["ratio_margin"]) < 0:
-        raise ValueError(f"ratio_margin must be >= 0, got {cfg['ratio_margin']}")
+    check_values(cfg, BOUNDS)
+    for key in ("recent_window", "sink_positions"):
+        if context is not None and int(cfg[key]) > context:
+            raise ConfigError(f"{key} must be at most the capture's context ({context}), got {cfg[key]}")
     return cfg
 
 
@@ -259,17 +259,19 @@ def _heatmap_indices(n_full: int, num_samples: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, n_full - 1, min(num_samples, n_full))})
 
 
-def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> dict:
+def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, manifest: OutputManifest | None = None) -> dict:
     """Compute every metric of `capture`, draw the figures and write all outputs into `out_dir`.
 
-    capture : a capture dict (format v1, see `adlens/capture_file.py`)
-    config  : keys of ANALYSIS_CONFIG to override (unknown keys are errors)
+    capture  : a capture dict (format v1, see `adlens/capture_file.py`)
+    config   : keys of ANALYSIS_CONFIG to override (unknown keys are errors)
+    manifest : lists the files written (the one-click's `adlens.io.OutputManifest`)
     Returns {"paths": {name: Path}, "metrics": dict, "recommendation": dict, "pattern": str}.
     """
     config = config or {}
-    cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)})  # None: in memory
     _check_capture(capture)
     capture = upgrade(capture)
+    context = int(capture["query_attn"].shape[-1])
+    cfg = check_config({**ANALYSIS_CONFIG, "capture": None, **config, "out": str(out_dir)}, context)  # None: in memory
     N = n_tasks(capture)
     view = int(capture.get("full_task", 0)) if int(cfg["view_task"]) < 0 else int(cfg["view_task"])
     if not 0 <= view < N:
@@ -332,11 +334,13 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
         heatmaps[k] = f"attention_heatmap_step{full_steps[k]}.png"
 
     title = (
-        f"Attention analysis of {N} task(s): pattern {rec['pattern']} (attention-only suggestion: {rec['strategy']} at "
-        f"compression_ratio {rec['compression_ratio']}; the measured verdict is in recommendation.json)"
+        f"Attention analysis of {N} task(s) x {S} steps ({_env_name(meta)}): pattern {rec['pattern']} (attention-only suggestion: "
+        f"{rec['strategy']} at compression_ratio {rec['compression_ratio']}; the measured verdict is in recommendation.json)"
     )
+    view_name = json.dumps(meta.get("tasks", [meta.get("task")])[view])
+    ctx_all = M.to_numpy(capture["ctx_step"][full_task])  # (S, T)
     out_dir = Path(out_dir)
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, manifest) as stage:
         fig = P.comprehensive_figure(
             view_rows,
             M.to_numpy(one["context_len"]),
@@ -358,17 +362,22 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
             compressed_len=out["compressed_len"][:S],
             title=title,
             task_recent=task_recent if N > 1 else None,
-            top_title=f"Query attention over time, task {view}: {json.dumps(meta.get('tasks', [meta.get('task')])[view])} (mean over layers and heads)",
+            top_title=f"Query attention over time, task {view} {view_name}, steps 0-{S - 1} (mean over layers and heads)",
             tokens=view_tokens,
+            horizon=s["horizon"],
         )
         P.save_figure(fig, stage / names["comprehensive"], dpi)
         for k, fname in heatmaps.items():
             step = full_steps[k]
             fa = M.to_numpy(capture["full_attn"][k])  # (L, H, n, n)
-            ep, ts = int(episode[step]), int(timestep[step])
-            t = f"Task {full_task} {full_name}: attention at step {step} (episode {ep}, t = {ts}), {fa.shape[-1]} tokens"
-            P.save_figure(P.plot_step_attention(fa, layer_names, t), stage / fname, dpi)
-        fig = P.plot_layer_head(s["entropy_lh"], s["max_attention_lh"], s["recent_share_lh"], layer_names, rw)
+            ep, ts, n_tok = int(episode[step]), int(timestep[step]), fa.shape[-1]
+            held = ctx_all[step, :n_tok]  # the rollout step of each token in this context
+            t = (f"Task {full_task} {full_name}: attention at step {step} (episode {ep}, t = {ts}), "
+                 f"{n_tok} tokens from steps {int(held[0])}-{int(held[-1])}")  # fmt: skip
+            marks = {"episode": episode[held], "reward": M.to_numpy(capture["reward"][full_task])[held]}
+            P.save_figure(P.plot_step_attention(fa, layer_names, t, tokens=marks), stage / fname, dpi)
+        lh_title = f"Per layer and head: {N} task(s) x {S} steps, means over their {s['n_informative_steps']} informative steps"
+        fig = P.plot_layer_head(s["entropy_lh"], s["max_attention_lh"], s["recent_share_lh"], layer_names, rw, lh_title)
         P.save_figure(fig, stage / names["layer_head"], dpi)
         (stage / names["recommendations"]).write_text(_report(across["mean"] | {k: v for k, v in s.items() if k not in across["mean"]}, rec, der, cfg, meta, layer_names, across))
         (stage / names["metrics"]).write_text(json.dumps(metrics_doc, indent=2, default=str))
@@ -380,12 +389,14 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None) -> d
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'analysis' section overrides ANALYSIS_CONFIG")
     add_config_flags(parser, ANALYSIS_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None))
+    cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None,
+                               BOUNDS, where=args.config or "config"))  # fmt: skip
+    check_out(cfg["out"])
     capture = load_capture(cfg["capture"])  # checked before anything is written
     result = analyze(capture, cfg["out"], cfg)
     rec = result["recommendation"]

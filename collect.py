@@ -6,6 +6,7 @@ Each task's learner runs `n_streams` parallel environments; every transition of 
 recorded from the very first step (the whole learning history, as AD needs, arXiv 2210.14215).
 One compressed file per task, `task_XXXX.npz`, is written under a temporary name and renamed when
 complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
+Ctrl-C stops the workers at once (exit code 130); one run at a time writes into a folder.
 
 `--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each):
 histories of pure exploration. Never rewarded, PPO alone drifts into mostly repeating one path
@@ -28,20 +29,20 @@ seeds. A task that fails or whose worker is lost is retried `--max-retries` time
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
-import os
 import time
 import zipfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
 from env import env_section
 from env import get_spec
@@ -115,12 +116,6 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tuple[dict, dict]:
     """Train PPO on one task, recording every transition of every stream. Runs in a worker; returns
     (the bytes of task_XXXX.npz, compressed here, a summary) for the driver to write and print."""
@@ -188,36 +183,55 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     return _npz_bytes({"task": json.dumps(task), "horizon": horizon, **arrays}), summary
 
 
+BOUNDS = {
+    "size": (2, 1000), "tasks": {"all", "train", "test", "none"}, "first_tasks": (0, None), "goal_free_learners": (1, 100_000),
+    "novelty_bonus": (0.0, 1e6), "n_streams": (1, 100_000), "n_learners": (1, 10_000), "timesteps": (1, None),
+    "backend": set(BACKENDS), "gpus_per_task": (0.0, 1.0), "max_retries": (0, 100), "learning_rate": (1e-9, 10.0),
+    "n_epochs": (1, 1000), "batch_size": (1, 10**7), "ent_coef": (0.0, 100.0), "device": {"auto", "cpu", "cuda"},
+}  # fmt: skip
+# Settings that shape the histories: a rerun into a folder collected with other values would mix
+# two datasets, so it is refused (the rest, e.g. workers or backend, may differ between runs).
+HISTORY_KEYS = ("env", "size", "goal_free_learners", "novelty_bonus", "n_streams", "n_learners", "timesteps", "seed",
+                "learning_rate", "n_epochs", "batch_size", "ent_coef")  # fmt: skip
+TIMESTEPS_PER_S = 5000  # PPO timesteps per second per worker on one CPU core, Darkroom (rough, measured)
+BYTES_PER_TIMESTEP = 1.2  # compressed history on disk, Darkroom (84 KB per 100k timesteps)
+
+
+def _check_same_run(out: Path, spec: EnvSpec, cfg: dict) -> None:
+    prev_path = out / "collect_config.json"
+    if not prev_path.is_file():
+        return
+    try:
+        prev = json.loads(prev_path.read_text())
+        prev_env, prev_cfg = prev["env"], prev["collect"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{prev_path} is damaged; remove it (or collect into a new --out)") from None
+    diff = [k for k in HISTORY_KEYS if prev_cfg.get(k) != cfg[k]] + (["env"] if prev_env != spec.to_dict() else [])
+    if diff:
+        got = ", ".join(f"{k} {prev_cfg.get(k)!r} -> {cfg[k]!r}" for k in diff if k in cfg)
+        raise UserError(f"{out} holds histories collected with other settings ({got or 'env'}); collect into a new --out")
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'env' and 'collect' sections override the defaults")
     add_config_flags(parser, COLLECT_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     env_own, env_sec = env_section(ycfg)
-    cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG))
+    cfg = resolve(COLLECT_CONFIG, args, env_own | section(ycfg, "collect", COLLECT_CONFIG), BOUNDS, where=args.config or "config")
     spec = get_spec({"name": cfg["env"], "size": cfg["size"], **env_sec})
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
-    if cfg["first_tasks"] < 0:
-        raise UserError(f"--first-tasks must be >= 0, got {cfg['first_tasks']}")
-    for key in ("n_streams", "n_learners", "timesteps", "workers", "goal_free_learners"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
-    if cfg["max_retries"] < 0:
-        raise UserError(f"--max-retries must be >= 0, got {cfg['max_retries']}")
-    if not 0 <= cfg["gpus_per_task"] <= 1:
-        raise UserError(f"--gpus-per-task must be in [0, 1], got {cfg['gpus_per_task']}")
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
         if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:
             raise UserError("--device cuda on Ray needs --gpus-per-task (the share of a GPU each task holds, e.g. 0.25)")
-    if cfg["novelty_bonus"] < 0:
-        raise UserError(f"--novelty-bonus must be >= 0, got {cfg['novelty_bonus']}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
         raise UserError(f"--timesteps must cover at least one episode per stream ({cfg['n_streams'] * spec.horizon})")
+    per_task = cfg["timesteps"] * cfg["n_learners"]
+    check_memory(64 * per_task * (cfg["workers"] if cfg["backend"] == "local" else 1),
+                 f"recording {per_task:,} timesteps per task", "lower --timesteps, --n-learners or --workers")  # fmt: skip
+    out = check_out(cfg["out"])
+    _check_same_run(out, spec, cfg)
 
     all_tasks = spec.tasks()
     if cfg["tasks"] == "none":
@@ -227,31 +241,39 @@ def main(argv=None) -> list[dict]:
         wanted = list(range(len(all_tasks)))
     elif cfg["tasks"] == "all":
         wanted = list(range(len(all_tasks)))
-    elif cfg["tasks"] in ("train", "test"):
+    else:
         chosen = spec.tasks_for(cfg["tasks"])
         wanted = [all_tasks.index(t) for t in chosen]
-    else:
-        raise UserError(f"--tasks must be all, train, test or none, got {cfg['tasks']!r}")
 
     wanted = wanted[: cfg["first_tasks"] or None]
-    out = Path(cfg["out"])
+    todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
+    parallel = cfg["workers"] if cfg["backend"] == "local" or cfg["ray_address"] == "local" else None
+    hours = len(todo) * per_task / TIMESTEPS_PER_S / 3600 / (parallel or 1)
+    disk = len(todo) * per_task * BYTES_PER_TIMESTEP
+    if todo:
+        when = f"about {hours:.1f} h on {parallel} worker(s)" if parallel else f"about {hours:.1f} worker-hours on the cluster"
+        print(f"{len(todo)} tasks of {per_task:,} timesteps: {when} and {disk / 2**20:,.0f} MB of disk, by a rough estimate")
     results = []
-    with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task):  # a bad address fails here, before any output
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"env": spec.to_dict(), "collect": cfg}
-        (out / "collect_config.json").write_text(json.dumps(meta, indent=2))
+    with (
+        backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], _collect_task),  # a bad address fails here, before any output
+        lock_folder(out, "collect.py run"),
+    ):
+        remove_stale_temps(out, ["task_*.npz", "collect_config.json"])  # left by a run killed mid-write
+        write_json_atomic(out / "collect_config.json", {"env": spec.to_dict(), "collect": cfg})
         todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]
         print(f"{len(wanted) - len(todo)} of {len(wanted)} tasks already collected in {out}; {len(todo)} to go")
         t0 = time.time()
         jobs = [(spec.to_dict(), i, all_tasks[i], cfg) for i in todo]
         done_iter = fan_out(_collect_task, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], cpus=1.0, gpus=cfg["gpus_per_task"],
                             max_retries=cfg["max_retries"], desc="collect")  # fmt: skip
-        for done in done_iter:
-            data, r = done.result
-            _write_atomic(out / f"task_{r['task_idx']:04d}.npz", data)
-            results.append(r | {"worker": done.worker})
-            optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
-            tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
+        with closing(done_iter):  # Ctrl-C anywhere in the loop stops the workers at once; written tasks stay
+            for done in done_iter:
+                data, r = done.result
+                with atomic_path(out / f"task_{r['task_idx']:04d}.npz") as tmp:
+                    tmp.write_bytes(data)
+                results.append(r | {"worker": done.worker})
+                optimal = "" if r["task"] is None else f", optimal {spec.optimal_return(r['task']):.0f}"
+                tqdm.write(f"task {r['task_idx']:4d} {json.dumps(r['task'])}: first episode return {r['first']:.2f}, last {r['last']:.2f}{optimal}")
     if results:
         print(f"collected {len(results)} tasks in {time.time() - t0:.0f} s")
     return results

@@ -33,22 +33,23 @@ Then `python compression_template.py --strategy strided` measures it like the ot
 from __future__ import annotations
 
 import argparse
+import time
+from contextlib import closing
 from dataclasses import fields
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
-from adlens.config import add_config_flags, none_or, pin_threads, resolve, run_cli  # noqa: E402
+from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parser, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import provenance, stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
-from adlens.plots import save_figure  # noqa: E402
+from adlens.plots import plot_compression_tradeoff, save_figure  # noqa: E402
 
 ENGINES = ("kv", "rerun")  # the project's engines; an --adapter model runs its own rollout (engine "adapter")
 COMPRESSION_CONFIG = {
@@ -87,10 +88,7 @@ def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
     valid = {f.name for f in fields(STRATEGIES[strategy])}
     params = {"ratio": ratio, "interval": cfg["compression_interval"], "keep_recent": cfg["keep_recent"], "n_sink": cfg["n_sink"]}
     params["window_size"] = cfg["window_size"] or None
-    try:
-        return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})  # ConfigError if out of range
 
 
 class CheckpointRunner:
@@ -218,30 +216,6 @@ def measure(runner, strategy: str, compression, seeds: list[int], compare_rerun:
     return row
 
 
-def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 6))
-    lo = min([r["performance_loss"] * 100 for r in rows] + [-1])
-    hi = max([r["performance_loss"] * 100 for r in rows] + [10])
-    top = max([r["speedup"] for r in rows] + [2.5]) * 1.1
-    ax.fill_between([lo - 1, 5], 2, top, color="tab:green", alpha=0.12, label="> 2x faster, < 5% loss")
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        rs = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: -r["ratio"])
-        x = [r["performance_loss"] * 100 for r in rs]
-        y = [r["speedup"] for r in rs]
-        ax.plot(x, y, "o-", label=strategy)
-        for r, xi, yi in zip(rs, x, y):
-            ax.annotate(f"{r['ratio']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set(xlim=(lo - 1, hi + 1), ylim=(0, top), xlabel="performance loss (% of uncompressed return)", ylabel="speedup (x, whole rollout)")
-    engine = rows[0]["engine"]
-    ax.set_title(f"Compression trade-off ({engine} engine; labels = ratio kept; mean over seeds {rows[0]['seeds']})")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
 def print_table(rows: list[dict]) -> None:
     print(f"{'engine':<8}{'strategy':<14}{'ratio':>6}{'context':>9}{'speedup (pairs)':>22}{'return':>9}{'loss % (se)':>14}")
     for r in rows:
@@ -269,28 +243,26 @@ def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
         runner.close()
 
 
+BOUNDS = {
+    "compression_interval": (1, 10**6), "compression_ratio": (1e-6, 1.0), "sweep_ratios": (1e-6, 1.0), "keep_recent": (0, 10**6), "window_size": (0, 10**6),
+    "n_sink": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
+    "device": {"auto", "cpu", "cuda"}, "vec_env": {"dummy", "batched"}, "backend": set(BACKENDS),
+}  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, COMPRESSION_CONFIG, aliases=ALIASES)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = resolve(COMPRESSION_CONFIG, args)
+    cfg = resolve(COMPRESSION_CONFIG, args, bounds=BOUNDS)
     cfg["adapter"] = none_or(cfg["adapter"], str)
     if cfg["adapter"] and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
-    if cfg["episodes"] < 1:
-        raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
-    if not cfg["seeds"]:
-        raise UserError("--seeds needs at least one seed")
-    if cfg["threads"] < 0:
-        raise UserError(f"--threads must be >= 0, got {cfg['threads']}")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
-    if cfg["workers"] < 1:
-        raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
+    check_out(cfg["out"])
     if cfg["sweep"] and not (cfg["sweep_strategies"] and cfg["sweep_ratios"]):
         raise UserError("--sweep needs at least one strategy (--sweep-strategies) and one ratio (--sweep-ratios)")
     threads = pin_threads(cfg["threads"])
@@ -306,16 +278,22 @@ def main(argv=None) -> dict:
     out = Path(cfg["out"])
     print(f"{runner.engine} engine, {len(runner.tasks)} {cfg['tasks']} tasks, {cfg['episodes']} episodes, seeds {cfg['seeds']}, "
           f"{threads} torch thread(s); baseline and compressed runs alternate per seed", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    runner.run(None, cfg["seeds"][0])  # warm-up, untimed; its duration sizes the whole run
+    runs = len(configs) * len(cfg["seeds"]) * (2 + (cfg["compare_rerun"] and runner.engine == "kv"))
+    print(f"{runs} timed rollouts of about {time.perf_counter() - t0:.1f} s each (the baseline's; compressed ones are shorter) "
+          f"on {cfg['workers']} worker(s)", flush=True)  # fmt: skip
     if cfg["backend"] != "local" or cfg["workers"] > 1:  # every configuration a job, timed on one worker
         runner.close()
         rows: list = [None] * len(configs)
         with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], timed_row):
-            for done in fan_out(timed_row, [(cfg, s, r) for s, r in configs], cfg["backend"], cfg["workers"], cfg["ray_address"],
-                                exclusive=True, desc="sweep"):  # fmt: skip
-                rows[done.idx] = done.result | {"worker": done.worker}
+            done_iter = fan_out(timed_row, [(cfg, s, r) for s, r in configs], cfg["backend"], cfg["workers"], cfg["ray_address"],
+                                exclusive=True, desc="sweep")  # fmt: skip
+            with closing(done_iter):
+                for done in done_iter:
+                    rows[done.idx] = done.result | {"worker": done.worker}
     else:
         try:
-            runner.run(None, cfg["seeds"][0])  # warm-up, untimed
             rows = []
             for i, (s, comp) in enumerate(comps):
                 print(f"[{i + 1}/{len(comps)}] {runner.engine} {s} ratio={comp.ratio} interval={comp.interval}", flush=True)
@@ -330,7 +308,7 @@ def main(argv=None) -> dict:
     write_json_atomic(out / "compression_results.json", result)
     print_table(rows)
     if cfg["sweep"]:
-        plot_tradeoff(rows, out / "compression_tradeoff.png")
+        save_figure(plot_compression_tradeoff(rows), out / "compression_tradeoff.png", dpi=120)
     if best:
         print(
             f"fastest within 5% loss: {best['strategy']} ratio {best['ratio']} -> {best['speedup']:.2f}x, loss {100 * best['performance_loss']:.1f}%"

@@ -17,9 +17,9 @@ seed after another in this process. Parallel seeds share their nodes, so their t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+from contextlib import closing
 from pathlib import Path
 
 import matplotlib
@@ -30,11 +30,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from adlens.plots import save_figure  # noqa: E402
-from adlens.config import add_config_flags, none_or, resolve, run_cli  # noqa: E402
+from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
-from env import get_spec, make_vec_env  # noqa: E402
+from env import VEC_ENVS, get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
@@ -99,8 +99,9 @@ def evaluate(
             model = copy.deepcopy(model).cpu()  # a Ray worker may have no GPU
         jobs = [(model, spec, tasks, episodes, [s], greedy, vec_env, engine, compression, False, 1) for s in seeds]
         runs, who = [None] * len(seeds), [None] * len(seeds)
-        for done in fan_out(rollouts, jobs, backend, workers, ray_address, desc="evaluate", progress=progress):
-            runs[done.idx], who[done.idx] = done.result[0], done.worker
+        with closing(fan_out(rollouts, jobs, backend, workers, ray_address, desc="evaluate", progress=progress)) as done_iter:
+            for done in done_iter:
+                runs[done.idx], who[done.idx] = done.result[0], done.worker
     returns = np.stack([r["returns"] for r in runs])  # (n_seeds, n_tasks, episodes)
     opt = np.array([spec.optimal_return(t) for t in tasks])
     if (opt <= 0).any():
@@ -191,22 +192,15 @@ def print_table(results: dict) -> None:
           f"{results['env_steps_per_second']:.0f} env steps/s")  # fmt: skip
 
 
+BOUNDS = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": set(VEC_ENVS),
+          "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, EVAL_CONFIG)
-    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv))
-    if cfg["episodes"] < 1:
-        raise UserError(f"--episodes must be >= 1, got {cfg['episodes']}")
-    if cfg["num_seeds"] < 1:
-        raise UserError(f"--num-seeds must be >= 1, got {cfg['num_seeds']}")
-    if cfg["engine"] not in ENGINES:
-        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg['engine']!r}")
-    if cfg["tasks"] not in ("test", "train"):
-        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
-    if cfg["workers"] < 1:
-        raise UserError(f"--workers must be >= 1, got {cfg['workers']}")
+    cfg = resolve(EVAL_CONFIG, parser.parse_args(argv), bounds=BOUNDS)
+    out = check_out(cfg["out"])
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
     device = resolve_device(cfg["device"])
@@ -224,7 +218,6 @@ def main(argv=None) -> dict:
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late
     results = stamp("ad-eval-results", results)
-    out = Path(cfg["out"])
     write_json_atomic(out / "eval_results.json", results)
     plot_curve(results, out / "in_context_curve.png")
     print_table(results)

@@ -11,12 +11,11 @@ Analyse it with `python analyze_attention.py --capture OUT/capture.pt`.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 
 from adlens.capture_file import default_capture_steps, save_capture
-from adlens.config import add_config_flags, none_or, resolve, run_cli
+from adlens.config import COMMON_BOUNDS, add_config_flags, check_memory, check_out, check_values, make_parser, none_or, resolve, run_cli
 from adlens.errors import UserError
 from adlens.io import stamp, write_json_atomic
 
@@ -36,16 +35,24 @@ EVAL_CONFIG = {
 }
 
 
+BOUNDS = {"tasks": {"test", "train"}, "task": (-1, None), "full_task": (-1, None), "eval_timesteps": (0, 10**7),
+          "num_full": (0, 1000), "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+
+
+def capture_bytes(n_tasks: int, steps: int, model, context: int, num_full: int) -> int:
+    """Memory of a capture by estimate: the newest token's attention row per step, layer and head
+    (float32), plus `num_full` full context x context matrices."""
+    from adlens.capture import attention_modules
+
+    mods = attention_modules(model)
+    heads = max((getattr(m, "num_heads", None) or getattr(m, "n_head", None) or getattr(getattr(m, "config", None), "num_attention_heads", 1) or 1
+                 for _, m in mods), default=1)  # fmt: skip
+    return 4 * len(mods) * heads * (n_tasks * steps * context + num_full * context * context)
+
+
 def capture(cfg: dict) -> tuple[dict, dict]:
     """Validate cfg, run the recorded rollout; returns (capture dict, returns summary). Writes nothing."""
-    if cfg["eval_timesteps"] < 0:
-        raise UserError(f"eval_timesteps must be >= 1 (or 0 for the default), got {cfg['eval_timesteps']}")
-    if cfg["num_full"] < 0:
-        raise UserError(f"--num-full must be >= 0, got {cfg['num_full']}")
-    if cfg["tasks"] not in ("test", "train"):
-        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
-    if cfg["tasks_limit"] < 1:
-        raise UserError(f"--tasks-limit must be >= 1, got {cfg['tasks_limit']}")
+    check_values(cfg, {**COMMON_BOUNDS, **BOUNDS})
     adapter_path = none_or(cfg.get("adapter"), str)
     if adapter_path:  # the user's model: nothing of the project's model/ or env/ is imported
         from adlens.adapter import load_adapter, record_capture
@@ -72,6 +79,8 @@ def capture(cfg: dict) -> tuple[dict, dict]:
     if not -1 <= cfg["full_task"] < len(chosen):
         raise UserError(f"--full-task must be in [0, {len(chosen) - 1}] for the {len(chosen)} captured tasks (or -1), got {cfg['full_task']}")
     steps = cfg["eval_timesteps"] or default_capture_steps(context, horizon)
+    check_memory(capture_bytes(len(chosen), steps, model, context, cfg["num_full"]),
+                 f"a capture of {len(chosen)} task(s) x {steps} steps", "lower --eval-timesteps, --tasks-limit or --num-full")  # fmt: skip
     cap = run(chosen, steps, None if cfg["full_task"] < 0 else cfg["full_task"])
     if not adapter_path:
         cap["meta"]["checkpoint"] = str(cfg["checkpoint"])
@@ -88,16 +97,16 @@ def capture(cfg: dict) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, EVAL_CONFIG)
     args = parser.parse_args(argv)
-    cfg = resolve(EVAL_CONFIG, args)
+    cfg = resolve(EVAL_CONFIG, args, bounds=BOUNDS)
     if none_or(cfg["adapter"], str) and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
     if args.eval_timesteps is not None and args.eval_timesteps < 1:
         raise UserError(f"--eval-timesteps must be >= 1, got {args.eval_timesteps}")
+    out = check_out(cfg["out"])
     cap, summary = capture(cfg)
-    out = Path(cfg["out"])
     path = save_capture(cap, out / "capture.pt")
     for name, obj in (("returns.json", stamp("ad-capture-returns", summary)), ("capture_config.json", cfg)):
         write_json_atomic(out / name, obj)

@@ -13,11 +13,14 @@ Stages (the first two also run alone):
                                   compression (same tasks and seeds, runs alternated, threads pinned);
                                   the fastest that is faster at all and within 5% loss is recommended,
                                   or "none" -> OUT/recommendation.json, OUT/compression_results.json
+
+OUT/manifest.json lists the files a run wrote into OUT. A new run into the same OUT first removes
+exactly those files (nothing else: `--out .` or a folder shared with other files is safe), so an
+interrupted run never leaves a mix of two runs' outputs. One run at a time writes into an OUT.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -27,9 +30,9 @@ import numpy as np
 import analyze_attention
 import evaluate_with_attention
 from adlens.capture_file import save_capture
-from adlens.config import add_config_flags, none_or, resolve, run_cli
+from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli
 from adlens.errors import UserError
-from adlens.io import provenance, stamp, staged_output
+from adlens.io import OutputManifest, lock_folder, provenance, stamp, staged_output
 from adlens.recommend import break_even_context, candidates, choose, fit_step_cost, recommendation_doc, verdict_lines
 
 PIPELINE_CONFIG = {
@@ -54,20 +57,23 @@ MODES = {
 }
 
 
+BOUNDS = {"task": (-1, None), "eval_timesteps": (0, 10**7), "check_episodes": (0, 10_000), "check_seeds": (0, 1000),
+          "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, PIPELINE_CONFIG)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="4 seeds x 25 episodes per candidate (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="10 seeds x 50 episodes per candidate")
     args = parser.parse_args(argv)
-    cfg = resolve(PIPELINE_CONFIG, args)
+    cfg = resolve(PIPELINE_CONFIG, args, bounds=BOUNDS)
     cfg["adapter"] = none_or(cfg["adapter"], str)
     if cfg["adapter"] and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
-    for key in ("eval_timesteps", "check_episodes", "check_seeds", "threads", "tasks_limit"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    check_out(cfg["out"])
+    check_out(cfg["capture_out"], "--capture-out")
     m = dict(MODES[args.mode or "quick"])
     m.update({k: cfg[c] for k, c in (("eval_timesteps", "eval_timesteps"), ("episodes", "check_episodes"), ("seeds", "check_seeds")) if cfg[c]})
     if cfg["adapter"]:
@@ -78,6 +84,16 @@ def main(argv=None) -> dict:
         from model.checkpoint import read_checkpoint
 
         read_checkpoint(cfg["checkpoint"])
+    out = Path(cfg["out"])
+    with lock_folder(out, "run_attention_analysis.py run"):
+        manifest = OutputManifest(out, "run_attention_analysis.py")
+        manifest.start()
+        result = _run(cfg, m, manifest)
+        manifest.finish()
+    return result
+
+
+def _run(cfg: dict, m: dict, manifest: OutputManifest) -> dict:
     t_start = time.time()
 
     print("[1/3] capturing attention during in-context evaluation ...", flush=True)
@@ -85,18 +101,21 @@ def main(argv=None) -> dict:
                    tasks_limit=cfg["tasks_limit"], seed=cfg["seed"], device=cfg["device"], eval_timesteps=m["eval_timesteps"],
                    out=cfg["capture_out"])  # fmt: skip
     cap, summary = evaluate_with_attention.capture(cap_cfg)
-    cap_path = save_capture(cap, Path(cfg["capture_out"]) / "capture.pt")
+    cap_path = Path(cfg["capture_out"]) / "capture.pt"
+    if cap_path.parent.resolve() == Path(cfg["out"]).resolve():
+        manifest.add([cap_path.name])
+    save_capture(cap, cap_path)
     r = summary["mean_returns"]
     print(f"      {len(summary['tasks'])} task(s): mean return {r[0]:.1f} in episode 1, {r[-1]:.1f} in episode {len(r)}; "
           f"{cap['query_attn'].shape[1]} steps each -> {cap_path} ({cap_path.stat().st_size / 1e6:.0f} MB)")  # fmt: skip
 
     print("[2/3] analysing attention ...", flush=True)
-    res = analyze_attention.analyze(cap, cfg["out"], dict(analyze_attention.ANALYSIS_CONFIG, capture=str(cap_path), out=cfg["out"]))
+    res = analyze_attention.analyze(cap, cfg["out"], dict(analyze_attention.ANALYSIS_CONFIG, capture=str(cap_path), out=cfg["out"]), manifest)
     met, rec = res["metrics"], res["recommendation"]
 
     doc = None
     if not cfg["skip_compression"]:
-        doc = measured_recommendation(cfg, m, res, summary)
+        doc = measured_recommendation(cfg, m, res, summary, manifest)
     out = Path(cfg["out"])
     print(f"\nDone in {time.time() - t_start:.0f} s. Outputs in {out}/:")
     for name in ("attention_analysis_comprehensive.png", "compression_recommendations.txt", "recommendation.json",
@@ -122,7 +141,7 @@ def _argv(cfg: dict, m: dict, cand: dict, engine: str, episodes: int, seeds: lis
     return argv + (["--n-sink", str(cand["n_sink"])] if "n_sink" in cand else [])
 
 
-def measured_recommendation(cfg: dict, m: dict, res: dict, summary: dict) -> dict:
+def measured_recommendation(cfg: dict, m: dict, res: dict, summary: dict, manifest: OutputManifest | None = None) -> dict:
     """Stage 3: measure the candidates against no compression; write recommendation.json and the verdict."""
     import compression_template as ct
     from adlens.config import pin_threads
@@ -178,7 +197,7 @@ def measured_recommendation(cfg: dict, m: dict, res: dict, summary: dict) -> dic
         finally:
             rr.close()
     doc = recommendation_doc(best, rows, res["recommendation"], seeds, rerun_best, estimate) | {"provenance": provenance()}
-    with staged_output(out) as stage:
+    with staged_output(out, manifest) as stage:
         (stage / "recommendation.json").write_text(json.dumps(doc, indent=1))
         (stage / "compression_results.json").write_text(json.dumps(stamp("ad-compression-results", {"provenance": provenance(),
                                                                   "rows": rows + ([rerun_best] if rerun_best else []),

@@ -6,7 +6,10 @@
 The loss is the cross-entropy of the source learner's action at every context position.
 AdamW with linear warmup and cosine decay, gradient clipping, a validation loss on the held-out
 tasks' histories every `eval_every` steps, and atomic checkpoints: `OUT/model.pt` (weights and
-resolved config, what every other script loads) and `OUT/train_state.pt` (optimizer, for --resume).
+resolved config, what every other script loads) and `OUT/train_state.pt` (weights, optimizer and
+scheduler of one step in one file, for --resume). A run killed at any moment resumes from its last
+`train_state.pt`; metric rows it logged past that step are dropped, so each step is logged once.
+One run at a time writes into OUT: a second one is refused with a one-line error.
 
 Snapshots for studying how in-context learning emerges (`training_progression.py`): copies of the
 weights at chosen steps, `OUT/snapshots/step_XXXXXX.pt`, each in the format of `model.pt`:
@@ -18,11 +21,11 @@ A resumed run keeps the snapshots already written and continues the schedule.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section
+from adlens.config import add_config_flags, check_memory, check_out, load_yaml, make_parser, resolve, run_cli, section
 from adlens.errors import UserError
+from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
 from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
@@ -73,6 +77,7 @@ TRAIN_CONFIG = {
     "snapshot_first": 25,  # first step of the geometric schedule
 }
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
+TRAIN_FILES = ("model.pt", "train_state.pt", "train_config.json", "metrics.jsonl")  # what a run writes into OUT
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -101,8 +106,50 @@ def _snapshot_steps(cfg: dict) -> list[int]:
     return snapshot_schedule(cfg["steps"], cfg["snapshot_every"], cfg["snapshot_steps"], cfg["snapshot_geometric"], cfg["snapshot_first"])
 
 
+BOUNDS = {
+    "size": (2, 1000), "context": (1, 100_000), "n_layer": (1, 64), "n_head": (1, 64), "d_model": (2, 16_384),
+    "dropout": (0.0, 0.99), "episode_strides": (1, 1000), "augment": {"none", "dihedral"},
+    "loss_mask": {"none", "sibling_taught"}, "steps": (1, 10**8), "batch_size": (1, 65_536), "lr": (1e-9, 10.0),
+    "weight_decay": (0.0, 100.0), "warmup_steps": (0, 10**8), "grad_clip": (1e-6, 1e6), "eval_every": (1, None),
+    "val_batches": (1, 10_000), "save_every": (1, None), "device": {"auto", "cpu", "cuda"},
+    "snapshot_every": (0, None), "snapshot_steps": (1, None), "snapshot_geometric": (0, 10_000), "snapshot_first": (1, None),
+}  # fmt: skip
+# What `--resume` may change (applied and recorded in train_config.json); any other flag that
+# differs from the saved run is refused. Keys not given are taken from the saved run.
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "val_batches", "snapshot_every", "snapshot_steps",
+                     "snapshot_geometric", "snapshot_first", "threads", "device", "resume")  # fmt: skip
+
+
+def _train_bytes(cfg: dict) -> float:
+    """Rough peak memory of a training step: attention maps and activations kept for backward."""
+    B, T, D, H, L = cfg["batch_size"], cfg["context"], cfg["d_model"], cfg["n_head"], cfg["n_layer"]
+    return 2 * 4 * L * B * (H * T * T + 16 * T * D)
+
+
+def _resume_config(cfg: dict, explicit: set) -> dict:
+    """On --resume: the saved run's settings, with the flags RESUME_MAY_CHANGE allows; a given flag
+    that contradicts the saved run is an error."""
+    state_path = Path(cfg["out"]) / "train_state.pt"
+    if not state_path.is_file():
+        raise UserError(f"--resume: nothing to resume in {cfg['out']} (no train_state.pt); drop --resume to start a new run")
+    saved_meta = read_checkpoint(state_path)["config"]
+    saved = saved_meta.get("train", {})
+    clash = [k for k in sorted(explicit) if k in saved and k not in RESUME_MAY_CHANGE + ("out",) and saved[k] != cfg[k]]
+    saved_env = {k: v for k, v in saved_meta.get("env", {}).items() if k not in ("name", "size")}
+    if cfg["env_extra"] and any(saved_env.get(k) != v for k, v in cfg["env_extra"].items()):
+        clash.append("env")
+    if clash:
+        got = ", ".join(f"{k}={cfg[k]!r} (saved {saved[k]!r})" if k in saved else k for k in clash)
+        raise UserError(f"--resume: {got} contradict(s) the run saved in {cfg['out']}; only "
+                        f"{', '.join(RESUME_MAY_CHANGE[:-1])} may change on resume")
+    changed = {k: cfg[k] for k in sorted(explicit) if k in RESUME_MAY_CHANGE and k != "resume" and saved.get(k) != cfg[k]}
+    out = {**cfg, **{k: v for k, v in saved.items() if k in TRAIN_CONFIG and k not in explicit}, "env_extra": saved_env}
+    out["resume_changes"] = saved.get("resume_changes", []) + ([changed] if changed else [])
+    return out
+
+
 def parse(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file with 'env', 'model' and 'train' sections")
     add_config_flags(parser, TRAIN_CONFIG)
     args = parser.parse_args(argv)
@@ -111,26 +158,73 @@ def parse(argv=None) -> dict:
     model_sec = section(ycfg, "model", MODEL_KEYS + ("context", "grid_embedding"))
     flat.update(model_sec)
     flat.update(section(ycfg, "train", TRAIN_CONFIG))
-    cfg = resolve(TRAIN_CONFIG, args, flat)
+    explicit: set = set()
+    cfg = resolve(TRAIN_CONFIG, args, flat, BOUNDS, explicit, where=args.config or "config")
     cfg["env_extra"] = env_sec
-    for key in ("steps", "batch_size", "context", "eval_every", "save_every", "val_batches"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["lr"] <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
-    try:
-        cfg["snapshot_steps"] = [int(s) for s in cfg["snapshot_steps"]]
-    except (TypeError, ValueError):
-        raise UserError(f"--snapshot-steps must be whole numbers, got {cfg['snapshot_steps']}") from None
+    if not all(isinstance(s, int) for s in cfg["snapshot_steps"]):
+        raise UserError(f"--snapshot-steps must be whole numbers, got {cfg['snapshot_steps']}")
+    if cfg["resume"]:
+        cfg = _resume_config(cfg, explicit)
+    check_out(cfg["out"])
+    check_memory(_train_bytes(cfg), f"a training step of batch {cfg['batch_size']} over {cfg['context']} transitions",
+                 "lower --batch-size or --context")  # fmt: skip
+    resolve_device(cfg["device"])
     _snapshot_steps(cfg)  # validates the schedule before any work
     return cfg
 
 
+def read_train_state(out: Path) -> dict:
+    """OUT/train_state.pt, checked: weights, optimizer and scheduler state in one file, all of one step."""
+    state = read_checkpoint(out / "train_state.pt")
+    missing = [k for k in ("optimizer", "scheduler", "step") if k not in state]
+    if missing:
+        raise UserError(f"{out / 'train_state.pt'} lacks {missing}: it is not a train.py state to resume from")
+    step = int(state["step"])
+    opt_steps = {int(s["step"]) for s in state["optimizer"].get("state", {}).values() if "step" in s}  # a parameter without a gradient skips a step
+    if state["scheduler"].get("last_epoch") != step or max(opt_steps, default=step) != step:
+        raise UserError(f"{out / 'train_state.pt'} is inconsistent (step {step}, scheduler {state['scheduler'].get('last_epoch')}, "
+                        f"optimizer {sorted(opt_steps)}); train afresh without --resume")  # fmt: skip
+    return state
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (a killed run may have logged past its last
+    checkpoint, and its last line may be cut short), so a resumed run logs every step once."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(rows))
+
+
 def main(argv=None) -> Path:
+    """Validate everything (each process under torchrun), then train while holding OUT (rank 0):
+    a second train.py into the same OUT is refused instead of mixing its checkpoints with this one's."""
     cfg = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg["device"])
+    spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
+    train_tasks, held_tasks = spec.split()
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
+    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
+    out = Path(cfg["out"])
+    state = read_train_state(out) if cfg["resume"] else None
+    with lock_folder(out, "train.py run") if rank == 0 else nullcontext():
+        if rank == 0:
+            remove_stale_temps(out, TRAIN_FILES)
+            remove_stale_temps(out / SNAPSHOT_DIR, ["step_*.pt"])
+        return _train(cfg, world, rank, device, spec, data, val, state)
+
+
+def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, data: HistoryData, val: HistoryData, state: dict | None) -> Path:
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -139,10 +233,7 @@ def main(argv=None) -> Path:
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    spec = get_spec({"name": cfg["env"], "size": cfg["size"], **cfg["env_extra"]})
-    train_tasks, held_tasks = spec.split()
-    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
-    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
+    train_tasks = spec.split()[0]
     val_rng = np.random.default_rng(12345)
     val_batches = [val.sample(val_rng, cfg["batch_size"]) for _ in range(cfg["val_batches"])]
 
@@ -156,8 +247,7 @@ def main(argv=None) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
     out = Path(cfg["out"])
     step = 0
-    if cfg["resume"]:
-        state = read_checkpoint(out / "train_state.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -170,11 +260,10 @@ def main(argv=None) -> Path:
     meta = {
         "model": mcfg.to_dict(),
         "env": spec.to_dict(),
-        "train": {k: v for k, v in cfg.items() if k != "env_extra"} | {"world_size": world},
+        "train": {k: v for k, v in cfg.items() if k != "env_extra"} | {"world_size": world},  # with resume_changes
     }
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(meta, indent=2))
+        write_json_atomic(out / "train_config.json", meta)
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {data.n_streams} training streams "
               f"of {data.n_episodes} episodes from {len(train_tasks)} tasks; device {device}, {world} process(es)")  # fmt: skip
 
@@ -185,18 +274,20 @@ def main(argv=None) -> Path:
     def weights() -> dict:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
-    def save():
+    def save():  # train_state.pt holds weights, optimizer and step together: --resume reads only it
         w = weights()
-        save_atomic({"model": w, "config": meta, "step": step}, out / "model.pt")
         save_atomic(
             {"model": w, "config": meta, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
             out / "train_state.pt",
         )
+        save_atomic({"model": w, "config": meta, "step": step}, out / "model.pt")
 
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    if rank == 0 and state is not None:
+        _trim_metrics(out / "metrics.jsonl", step)
+    log = open(out / "metrics.jsonl", "a" if state is not None else "w") if rank == 0 else None
     while step < cfg["steps"]:
         tok, tgt = data.sample(rng, cfg["batch_size"])
         tok = type(tok)(*[t.to(device, non_blocking=True) for t in tok])

@@ -28,9 +28,7 @@ snapshot is read and checked before any work; outputs are staged and moved into 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -42,9 +40,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adlens import plots as P  # noqa: E402
-from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.config import add_config_flags, check_out, make_parser, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import stamp, staged_output  # noqa: E402
+from adlens.io import stamp, staged_output, write_json_atomic  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
 from env import get_spec  # noqa: E402
 from model.checkpoint import load_model, read_checkpoint  # noqa: E402
@@ -82,26 +80,14 @@ def _read_json(path: Path) -> dict | None:
         return None  # absent or damaged: computed again
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+BOUNDS = {"late_episodes": (1, 10_000), "capture_seeds": (1, 1000), "recent_window": (1, 100_000), "capture_tasks": (0, 100_000),
+          "capture_timesteps": (0, 10**7), "sink_positions": (0, 100_000), "tasks": {"test", "train"}, "device": {"auto", "cpu", "cuda"}}  # fmt: skip
 
 
 def check_config(cfg: dict) -> dict:
-    for key in ("episodes", "late_episodes", "num_seeds", "capture_seeds", "recent_window"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("capture_tasks", "capture_timesteps", "sink_positions", "threads"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if cfg["late_episodes"] > cfg["episodes"]:
         raise UserError(f"--late-episodes ({cfg['late_episodes']}) must be at most --episodes ({cfg['episodes']})")
-    if cfg["tasks"] not in ("test", "train"):
-        raise UserError(f"--tasks must be test or train, got {cfg['tasks']!r}")
-    if cfg["device"] not in ("cpu", "cuda", "auto"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
+    check_out(cfg["out"])
     return cfg
 
 
@@ -112,9 +98,9 @@ def snapshot_folder(path: str | Path) -> Path:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_flags(parser, PROGRESSION_CONFIG)
-    cfg = check_config(resolve(PROGRESSION_CONFIG, parser.parse_args(argv)))
+    cfg = check_config(resolve(PROGRESSION_CONFIG, parser.parse_args(argv), bounds=BOUNDS))
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(
@@ -167,7 +153,7 @@ def main(argv=None) -> dict:
             n_reused += 1
             continue
         points.append({"step": step, "path": str(path), **point(path)})
-        _write_json_atomic(cached, {"key": key, "point": points[-1]})
+        write_json_atomic(cached, {"key": key, "point": points[-1]})
     ref_points = [
         {"name": "shipped model" if r == "default" else Path(r).parent.name or r, "path": r, **point(None if r == "default" else r)}
         for r in references

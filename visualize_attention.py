@@ -19,7 +19,6 @@ Configuration precedence: VISUALIZE_CONFIG < the `visualize` section of a `--con
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -32,10 +31,10 @@ import torch  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
-from adlens.io import staged_output  # noqa: E402
 from adlens.capture_file import load_capture, n_tasks, task_view  # noqa: E402
-from adlens.config import add_config_flags, load_yaml, resolve, run_cli, section  # noqa: E402
+from adlens.config import add_config_flags, check_out, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
+from adlens.io import staged_output  # noqa: E402
 
 VISUALIZE_CONFIG = {
     "capture": "runs/attention/capture.pt",  # capture file written by evaluate_with_attention.py
@@ -121,13 +120,18 @@ def grid_view(capture: dict, step: int, layer: int = -1, head: int = -1) -> tupl
     return weight.reshape(size, size), visited.reshape(size, size)
 
 
+def _task_name(capture: dict) -> str:
+    return json.dumps(capture["meta"].get("task"))
+
+
 def plot_grid(capture: dict, step: int, layer: int = -1, head: int = -1, ax=None):
     """Figure of `grid_view` with the task's cells marked."""
     weight, visited = grid_view(capture, step, layer, head)
     which_layer = "mean over layers" if layer == -1 else f"layer {layer}"
     which = f"{which_layer}, {'mean over heads' if head == -1 else f'head {head}'}"
     n = int(M.to_numpy(capture["context_len"])[step])
-    title = f"Where the query looks at step {step}\n({n} tokens in context; {which})"
+    ep = int(M.to_numpy(capture["episode"])[step])
+    title = f"Where the query looks at step {step} (episode {ep}), task {_task_name(capture)}\n({n} tokens in context; {which})"
     return P.plot_grid_attention(weight, visited, grid_marks(capture, step), ax=ax, title=title)
 
 
@@ -138,11 +142,12 @@ def head_profiles(capture: dict) -> np.ndarray:
 
 
 def plot_heads_over_time(capture: dict):
-    """Figure with one panel per layer x head (relative position vs step)."""
-    L = capture["query_attn"].shape[1]
-    names = list(capture["meta"].get("layer_names") or [])
-    names = [str(names[i]) if i < len(names) else f"layer {i}" for i in range(L)]
-    return P.plot_head_profiles(head_profiles(capture), names)
+    """Figure with one panel per layer x head (relative position vs step), episode starts and the
+    first reward marked."""
+    S, L = capture["query_attn"].shape[:2]
+    tokens = {"episode": M.to_numpy(capture["episode"]), "reward": M.to_numpy(capture["reward"])}
+    title = f"Per-head attention by relative position over time: task {_task_name(capture)}, steps 0-{S - 1}"
+    return P.plot_head_profiles(head_profiles(capture), [f"layer {i}" for i in range(L)], tokens, title)
 
 
 def token_labels(capture: dict, step_index: int) -> list[str]:
@@ -174,15 +179,17 @@ def to_bertviz(capture: dict, step_index: int) -> list[torch.Tensor]:
     return [attn[li].unsqueeze(0) for li in range(attn.shape[0])]
 
 
+BOUNDS = {"task": (-1, None), "step": (-1, None), "layer": (-1, None), "head": (-1, None)}
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'visualize' section overrides VISUALIZE_CONFIG")
     add_config_flags(parser, VISUALIZE_CONFIG, HELP)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
-    cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None)
-    if int(cfg["dpi"]) < 1:
-        raise ValueError(f"dpi must be >= 1, got {cfg['dpi']}")
+    cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None, BOUNDS, where=args.config or "config")
+    check_out(cfg["out"])
     capture = load_capture(cfg["capture"])  # checked before anything is written
     N, full_task = n_tasks(capture), int(capture.get("full_task", 0))
     view = full_task if int(cfg["task"]) == -1 else int(cfg["task"])

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from adlens.errors import ConfigError
 
 
 class AttentionRecord:
@@ -76,19 +77,19 @@ def capture_attention(
     """
     found = attention_modules(model)
     if not found:
-        raise ValueError("model has no attention module to capture (nn.MultiheadAttention, a Hugging Face attention or a module with hook_weights)")
+        raise ConfigError("model has no attention module to capture (nn.MultiheadAttention, a Hugging Face attention or a module with hook_weights)")
     if layers is not None:
         by_name = dict(found)
         chosen = []
         for sel in layers:
             if isinstance(sel, int):
                 if not -len(found) <= sel < len(found):
-                    raise ValueError(f"layer {sel} out of range: the model has {len(found)} attention modules")
+                    raise ConfigError(f"layer {sel} out of range: the model has {len(found)} attention modules")
                 chosen.append(found[sel])
             elif sel in by_name:
                 chosen.append((sel, by_name[sel]))
             else:
-                raise ValueError(f"unknown attention module {sel!r}; valid: {[n for n, _ in found]}")
+                raise ConfigError(f"unknown attention module {sel!r}; valid: {[n for n, _ in found]}")
         found = chosen
     rec = AttentionRecord([n for n, _ in found])
     handles, restore = [], []

@@ -34,13 +34,13 @@ dimension. `task_view(cap, i)` gives one task's steps in the version-1 layout, w
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from adlens.errors import UserError
+from adlens.io import atomic_path
 
 CAPTURE_FORMAT = "ad-attention-capture"
 CAPTURE_VERSION = 2
@@ -119,10 +119,8 @@ def pool_tasks(cap: dict) -> dict:
 def save_capture(cap: dict, path: str | Path) -> Path:
     """Write atomically (temporary name, then rename); a single-task (version-1 layout) dict is written as version 2."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**upgrade(cap), "format": CAPTURE_FORMAT, "version": CAPTURE_VERSION}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({**upgrade(cap), "format": CAPTURE_FORMAT, "version": CAPTURE_VERSION}, tmp)
     return path
 
 

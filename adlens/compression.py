@@ -26,6 +26,8 @@ from typing import ClassVar
 
 import torch
 
+from adlens.errors import ConfigError
+
 
 @dataclass
 class Compression:
@@ -40,9 +42,9 @@ class Compression:
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"compression_ratio must be in (0, 1], got {self.ratio}")
+            raise ConfigError(f"compression_ratio must be in (0, 1], got {self.ratio}")
         if self.interval < 1:
-            raise ValueError(f"compression_interval must be >= 1, got {self.interval}")
+            raise ConfigError(f"compression_interval must be >= 1, got {self.interval}")
 
     def budget(self, context: int) -> int:
         return max(1, round(self.ratio * context))
@@ -123,7 +125,7 @@ class _RecentPlusMerged(Compression):
 
     def check(self, context: int) -> None:
         if not 1 <= self.keep_recent <= context:
-            raise ValueError(f"keep_recent must be in [1, {context}] (the model's context), got {self.keep_recent}")
+            raise ConfigError(f"keep_recent must be in [1, {context}] (the model's context), got {self.keep_recent}")
 
     def _weights(self, scores: torch.Tensor | None, batch: int, n_old: int) -> torch.Tensor:
         return torch.ones(batch, n_old)
@@ -167,11 +169,11 @@ class Pooling(_RecentPlusMerged):
     def check(self, context: int) -> None:
         super().check(context)
         if self.window_size is not None and self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+            raise ConfigError(f"window_size must be >= 1, got {self.window_size}")
 
     def _weights(self, scores, batch, n_old):
         if scores is None:
-            raise ValueError("pooling needs attention scores")
+            raise ConfigError("pooling needs attention scores")
         return scores[:, :n_old].float().clamp(min=0) + 1e-6
 
     def _old_groups(self, n_old, n_slots):
@@ -192,11 +194,11 @@ class TopK(Compression):
 
     def check(self, context: int) -> None:
         if not 1 <= self.keep_recent <= context:
-            raise ValueError(f"keep_recent must be in [1, {context}] (the model's context), got {self.keep_recent}")
+            raise ConfigError(f"keep_recent must be in [1, {context}] (the model's context), got {self.keep_recent}")
 
     def keep_mask(self, n, budget, scores, batch):
         if scores is None:
-            raise ValueError("topk needs attention scores")
+            raise ConfigError("topk needs attention scores")
         n_recent = min(self.keep_recent, budget)
         keep = _recent_mask(n, n_recent, scores.shape[0], scores.device)
         k = budget - n_recent
@@ -221,7 +223,7 @@ class SinkWindow(Compression):
 
     def check(self, context: int) -> None:
         if not 0 <= self.n_sink < self.budget(context):
-            raise ValueError(f"n_sink must be in [0, {self.budget(context) - 1}] (below the budget), got {self.n_sink}")
+            raise ConfigError(f"n_sink must be in [0, {self.budget(context) - 1}] (below the budget), got {self.n_sink}")
 
     def keep_mask(self, n, budget, scores, batch):
         keep = _recent_mask(n, budget - self.n_sink, batch)
@@ -244,13 +246,13 @@ def make_compression(name: str, context: int | None = None, **params) -> Compres
     Parameters that the strategy does not have are ignored only when passed as None.
     """
     if name not in STRATEGIES:
-        raise ValueError(f"unknown compression strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown compression strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
     valid = {f.name for f in fields(cls)}
     params = {k: v for k, v in params.items() if v is not None or k in valid}
     unknown = sorted(set(params) - valid)
     if unknown:
-        raise ValueError(f"strategy {name!r} has no parameter(s) {unknown}; valid: {sorted(valid)}")
+        raise ConfigError(f"strategy {name!r} has no parameter(s) {unknown}; valid: {sorted(valid)}")
     comp = cls(**params)
     if context is not None:
         comp.check(context)

@@ -11,17 +11,37 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import functools
-import itertools
 import io
+import itertools
+import math
 import os
 import sys
+import time
 import tokenize
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
-from adlens.errors import UserError
+from adlens.errors import ConfigError, UserError
+
+# Top-level sections a config file may hold (besides `include`); anything else is a misspelling.
+SECTIONS = ("env", "collect", "model", "train", "analysis", "visualize")
+
+# Bounds of keys that recur across the scripts, (low, high) inclusive, None = open; a script's own
+# BOUNDS add to these. They refuse values no one can mean before anything is allocated or started.
+_CORES = os.cpu_count() or 1
+COMMON_BOUNDS = {
+    "threads": (0, 4 * _CORES),
+    "seed": (0, 2**31 - 1),
+    "num_seeds": (1, 1000),
+    "episodes": (1, 10_000),
+    "workers": (1, 4096),
+    "dpi": (20, 1200),
+    "tasks_limit": (1, 100_000),
+}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -49,6 +69,9 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     for inc in [includes] if isinstance(includes, str) else includes:
         merged = _merge(merged, load_yaml(path.parent / inc, _seen + (path.resolve(),)))
     merged = _merge(merged, data)
+    unknown = sorted(k for k in merged if k not in SECTIONS and k != "_source")
+    if unknown:
+        raise UserError(f"unknown section(s) {unknown} in {path}; valid: {list(SECTIONS)}")
     merged["_source"] = str(path)
     return merged
 
@@ -120,6 +143,41 @@ def _dict_comments(path: str, name: str) -> dict[str, str] | None:
     return None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError: exit code 2 through `run_cli`), not usage text."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def make_parser(doc: str) -> Parser:
+    """A script's parser: its docstring as the description, `--debug` listed (run_cli handles it)."""
+    parser = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def _scalar(text: str):
+    """An item of a list flag whose default is empty: a whole number, a finite float, or the text."""
+    for cast in (int, finite_float):
+        try:
+            return cast(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            pass
+    return text
+
+
+def finite_float(text: str) -> float:
+    """A float flag's type: refuses nan and inf, which no setting here can mean."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict | None = None, aliases: dict | None = None) -> None:
     """One `--some-key` flag per key of a script's config dict, typed by its default value; its help
     is `help[key]` if given, else the comment beside the key where the dict is declared (`key_comments`).
@@ -134,34 +192,141 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict
         if isinstance(value, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(value, (list, tuple)):
-            kw.update(nargs="+", type=type(value[0]) if value else str)
-        elif isinstance(value, (int, float)):
-            kw["type"] = type(value)
+            kind = type(value[0]) if value else _scalar
+            kw.update(nargs="+", type=finite_float if kind is float else kind)
+        elif isinstance(value, float):
+            kw["type"] = finite_float
+        elif isinstance(value, int):
+            kw["type"] = int
         else:
             kw["type"] = str
         parser.add_argument(*aliases.get(key, []), _flag(key), **kw)
 
 
-def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None = None) -> dict:
-    """defaults < YAML section < flags that were given."""
+def _type_ok(want, value) -> bool:
+    if want is None:
+        return True
+    if isinstance(want, bool) or isinstance(value, bool):
+        return isinstance(want, bool) and isinstance(value, bool)
+    if isinstance(want, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(want))
+
+
+def resolve(defaults: dict, args: argparse.Namespace, yaml_section: dict | None = None, bounds: dict | None = None,
+            explicit: set | None = None, where: str = "config") -> dict:
+    """defaults < YAML section < flags that were given; then every value is checked.
+
+    A YAML value must have its default's type (a list's items too; no `null` unless the default is
+    None); floats must be finite; keys in `bounds` (and COMMON_BOUNDS) must lie in their (low, high)
+    range or, for a set, be one of its members. `explicit`, if given, receives the keys the YAML
+    section or a flag set (what `--resume` compares against the saved run).
+    """
     out = dict(defaults)
     if yaml_section:
-        check_keys(yaml_section, defaults, "config")
-        for key, value in list(yaml_section.items()):
+        yaml_section = dict(yaml_section)
+        check_keys(yaml_section, defaults, where)
+        for key, value in yaml_section.items():
             want = defaults[key]
             if isinstance(want, list) and not isinstance(value, list):
                 value = yaml_section[key] = [value]
-            ok = value is None or want is None or isinstance(value, type(want)) or (isinstance(want, float) and isinstance(value, int))
-            if isinstance(want, bool) != isinstance(value, bool) and value is not None:
-                ok = False
+            if isinstance(want, list):
+                ok = all(_type_ok(want[0], v) if want else isinstance(v, (int, float, str)) for v in value)
+            else:
+                ok = _type_ok(want, value)
             if not ok:
-                raise UserError(f"config key {key!r} must be {type(want).__name__}, got {value!r} ({type(value).__name__})")
+                kind = f"a list of {type(want[0]).__name__}" if isinstance(want, list) and want else type(want).__name__
+                raise UserError(f"config key {key!r} in {where} must be {kind}, got {value!r}")
         out.update(yaml_section)
+        if explicit is not None:
+            explicit.update(yaml_section)
     for key in defaults:
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
+            if explicit is not None:
+                explicit.add(key)
+    check_values(out, {**COMMON_BOUNDS, **(bounds or {})})
     return out
+
+
+def check_values(cfg: dict, bounds: dict) -> None:
+    """Refuse non-finite floats anywhere in `cfg` and values outside `bounds` (see `resolve`)."""
+    for key, value in cfg.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{_flag(key)} must be a finite number, got {v}")
+            rule = bounds.get(key)
+            if rule is None or v is None or isinstance(v, bool):
+                continue
+            if isinstance(rule, (set, frozenset)):
+                if v not in rule:
+                    raise ConfigError(f"{_flag(key)} must be one of {', '.join(sorted(map(str, rule)))}, got {v!r}")
+                continue
+            lo, hi = rule
+            if not isinstance(v, (int, float)):
+                raise ConfigError(f"{_flag(key)} must be a number, got {v!r}")
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                span = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+                raise ConfigError(f"{_flag(key)} must be {span}, got {v}")
+
+
+def total_memory() -> int:
+    """Bytes of physical memory (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse an allocation estimated at more than 90% of this machine's memory, before making it."""
+    total = total_memory()
+    if total and nbytes > 0.9 * total:
+        raise UserError(f"{what} needs about {nbytes / 2**30:.1f} GiB by estimate, more than this machine's "
+                        f"{total / 2**30:.1f} GiB of memory; {fix}")
+
+
+def check_out(path: str | Path, flag: str = "--out", is_file: bool = False) -> Path:
+    """Check, before any work, that the output folder (or the folder of an output file) can be created
+    and written: not an existing regular file, a writable existing ancestor, names the file system
+    accepts. Creates nothing that is left behind."""
+    path = Path(path)
+    folder = path.parent if is_file else path
+    too_long = UserError(f"{flag} {path}: name too long for the file system")
+    try:
+        if is_file and path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        probe = folder
+        while not probe.exists():
+            if probe.is_symlink():
+                raise UserError(f"{flag} {path}: {probe} is a broken link")
+            probe = probe.parent
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise too_long from None
+        raise UserError(f"{flag} {path}: {e.strerror}") from None
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} exists and is not a folder")
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    # temporary names are short (adlens.io), so only the total length needs room for them
+    if any(len(os.fsencode(p)) > name_max for p in path.parts) or len(os.fsencode(str(path.absolute()))) > path_max - 64:
+        raise too_long
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {probe}")
+    if probe == folder:
+        import tempfile
+
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    return path
 
 
 def none_or(value, cast):
@@ -189,13 +354,57 @@ def pin_threads(n: int) -> int:
     return n
 
 
+LEAD_GRACE_S = 10.0  # under torchrun, how long a process of rank > 0 leaves rank 0 to report an error
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_lead_process() -> bool:
+    """False in the processes of rank > 0 under torchrun (RANK set by the launcher)."""
+    return _rank() == 0
+
+
+def report_and_exit(message: str) -> NoReturn:
+    """Print `error: message` and exit with code 2. Under torchrun every process validates the same
+    input, and rank 0 alone prints: another rank waits `LEAD_GRACE_S` first, in which the launcher,
+    seeing rank 0 fail, stops it; if it is still running then, its error was its own and it says so."""
+    if not is_lead_process():
+        time.sleep(LEAD_GRACE_S)
+        message = f"(rank {_rank()}) {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# File-system failures that are the machine's state, not a bug: one line, exit code 1.
+_FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EIO}
+
+
 def run_cli(main, argv=None) -> None:
-    """Call `main(argv)`; user errors become one line on stderr and exit code 2."""
+    """Call `main(argv)`. A `UserError` (input that was checked and refused) becomes one line on
+    stderr and exit code 2; a full disk or a denied write during the run, one line and exit code 1;
+    Ctrl-C, "interrupted" and 130. Anything else is a bug and keeps its traceback. `--debug` (or
+    ADLENS_DEBUG=1) shows the traceback of every error. Under torchrun rank 0 reports (`report_and_exit`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ADLENS_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
         main(argv)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as e:
+        if debug:
+            raise
+        report_and_exit(str(e))
+    except OSError as e:
+        if debug or e.errno not in _FS_ERRNOS:
+            raise
+        if is_lead_process():
+            where = f": {e.filename}" if e.filename else ""
+            print(f"error: {e.strerror}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -27,6 +27,8 @@ import warnings
 import numpy as np
 import torch
 
+from adlens.errors import ConfigError
+
 # Steps whose context is at least this fraction of the longest captured one count as "long".
 LONG_CONTEXT = 0.9
 # Tolerance when comparing cumulative attention against a target mass (rows are stored in float16).
@@ -136,7 +138,7 @@ def positions_for_mass(attn, context_len, mass: float) -> np.ndarray:
     Uniform attention over n positions gives ceil(mass * n); one-hot gives 1.
     """
     if not 0 < mass <= 1:
-        raise ValueError(f"mass must be in (0, 1], got {mass}")
+        raise ConfigError(f"mass must be in (0, 1], got {mass}")
     cum = sorted_cumulative(attn)
     count = (cum < mass - _MASS_TOL).sum(-1) + 1
     n = np.asarray(to_numpy(context_len)).reshape((-1,) + (1,) * (count.ndim - 1))

@@ -9,15 +9,18 @@ Every figure uses the same colour per layer (`layer_colors`), so layer 0 is the 
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
+from matplotlib.transforms import Bbox
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patheffects import withStroke
 
+from adlens.io import atomic_path
 from adlens.metrics import moving_average, recent_share
 
 LAYER_CMAP = "tab10"
@@ -32,12 +35,15 @@ def layer_colors(n_layer: int) -> list:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Save as PNG under a temporary name, rename into place, close the figure."""
+    """Save as PNG under a unique temporary name in the same folder, rename into place, close the
+    figure. A reader never sees half a PNG, two writers never share a temporary name, and a failed
+    save leaves no temporary file behind."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -54,6 +60,26 @@ def _log_norm(values) -> LogNorm:
     vmax = float(pos.max()) if len(pos) else 1.0
     vmin = max(LOG_FLOOR, float(np.percentile(pos, 1))) if len(pos) else LOG_FLOOR
     return LogNorm(vmin=min(vmin, vmax / 10), vmax=vmax)
+
+
+# Marks shared by the heatmaps: episode starts as thin white lines, rewarded tokens in green.
+EPISODE_LINE = {"color": "white", "lw": 0.6, "alpha": 0.5}
+REWARD_COLOR = "lime"
+
+
+def _mark_keys(ax, episode, reward, rows: bool = False) -> None:
+    """On a heatmap whose x axis is the key position (one column per context token): a white line
+    where a new episode starts and a green triangle under each rewarded token; with `rows`, the y
+    axis is the query position too and gets the same lines. episode, reward: (n,) per token."""
+    starts = np.flatnonzero(np.diff(np.asarray(episode)) > 0) + 1
+    for x in starts:
+        ax.axvline(x - 0.5, **EPISODE_LINE)
+        if rows:
+            ax.axhline(x - 0.5, **EPISODE_LINE)
+    rewarded = np.flatnonzero(np.asarray(reward, dtype=np.float64) > 0)
+    if len(rewarded):  # an empty unclipped line would upset the constrained layout
+        ax.plot(rewarded, np.zeros(len(rewarded)), transform=ax.get_xaxis_transform(), ls="", marker="^", ms=6,
+                color=REWARD_COLOR, markeredgecolor="black", mew=0.4, clip_on=False, zorder=5)  # fmt: skip
 
 
 def _band(x: np.ndarray, axis: int = 0):
@@ -87,20 +113,21 @@ def plot_attention_over_time(mean_rows, context_len, ax=None, tokens: dict | Non
         episode, reward = np.asarray(tokens["episode"]), np.asarray(tokens["reward"], dtype=np.float64)
         steps = np.asarray(tokens["ctx_step"])
         for x in np.flatnonzero(np.diff(episode) > 0) + 1:
-            ax.axvline(x - 0.5, color="white", lw=0.5, alpha=0.35)
+            ax.axvline(x - 0.5, **EPISODE_LINE)
         held = valid[:, : steps.shape[1]] & (steps >= 0)
         rewarded = held & (reward[np.clip(steps, 0, len(reward) - 1)] > 0)
         ys, xs = np.nonzero(rewarded.T)
         if len(xs):
-            ax.scatter(xs, ys, s=1.5, color="lime", marker="s", linewidths=0, alpha=0.6, label="rewarded token in context")
+            ax.scatter(xs, ys, s=1.5, color=REWARD_COLOR, marker="s", linewidths=0, alpha=0.6, label="rewarded token in context")
             first = int(np.flatnonzero(reward > 0)[0])
-            ax.axvline(first - 0.5, color="lime", ls="--", lw=1.2, label=f"first reward (step {first})")
+            ax.axvline(first - 0.5, color=REWARD_COLOR, ls="--", lw=1.2, label=f"first reward (step {first})")
+        ax.plot([], [], **EPISODE_LINE | {"alpha": 1}, label="episode start")
     ax.set(
         xlabel="evaluation step",
         ylabel="context position (0 = oldest token held)",
         title="Query attention over time (mean over layers and heads)",
     )
-    ax.legend(loc="upper left", fontsize=8, markerscale=4)
+    ax.legend(loc="upper left", fontsize=8, markerscale=4, facecolor="black", framealpha=0.6, labelcolor="white")
     fig.colorbar(im, ax=ax, label="attention weight (log colour scale)", pad=0.01)
     return fig
 
@@ -152,9 +179,10 @@ def plot_context_growth(context_len, max_context: int, compressed_len=None, ax=N
     return fig
 
 
-def plot_relative_position(aligned, layer_names, ax=None) -> Figure:
+def plot_relative_position(aligned, layer_names, ax=None, horizon: int | None = None) -> Figure:
     """Panel 4. aligned (S, L, R): attention by relative position per layer (heads averaged), NaN
-    where absent. Draws the mean over steps and the 25-75% band."""
+    where absent. Draws the mean over steps and the 25-75% band; with `horizon` (steps per episode),
+    dotted lines at whole episodes back, where a token is the same moment of an earlier episode."""
     fig, ax = _ax(ax)
     a = np.asarray(aligned, dtype=np.float64)
     colors = layer_colors(a.shape[1])
@@ -165,6 +193,9 @@ def plot_relative_position(aligned, layer_names, ax=None) -> Figure:
         mean, lo, hi = _band(a[:, li, :R])
         ax.plot(x, np.clip(mean, LOG_FLOOR / 10, None), color=colors[li], lw=1.5, label=f"{layer_names[li]} mean")
         ax.fill_between(x, np.clip(lo, LOG_FLOOR / 10, None), np.clip(hi, LOG_FLOOR / 10, None), color=colors[li], alpha=0.2)
+    if horizon:
+        for k in range(1, (R - 1) // horizon + 1):
+            ax.axvline(-k * horizon, color="grey", ls=":", lw=0.8, label="whole episodes back" if k == 1 else None)
     ax.set_yscale("log")
     ax.set(
         xlabel="relative position (0 = current query, -N = N steps ago)",
@@ -198,6 +229,7 @@ def plot_compression_curve(
             textcoords="offset points",
             color=color,
             fontsize=9,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
         )
     ax.set(
         xlabel="% of context kept (positions sorted by attention)",
@@ -292,6 +324,7 @@ def comprehensive_figure(
     task_recent=None,
     top_title: str | None = None,
     tokens: dict | None = None,
+    horizon: int | None = None,
 ) -> Figure:
     """The six-panel overview (21 x 14 inches: 2100 x 1400 px at 100 dpi). Arrays as in the panel functions;
     `recent_window` positions make the recent share of panel 2."""
@@ -304,7 +337,7 @@ def comprehensive_figure(
     recent = recent_share(mean_rows, context_len, recent_window) if task_recent is None else np.asarray(task_recent)
     plot_recent_vs_distant(recent, recent_window, smooth, recency_threshold, ax=fig.add_subplot(gs[1, 0]))
     plot_context_growth(context_len, max_context, compressed_len, ax=fig.add_subplot(gs[1, 1]))
-    plot_relative_position(layer_aligned, layer_names, ax=fig.add_subplot(gs[1, 2]))
+    plot_relative_position(layer_aligned, layer_names, ax=fig.add_subplot(gs[1, 2]), horizon=horizon)
     plot_compression_curve(fractions, curves, positions_80, positions_90, fraction_80, fraction_90, ax=fig.add_subplot(gs[2, 0]))
     plot_episode_attention(episode_share, layer_names, ax=fig.add_subplot(gs[2, 1]))
     plot_reward_attention(reward_attn, reward_context, layer_names, ax=fig.add_subplot(gs[2, 2]))
@@ -314,9 +347,10 @@ def comprehensive_figure(
 
 
 # ---- detail figures ----------------------------------------------------------------------------
-def plot_step_attention(full_attn, layer_names, title: str = "") -> Figure:
+def plot_step_attention(full_attn, layer_names, title: str = "", tokens: dict | None = None) -> Figure:
     """Full causal attention at one step. full_attn (L, H, n, n). Top row: query x key per layer
-    (heads averaged); bottom row: the last query row of every head (H x n)."""
+    (heads averaged); bottom row: the last query row of every head (H x n). tokens: optional
+    {"episode" (n,), "reward" (n,)} of the context's tokens, to mark episode starts and rewarded tokens."""
     a = np.asarray(full_attn, dtype=np.float64)
     L, H, n, _ = a.shape
     colors = layer_colors(L)
@@ -337,7 +371,17 @@ def plot_step_attention(full_attn, layer_names, title: str = "") -> Figure:
         )
         axes[1, li].set_yticks(range(H), [f"head {h}" for h in range(H)])
         axes[1, li].set(xlabel="key position", title="last query row per head")
-    fig.colorbar(im, ax=axes[:, -1], label="attention weight (log colour scale)")
+        if tokens is not None:
+            _mark_keys(axes[0, li], tokens["episode"], tokens["reward"], rows=True)
+            _mark_keys(axes[1, li], tokens["episode"], tokens["reward"])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight (log colour scale)")
+    if tokens is not None:
+        n_rewarded = int((np.asarray(tokens["reward"], dtype=np.float64) > 0).sum())
+        handles = [
+            Line2D([], [], color="grey", lw=1, label="episode start (white line)"),
+            Line2D([], [], ls="", marker="^", color=REWARD_COLOR, mec="black", label=f"rewarded token ({n_rewarded} in context)"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=9)
     if title:
         fig.suptitle(title)
     return fig
@@ -354,7 +398,7 @@ def _annotated(ax, values, title: str, label: str, fmt: str, cmap: str):
     ax.figure.colorbar(im, ax=ax, label=label)
 
 
-def plot_layer_head(entropy, max_attn, recent, layer_names, recent_window: int) -> Figure:
+def plot_layer_head(entropy, max_attn, recent, layer_names, recent_window: int, title: str = "") -> Figure:
     """Per layer x head: entropy (L, H) in nats, mean max attention (L, H), recent share (L, H)."""
     ent, mx, rec = (np.asarray(x, dtype=np.float64) for x in (entropy, max_attn, recent))
     L, H = ent.shape
@@ -377,65 +421,163 @@ def plot_layer_head(entropy, max_attn, recent, layer_names, recent_window: int) 
         title="Recent-attention share per head",
     )
     axes[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
+# Grid markers: (marker, fill colour, size). The agent is a hollow ring drawn under the others, so a
+# goal or start in the agent's cell stays visible inside the ring.
+GRID_MARKS = {
+    "goal": ("*", "red", 380),
+    "key": ("P", "orange", 220),
+    "door": ("s", "magenta", 200),
+    "start": ("X", "black", 140),
+}
+AGENT_MARK = ("o", "white", 900)
+
+
 def plot_grid_attention(weight, visited, marks: dict | None = None, ax=None, title: str = "") -> Figure:
-    """Attention projected onto grid cells. weight, visited (G, G); marks: name -> (row, col) drawn
-    on top (e.g. "goal", "agent", "key", "door")."""
+    """Attention projected onto grid cells, on a log colour scale. weight, visited (G, G); marks:
+    name -> (row, col) drawn on top (e.g. "goal", "agent", "key", "door", "start")."""
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(8, 7.5), layout="constrained")
     fig = ax.figure
-    w = np.ma.masked_where(~np.asarray(visited, bool), np.asarray(weight, dtype=np.float64))
+    visited = np.asarray(visited, bool)
+    w = np.asarray(weight, dtype=np.float64)
+    shown = np.ma.masked_where(~visited, np.clip(w, LOG_FLOOR / 10, None))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
-    im = ax.imshow(w, cmap=cmap, vmin=0, interpolation="nearest")
-    style = {
-        "goal": ("*", "red", 380),
-        "agent": ("o", "white", 160),
-        "key": ("P", "orange", 220),
-        "door": ("s", "magenta", 200),
-        "start": ("X", "black", 140),
-    }
+    im = ax.imshow(shown, cmap=cmap, norm=_log_norm(w[visited]), interpolation="nearest")
+    handles = []
     for name, (r, c) in (marks or {}).items():
-        marker, color, size = style.get(name, ("D", "black", 120))
-        ax.scatter([c], [r], marker=marker, c=color, s=size, edgecolors="black", label=name, zorder=3)
+        if name == "agent":
+            marker, color, size = AGENT_MARK
+            ax.scatter([c], [r], marker=marker, facecolors="none", edgecolors=color, linewidths=2.5, s=size, zorder=3,
+                       path_effects=[withStroke(linewidth=4.5, foreground="black")])  # fmt: skip
+            handles.append(Line2D([], [], ls="", marker=marker, ms=13, mfc="none", mec=color, mew=2.5, label=name,
+                                  path_effects=[withStroke(linewidth=4.5, foreground="black")]))  # fmt: skip
+        else:
+            marker, color, size = GRID_MARKS.get(name, ("D", "black", 120))
+            ax.scatter([c], [r], marker=marker, c=color, s=size, edgecolors="black", zorder=4)
+            handles.append(Line2D([], [], ls="", marker=marker, ms=size**0.5, mfc=color, mec="black", label=name))
     G = w.shape[0]
     ax.set_xticks(range(G))
     ax.set_yticks(range(G))
     ax.set(xlabel="column", ylabel="row", title=title or "Query attention per grid cell")
     if marks and own:
-        fig.legend(loc="outside lower center", ncol=len(marks), fontsize=9)
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(marks), fontsize=9)
     elif marks:
-        ax.legend(fontsize=8)
-    fig.colorbar(im, ax=ax, label="attention summed per cell (grey: not in context)")
+        ax.legend(handles=handles, fontsize=8)
+    fig.colorbar(im, ax=ax, label="attention summed per cell (log colour scale; grey: not in context)")
     return fig
 
 
-def plot_head_profiles(aligned, layer_names) -> Figure:
-    """Per head, query attention by relative position over steps. aligned (S, L, H, R), NaN where absent."""
+def plot_head_profiles(aligned, layer_names, tokens: dict | None = None, title: str = "") -> Figure:
+    """Per head, query attention by relative position over steps. aligned (S, L, H, R), NaN where
+    absent. tokens: optional {"episode" (S,), "reward" (S,)} of the steps, to mark episode starts
+    and the first reward. One colour bar for all panels, a title and a caption line under them."""
     a = np.asarray(aligned, dtype=np.float64)
     S, L, H, R = a.shape
     reach = np.nonzero(np.isfinite(a).any((0, 1, 2)))[0]
     R = int(reach[-1]) + 1 if len(reach) else R
     colors = layer_colors(L)
-    fig, axes = plt.subplots(L, H, figsize=(max(5 * H, 8), max(3.5 * L, 4)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(L, H, figsize=(max(4.5 * H, 8), max(3 * L, 4)), squeeze=False, sharex=True, sharey=True, layout="constrained")
     norm = _log_norm(a[..., :R])
+    starts, first = [], None
+    if tokens is not None:
+        starts = np.flatnonzero(np.diff(np.asarray(tokens["episode"])) > 0) + 1
+        rewarded = np.flatnonzero(np.asarray(tokens["reward"], dtype=np.float64) > 0)
+        first = int(rewarded[0]) if len(rewarded) else None
     for li in range(L):
         for h in range(H):
+            ax = axes[li, h]
             m = np.ma.masked_invalid(np.clip(a[:, li, h, :R].T, LOG_FLOOR / 10, None))
-            im = axes[li, h].imshow(
-                m,
-                aspect="auto",
-                cmap="magma",
-                norm=norm,
-                interpolation="nearest",
-                extent=(-0.5, S - 0.5, -R + 0.5, 0.5),
-                origin="upper",
-            )
-            axes[li, h].set_title(f"{layer_names[li]}, head {h}", color=colors[li], fontweight="bold")
-            axes[li, h].set(xlabel="evaluation step", ylabel="relative position")
-    fig.colorbar(im, ax=axes, label="attention weight (log colour scale)")
+            im = ax.imshow(m, aspect="auto", cmap="magma", norm=norm, interpolation="nearest",
+                           extent=(-0.5, S - 0.5, -R + 0.5, 0.5), origin="upper")  # fmt: skip
+            for x in starts:
+                ax.axvline(x - 0.5, **EPISODE_LINE | {"lw": 0.4, "alpha": 0.3})
+            if first is not None:
+                ax.axvline(first - 0.5, color=REWARD_COLOR, ls="--", lw=1)
+            ax.set_title(f"{layer_names[li]}, head {h}", color=colors[li], fontweight="bold")
+            if li == L - 1:
+                ax.set_xlabel("evaluation step")
+            if h == 0:
+                ax.set_ylabel("relative position")
+    fig.colorbar(im, ax=axes, shrink=min(1.0, 2.5 / L), aspect=25, label="attention weight (log colour scale)")
+    if title:
+        fig.suptitle(title, fontsize=13)
+    marks = " White lines: episode starts; green dashed: the first reward." if tokens is not None else ""
+    caption = ("Each panel: one head's attention from the newest token (the query) over its context, per step; "
+               "y: tokens back from the query (0 = the query, at the top)." + marks)  # fmt: skip
+    fig.supxlabel(caption, fontsize=9)
+    return fig
+
+
+# ---- compression trade-off (compression_template.py --sweep) ----------------------------------
+def place_labels(ax, xy, texts, fontsize: int = 8) -> list:
+    """Label each point (data coordinates) beside it without overlaps: each label takes the first
+    of eight positions around its point, then the same further out, whose box overlaps no marker and
+    no label placed before (in display space, so call this once the axes' limits and the figure's
+    layout are final). Returns the Text objects."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    pts = ax.transData.transform(np.asarray(xy, dtype=np.float64).reshape(-1, 2))
+    r = fontsize * 0.5 * fig.dpi / 72  # about one marker radius, in pixels
+    taken = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in pts]
+    if ax.get_legend() is not None:
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    ring = [(5, 4), (5, -12), (-5, 4), (-5, -12), (8, -4), (-8, -4), (0, 8), (0, -16)]
+    offsets = [(dx * k, dy * k) for k in (1, 2, 3) for dx, dy in ring]
+    placed = []
+    for (x, y), text in zip(xy, texts):
+        for dx, dy in offsets:
+            t = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                            ha="left" if dx > 0 else "right" if dx < 0 else "center")  # fmt: skip
+            box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in taken):
+                break
+            if (dx, dy) != offsets[-1]:
+                t.remove()  # the last position stays even if crowded: a label is never dropped
+        taken.append(box)
+        placed.append(t)
+    return placed
+
+
+def plot_compression_tradeoff(rows: list[dict]) -> Figure:
+    """Speedup against loss of return, one line per strategy, each point labelled with its ratio.
+    rows: `compression_results.json`'s rows. Error bars: loss +- its standard error over seeds
+    (`performance_loss_stderr`), speedup from the smallest to the largest per-seed ratio."""
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    loss = np.array([r["performance_loss"] * 100 for r in rows])
+    loss_se = np.array([(r.get("performance_loss_stderr") or 0.0) * 100 for r in rows])
+    lo, hi = min((loss - loss_se).min(), -1.0), max((loss + loss_se).max(), 10.0)
+    top = max([r.get("speedup_pair_max", r["speedup"]) for r in rows] + [2.5]) * 1.1
+    ax.fill_between([lo - 1, 5], 2, top, color="tab:green", alpha=0.12, label="> 2x faster, < 5% loss")
+    points, labels = [], []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        rs = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: -r["ratio"])
+        x = np.array([r["performance_loss"] * 100 for r in rs])
+        y = np.array([r["speedup"] for r in rs])
+        xerr = np.array([(r.get("performance_loss_stderr") or 0.0) * 100 for r in rs])
+        yerr = np.array([[r["speedup"] - r.get("speedup_pair_min", r["speedup"]) for r in rs],
+                         [r.get("speedup_pair_max", r["speedup"]) - r["speedup"] for r in rs]])  # fmt: skip
+        ax.errorbar(x, y, xerr=xerr, yerr=np.clip(yerr, 0, None), fmt="o-", ms=5, capsize=2, elinewidth=0.8, label=strategy)
+        points += list(zip(x, y))
+        labels += [f"{r['ratio']:g}" for r in rs]
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set(xlim=(lo - 1, hi + 1), ylim=(0, top), xlabel="performance loss (% of uncompressed return)", ylabel="speedup (x, whole rollout)")
+    seeds = list(rows[0]["seeds"])
+    contiguous = len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    shown = f"{seeds[0]}-{seeds[-1]}" if contiguous else ", ".join(map(str, seeds))
+    bars = "bars: loss +- standard error, speedup range over seeds" if len(seeds) > 1 else "one seed, so no error bars"
+    title = f"Compression trade-off, {rows[0]['engine']} engine: mean over {len(seeds)} seed(s) ({shown})\nlabels: ratio kept; {bars}"
+    ax.set_title(title, fontsize=11)
+    ax.legend(loc="lower right", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    place_labels(ax, points, labels)
     return fig
 
 

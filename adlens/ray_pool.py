@@ -13,7 +13,10 @@ One call, two backends:
            before any work starts.
 A job that raises, or whose worker dies, is run again up to `max_retries` times; jobs that still
 fail are reported together (`JobsFailed`) once every other job has finished. Ctrl-C cancels the
-jobs in flight, stops the workers and a Ray instance this call started, and re-raises.
+jobs in flight, stops the workers and a Ray instance this call started, and re-raises; iterate
+under `contextlib.closing(fan_out(...))` so that an exception in the caller's loop does the same at
+once. Local workers ignore Ctrl-C (the caller stops them) and exit by themselves when the caller
+dies, `kill -9` included.
 
 Timing: `exclusive=True` reserves a whole node's CPUs for each job (the largest node's, so one job
 per node), for jobs that time a baseline and a variant back to back on the same worker; a speedup
@@ -28,10 +31,14 @@ folder shipped as the job's working directory (large data folders excluded).
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -42,11 +49,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from adlens.errors import UserError
+from adlens.errors import ConfigError, UserError
 
 BACKENDS = ("local", "ray")
 SHIP_EXCLUDES = [".git/", "data/", "runs/", "figs/", "**/__pycache__/", "*.npz", "*.tmp"]  # never uploaded to a remote cluster
 CONNECT_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
+ORPHAN_POLL_S = 0.5
 
 
 class JobsFailed(UserError):
@@ -101,6 +110,36 @@ def _call(ref: tuple[str, str, str], paths: list[str], args: tuple, backend: str
 
 def _local_call(fn: Callable, args: tuple):
     return fn(*args), _worker_info("local")
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(1)
+
+
+def _local_worker_init(caller: int) -> None:
+    """Runs first in every local worker. Ctrl-C, which a terminal sends to every process of the
+    group, is left to the caller, which stops the workers. A worker never outlives its parent: on
+    Linux the kernel kills it when the parent dies (prctl PR_SET_PDEATHSIG), elsewhere a thread sees
+    that it was handed to another parent and exits within `ORPHAN_POLL_S`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent != caller and not _pid_alive(caller):  # the caller died before this ran
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_address(address: str) -> None:
@@ -191,7 +230,7 @@ def fan_out(
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if workers < 1 or max_retries < 0 or cpus <= 0 or gpus < 0:
-        raise ValueError(f"need workers >= 1, max_retries >= 0, cpus > 0, gpus >= 0; got {workers}, {max_retries}, {cpus}, {gpus}")
+        raise ConfigError(f"need workers >= 1, max_retries >= 0, cpus > 0, gpus >= 0; got {workers}, {max_retries}, {cpus}, {gpus}")
     if not jobs:
         return
     runner = _run_ray if backend == "ray" else _run_local
@@ -214,7 +253,7 @@ def _describe(idx: int, err: BaseException) -> str:
 
 def _run_local(fn, jobs, workers, address, cpus, gpus, exclusive, max_retries, bar, failures) -> Iterator[Done]:
     n_workers = 1 if exclusive else workers
-    pool = ProcessPoolExecutor(max_workers=n_workers)
+    pool = ProcessPoolExecutor(max_workers=n_workers, initializer=_local_worker_init, initargs=(os.getpid(),))
     attempts = dict.fromkeys(range(len(jobs)), 1)
     pending = {pool.submit(_local_call, fn, job): i for i, job in enumerate(jobs)}
     try:

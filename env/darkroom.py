@@ -14,6 +14,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from adlens.errors import ConfigError
+
 # (d_row, d_col) of each action: up, down, left, right, stay
 MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]], dtype=np.int64)
 N_ACTIONS = len(MOVES)
@@ -26,9 +28,9 @@ class _Grid(gym.Env):
 
     def __init__(self, size: int = 9, horizon: int = 20):
         if size < 2:
-            raise ValueError(f"size must be >= 2, got {size}")
+            raise ConfigError(f"size must be >= 2, got {size}")
         if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
+            raise ConfigError(f"horizon must be >= 1, got {horizon}")
         self.size, self.horizon = size, horizon
         self.start = np.array([size // 2, size // 2], dtype=np.int64)
         self.observation_space = spaces.MultiDiscrete([size, size])
@@ -39,7 +41,7 @@ class _Grid(gym.Env):
     def _check_cell(self, name: str, cell) -> np.ndarray:
         cell = np.asarray(cell, dtype=np.int64)
         if cell.shape != (2,) or (cell < 0).any() or (cell >= self.size).any():
-            raise ValueError(f"{name} must be a (row, col) inside a {self.size}x{self.size} grid, got {cell.tolist()}")
+            raise ConfigError(f"{name} must be a (row, col) inside a {self.size}x{self.size} grid, got {cell.tolist()}")
         return cell
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -76,7 +78,7 @@ class DarkroomPermuted(Darkroom):
         super().__init__(goal=(size - 1, size - 1), size=size, horizon=horizon)
         perm = tuple(int(a) for a in perm)
         if sorted(perm) != list(range(N_ACTIONS)):
-            raise ValueError(f"perm must be a permutation of 0..{N_ACTIONS - 1}, got {perm}")
+            raise ConfigError(f"perm must be a permutation of 0..{N_ACTIONS - 1}, got {perm}")
         self.perm = perm
 
     def _action_map(self, action: int) -> int:

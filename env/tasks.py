@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from adlens.config import section
-from adlens.errors import UserError
+from adlens.errors import ConfigError, UserError
 from env.darkroom import N_ACTIONS, Darkroom, DarkroomPermuted, KeyToDoor
 
 _DEFAULT_HORIZON = {"darkroom": 20, "darkroom_permuted": 20, "key_to_door": 50}
@@ -43,17 +43,17 @@ class EnvSpec:
 
     def __post_init__(self):
         if self.name not in _DEFAULT_HORIZON:
-            raise ValueError(f"unknown environment {self.name!r}; valid: {', '.join(_DEFAULT_HORIZON)}")
+            raise ConfigError(f"unknown environment {self.name!r}; valid: {', '.join(_DEFAULT_HORIZON)}")
         if self.horizon is None:
             object.__setattr__(self, "horizon", _DEFAULT_HORIZON[self.name])
         if self.n_holdout is None:
             object.__setattr__(self, "n_holdout", _DEFAULT_HOLDOUT[self.name])
         if self.size < 2:
-            raise ValueError(f"env size must be >= 2, got {self.size}")
+            raise ConfigError(f"env size must be >= 2, got {self.size}")
         if self.horizon < 1:
-            raise ValueError(f"env horizon must be >= 1, got {self.horizon}")
+            raise ConfigError(f"env horizon must be >= 1, got {self.horizon}")
         if not 0 < self.n_holdout < len(self.tasks()):
-            raise ValueError(f"n_holdout must be in [1, {len(self.tasks()) - 1}] for {self.name}, got {self.n_holdout}")
+            raise ConfigError(f"n_holdout must be in [1, {len(self.tasks()) - 1}] for {self.name}, got {self.n_holdout}")
 
     # ---- task family -------------------------------------------------------------------------
     @property
@@ -83,7 +83,7 @@ class EnvSpec:
     def tasks_for(self, which: str) -> list[dict]:
         train, held = self.split()
         if which not in ("train", "test"):
-            raise ValueError(f"task set must be 'train' or 'test', got {which!r}")
+            raise ConfigError(f"task set must be 'train' or 'test', got {which!r}")
         return train if which == "train" else held
 
     # ---- per task ----------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def get_spec(config: dict | EnvSpec) -> EnvSpec:
     known = {f.name for f in fields(EnvSpec)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"unknown env config key(s) {unknown}; valid: {sorted(known)}")
+        raise ConfigError(f"unknown env config key(s) {unknown}; valid: {sorted(known)}")
     return EnvSpec(**config)
 
 

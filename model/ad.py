@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adlens.errors import ConfigError
 from model.cache import KVCache, StreamingCache
 from model.rope import apply_rope, rope_cos_sin
 
@@ -59,13 +60,13 @@ class ADConfig:
     def __post_init__(self):
         for name in ("n_states", "n_actions", "horizon", "max_context", "n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model {name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model/n_head must be an even integer, got {self.d_model}/{self.n_head}")
+            raise ConfigError(f"d_model/n_head must be an even integer, got {self.d_model}/{self.n_head}")
         if self.grid_size and self.grid_size**2 != self.n_states:
-            raise ValueError(f"grid_size**2 must equal n_states, got {self.grid_size}**2 != {self.n_states}")
+            raise ConfigError(f"grid_size**2 must equal n_states, got {self.grid_size}**2 != {self.n_states}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_size(self) -> int:
@@ -79,7 +80,7 @@ class ADConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config key(s) {unknown}; valid: {sorted(known)}")
+            raise ConfigError(f"unknown model config key(s) {unknown}; valid: {sorted(known)}")
         return cls(**d)
 
 

@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from adlens.errors import ConfigError
 from model.rope import apply_rope, rope_cos_sin
 
 
@@ -54,7 +55,7 @@ class KVCache:
         track_scores=False, rope_base=10000.0, static=False, score_window=32,
     ):  # fmt: skip
         if capacity < 1:
-            raise ValueError(f"cache capacity must be >= 1, got {capacity}")
+            raise ConfigError(f"cache capacity must be >= 1, got {capacity}")
         # keys and values in one tensor, so that a step writes both with one copy; each layer's keys
         # (B, H, C, Dh) stay contiguous, as the fused attention kernel wants them
         self.kv = torch.zeros(n_layer, 2, batch_size, n_head, capacity, head_size, device=device, dtype=dtype)
@@ -379,7 +380,7 @@ class StreamingCache(KVCache):
     def __init__(self, *args, n_sink: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if not 0 <= n_sink < self.capacity:
-            raise ValueError(f"n_sink must be in [0, {self.capacity - 1}] (below the capacity), got {n_sink}")
+            raise ConfigError(f"n_sink must be in [0, {self.capacity - 1}] (below the capacity), got {n_sink}")
         self.n_sink = n_sink
         self._sink_k: torch.Tensor | None = None  # (L, B, H, n_sink, Dh) sink keys at their own positions
 

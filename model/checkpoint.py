@@ -7,24 +7,21 @@ Every load uses `torch.load(..., weights_only=True)`, which cannot run code.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from adlens.errors import UserError
+from adlens.io import atomic_path
 from model.ad import ADConfig, ADTransformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "darkroom_ad" / "model.pt"
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a unique temporary name, then rename: a reader never sees half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def checkpoint_path(path: str | Path | None) -> Path:

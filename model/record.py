@@ -16,10 +16,11 @@ import math
 
 import torch
 
-from env import make_vec_env
-from model.ad import Tokens
 from adlens.capture import capture_attention
 from adlens.capture_file import full_steps_for, representative_task
+from adlens.errors import ConfigError
+from env import make_vec_env
+from model.ad import Tokens
 from model.rollout import run_episodes
 
 
@@ -30,7 +31,7 @@ def record_rollout(model, spec, tasks: list[dict], eval_timesteps: int, seed: in
     record attention (capture format v2: a task dimension first). Full matrices are kept for one task:
     `full_task`, or the task with the median return."""
     if eval_timesteps < 1:
-        raise ValueError(f"eval_timesteps must be >= 1, got {eval_timesteps}")
+        raise ConfigError(f"eval_timesteps must be >= 1, got {eval_timesteps}")
     H, T = spec.horizon, model.cfg.max_context
     N = len(tasks)
     n_ep = math.ceil(eval_timesteps / H)

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.ad import ADTransformer, Tokens
 from adlens.capture import capture_attention
 from adlens.compression import Compression, merge_rows
+from adlens.errors import ConfigError
+from model.ad import ADTransformer, Tokens
 
 ENGINES = ("kv", "rerun")
 
@@ -124,7 +125,7 @@ def make_engine(name: str, model: ADTransformer, batch: int, compression: Compre
         return KVEngine(model, batch, compression, **options)
     if name == "rerun":
         return RerunEngine(model, batch, compression, **options)
-    raise ValueError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
+    raise ConfigError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
 
 
 @torch.inference_mode()  # not no_grad: no version counters or autograd checks on any tensor (~10% per step)
@@ -148,7 +149,7 @@ def run_episodes(
     Returns returns (B, n_episodes), time_s, env_steps_per_second, mean_context_length.
     """
     if n_episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {n_episodes}")
+        raise ConfigError(f"episodes must be >= 1, got {n_episodes}")
     model.eval()
     device = next(model.parameters()).device
     B, H = venv.num_envs, spec.horizon

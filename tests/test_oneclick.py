@@ -68,6 +68,27 @@ def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and not (tmp_path / "x").exists()
 
 
+def test_one_click_rerun_removes_its_stale_outputs_and_nothing_else(tiny_checkpoint, tmp_path):
+    """A rerun into the same folder replaces the previous run's files (those its manifest lists),
+    keeps a file it did not write, and never leaves outputs of two runs side by side."""
+    out, cap = tmp_path / "figs", tmp_path / "cap"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(cap), "--skip-compression", "--threads", "1"]
+    run_attention_analysis.main(argv)
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["schema"] == "adlens-output-manifest" and first["status"] == "complete"
+    assert sorted(first["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+    (out / "attention_heatmap_step99999.png").write_bytes(b"stale")  # as if listed by an interrupted run
+    first["files"].append("attention_heatmap_step99999.png")
+    first["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(first))
+    (out / "my_notes.txt").write_text("not the toolkit's")
+    run_attention_analysis.main(argv + ["--task", "1"])
+    second = json.loads((out / "manifest.json").read_text())
+    assert second["status"] == "complete" and "attention_heatmap_step99999.png" not in second["files"]
+    assert (out / "my_notes.txt").read_text() == "not the toolkit's"
+    assert sorted(p.name for p in out.iterdir()) == sorted(second["files"] + ["manifest.json", "my_notes.txt"])
+
+
 def _doc_commands():
     """Every `python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...` in the docs: each line of their
     shell code blocks, and each inline `code span` of the prose (which may wrap onto a second line)."""

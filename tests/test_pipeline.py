@@ -407,8 +407,8 @@ def bad_runs(trained, collected, tmp_path_factory):
         "unknown_engine": (ev + ["--checkpoint", str(trained), "--engine", "warp"], "engine"),
         "collect_unknown_env": ([sys.executable, "collect.py", "--env", "cave"], "unknown environment 'cave'"),
         "train_missing_data": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(tmp / "none")], "missing"),
-        "train_unknown_augment": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--augment", "mirror"], "unknown augment"),
-        "train_unknown_loss_mask": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--loss-mask", "all"], "unknown loss_mask"),
+        "train_unknown_augment": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--augment", "mirror"], "--augment must be one of dihedral, none"),
+        "train_unknown_loss_mask": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--loss-mask", "all"], "--loss-mask must be one of none, sibling_taught"),
     }
     procs = {}
     for name, (cmd, match) in cases.items():

@@ -124,7 +124,7 @@ def test_resumed_run_keeps_earlier_snapshots_and_continues_the_schedule(tiny_dat
 
 
 @pytest.mark.parametrize("flags, match", [(["--snapshot-steps", "0"], "snapshot-steps must be >= 1"),
-                                          (["--snapshot-steps", "ten"], "whole numbers"), (["--snapshot-every", "-5"], "every >= 0")])  # fmt: skip
+                                          (["--snapshot-steps", "ten"], "snapshot-steps must be a number"), (["--snapshot-every", "-5"], "snapshot-every must be >= 0")])  # fmt: skip
 def test_bad_snapshot_flags_are_user_errors_before_any_work(tiny_data, tmp_path, flags, match):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=match):
