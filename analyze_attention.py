@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from adlens import metrics as M  # noqa: E402
 from adlens import plots as P  # noqa: E402
-from adlens.io import OutputManifest, staged_output  # noqa: E402
+from adlens.io import OutputManifest, stamp, staged_output  # noqa: E402
 from adlens.capture_file import check_capture, load_capture, n_tasks, pool_tasks, task_view  # noqa: E402
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_keys, check_out, check_values, load_yaml, make_parser, resolve, run_cli, section  # noqa: E402
 from adlens.errors import ConfigError, UserError  # noqa: E402
@@ -57,21 +57,6 @@ ANALYSIS_CONFIG = {
     "smooth": 0,  # moving-average window (steps) for time series; 0 = one episode (horizon)
     "dpi": 100,  # PNG resolution; the overview is 21 x 14 inches
     "view_task": -1,  # task shown in the top panel and the heatmaps (-1 = the capture's representative task)
-}
-HELP = {
-    "capture": "capture file to analyse",
-    "out": "output folder",
-    "num_samples": "number of full-attention heatmaps",
-    "recent_window": "newest positions counted as recent",
-    "recency_threshold": "recent share that signals strong recency",
-    "sparse_threshold": "context fraction holding 80%% of attention that signals sparsity",
-    "sink_positions": "first positions counted as attention sinks",
-    "sink_threshold": "sink share that makes sinks worth keeping",
-    "coverage": "attention a recommended budget should keep",
-    "ratio_margin": "safety margin on the token budget",
-    "smooth": "moving-average window in steps (0 = horizon)",
-    "dpi": "PNG resolution",
-    "view_task": "task index for the top panel (-1 = the capture's representative task, the one with full matrices)",
 }
 SEMANTICS = (
     "as in adlens/compression.py, compression_ratio is the fraction of the model's context kept: a budget of "
@@ -313,9 +298,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, mani
     smooth = int(cfg["smooth"]) or s["horizon"]
     dpi = int(cfg["dpi"])
 
-    metrics_doc = {
-        "format": "ad-attention-metrics",
-        "version": 1,
+    metrics_doc = stamp("ad-attention-metrics", {
         "capture": {k: meta.get(k) for k in ("checkpoint", "env", "task", "seed", "max_context", "horizon", "n_layer", "n_head")},
         "metrics": _json_metrics(across["mean"] | {k: v for k, v in s.items() if k not in across["mean"]}, module_names or layer_names),
         "tasks": {"n": N, "tasks": meta.get("tasks"), "view_task": view, "std": across["std"], "per_task": across["per_task"]},
@@ -324,7 +307,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, mani
         "derivation": der,
         "recommendation_semantics": SEMANTICS,
         "config": cfg,
-    }
+    })  # fmt: skip
     names = {
         "comprehensive": "attention_analysis_comprehensive.png",
         "layer_head": "layer_head_analysis.png",
@@ -398,7 +381,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, mani
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'analysis' section overrides ANALYSIS_CONFIG")
-    add_config_flags(parser, ANALYSIS_CONFIG, HELP)
+    add_config_flags(parser, ANALYSIS_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     cfg = check_config(resolve(ANALYSIS_CONFIG, args, section(ycfg, "analysis", ANALYSIS_CONFIG) if ycfg else None,

@@ -72,12 +72,6 @@ COLLECT_CONFIG = {
     "ent_coef": 0.01,
     "device": "cpu",  # PPO's device: cpu (fastest for these small MLPs) | cuda | auto
 }
-HELP = {"n_streams": "parallel environments per PPO learner", "timesteps": "PPO timesteps per task",
-        "backend": "local (processes here) | ray (one Ray task per task)",
-        "ray_address": "ray backend: local (a private Ray instance of --workers CPUs) | auto (the running cluster) | HOST:PORT",
-        "gpus_per_task": "ray backend with --device cuda: share of a GPU each task holds",
-        "max_retries": "runs again of a task that failed or whose worker was lost",
-        "first_tasks": "collect only the first N of the chosen tasks (0 = all)"}  # fmt: skip
 GOAL_FREE_SEED = 1_000_000  # goal-free learner k is seeded seed + GOAL_FREE_SEED + 1000 k
 
 
@@ -240,7 +234,7 @@ def check_resumed_folder(out: Path, spec: EnvSpec, goal_free: bool) -> None:
 def main(argv=None) -> list[dict]:
     parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'env' and 'collect' sections override the defaults")
-    add_config_flags(parser, COLLECT_CONFIG, HELP)
+    add_config_flags(parser, COLLECT_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     env_own, env_sec = env_section(ycfg)

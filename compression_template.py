@@ -47,7 +47,7 @@ from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parser, none_or, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.device import resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import provenance, write_json_atomic  # noqa: E402
+from adlens.io import provenance, stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
 from adlens.plots import plot_compression_tradeoff, save_figure  # noqa: E402
 
@@ -79,14 +79,6 @@ COMPRESSION_CONFIG = {
     "out": "runs/compression",
 }
 ALIASES = {"compression_strategy": ["--strategy"], "compression_ratio": ["--ratio"], "compression_interval": ["--interval"]}
-HELP = {
-    "compare_rerun": "also time the uncompressed rerun engine",
-    "sweep": "every strategy of --sweep-strategies x every ratio of --sweep-ratios",
-    "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
-    "backend": "local | ray: where the sweep's configurations run",
-    "workers": "configurations in parallel",
-    "ray_address": "ray backend: local | auto | HOST:PORT",
-}
 
 
 def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
@@ -260,7 +252,7 @@ BOUNDS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = make_parser(__doc__)
-    add_config_flags(parser, COMPRESSION_CONFIG, HELP, ALIASES)
+    add_config_flags(parser, COMPRESSION_CONFIG, aliases=ALIASES)
     return parser.parse_args(argv)
 
 
@@ -309,8 +301,8 @@ def main(argv=None) -> dict:
         finally:
             runner.close()
     out.mkdir(parents=True, exist_ok=True)
-    result = {"schema": "ad-compression-results", "version": 2, "provenance": provenance(), "rows": rows, "config": cfg,
-              "model_context": runner.context, "device": str(runner.device), "torch_threads": threads}  # fmt: skip
+    result = stamp("ad-compression-results", {"provenance": provenance(), "rows": rows, "config": cfg, "model_context": runner.context,
+                                              "device": str(runner.device), "torch_threads": threads})  # fmt: skip
     best = best_within(rows)
     result["recommended"] = best
     write_json_atomic(out / "compression_results.json", result)

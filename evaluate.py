@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from adlens.plots import save_figure  # noqa: E402
 from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli  # noqa: E402
-from adlens.io import write_json_atomic  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
+from adlens.io import stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
 from env import VEC_ENVS, get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
@@ -55,9 +55,6 @@ EVAL_CONFIG = {
     "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster, RAY_ADDRESS) | HOST:PORT
     "out": "runs/eval",
 }
-HELP = {"num_seeds": "number of sampling seeds, starting at --seed", "greedy": "argmax actions",
-        "backend": "local | ray: where the seeds run", "workers": "seeds in parallel (local: processes, 1 = in turn here; ray local: CPUs)",
-        "ray_address": "ray backend: local (a private Ray instance) | auto (the running cluster) | HOST:PORT"}  # fmt: skip
 
 
 def rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, threads=0) -> list[dict]:
@@ -201,7 +198,7 @@ BOUNDS = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BAC
 
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
-    add_config_flags(parser, EVAL_CONFIG, HELP)
+    add_config_flags(parser, EVAL_CONFIG)
     cfg = resolve(EVAL_CONFIG, parser.parse_args(argv), bounds=BOUNDS)
     out = check_out(cfg["out"])
     if cfg["backend"] == "ray":
@@ -223,6 +220,7 @@ def main(argv=None) -> dict:
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late
+    results = stamp("ad-eval-results", results)
     write_json_atomic(out / "eval_results.json", results)
     plot_curve(results, out / "in_context_curve.png")
     print_table(results)

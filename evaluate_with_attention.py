@@ -18,7 +18,7 @@ from adlens.capture_file import default_capture_steps, save_capture
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_memory, check_out, check_values, make_parser, none_or, resolve, run_cli
 from adlens.device import resolve_device
 from adlens.errors import UserError
-from adlens.io import write_json_atomic
+from adlens.io import stamp, write_json_atomic
 
 EVAL_CONFIG = {
     "checkpoint": "default",  # path to model.pt; "default" = the shipped Darkroom model
@@ -27,18 +27,12 @@ EVAL_CONFIG = {
     "task": -1,  # index into that task set; -1 = the first tasks_limit tasks, rolled out together
     "tasks_limit": 8,  # at most this many tasks when task is -1
     "full_task": -1,  # which captured task keeps full (q x k) matrices; -1 = the one with the median return
-    "eval_timesteps": 0,  # steps to record, rounded up to whole episodes; 0 = twice the model's context
+    "eval_timesteps": 0,  # steps to record, rounded up to whole episodes; 0 = twice the model's context (it fills, then slides)
     "seed": 0,  # sampling seed
-    "greedy": False,
+    "greedy": False,  # argmax actions instead of sampling
     "num_full": 5,  # steps that also get the full (q x k) matrices, spread over the run
     "device": "auto",
     "out": "runs/attention",
-}
-HELP = {
-    "eval_timesteps": "rollout steps to record (0 = twice the model's context, so it fills and slides)",
-    "task": "task index (-1 = the first --tasks-limit tasks together)",
-    "num_full": "steps with full matrices",
-    "adapter": "adapter file for your own AD model (mutually exclusive with --checkpoint)",
 }
 
 
@@ -106,7 +100,7 @@ def capture(cfg: dict) -> tuple[dict, dict]:
 
 def main(argv=None) -> Path:
     parser = make_parser(__doc__)
-    add_config_flags(parser, EVAL_CONFIG, HELP)
+    add_config_flags(parser, EVAL_CONFIG)
     args = parser.parse_args(argv)
     cfg = resolve(EVAL_CONFIG, args, bounds=BOUNDS)
     if none_or(cfg["adapter"], str) and args.checkpoint is not None:
@@ -116,7 +110,7 @@ def main(argv=None) -> Path:
     out = check_out(cfg["out"])
     cap, summary = capture(cfg)
     path = save_capture(cap, out / "capture.pt")
-    for name, obj in (("returns.json", summary), ("capture_config.json", cfg)):
+    for name, obj in (("returns.json", stamp("ad-capture-returns", summary)), ("capture_config.json", cfg)):
         write_json_atomic(out / name, obj)
     r = summary["mean_returns"]
     print(f"{len(summary['tasks'])} task(s): mean return per episode {[round(x, 1) for x in r]}")

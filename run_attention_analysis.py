@@ -33,7 +33,7 @@ from adlens.capture_file import save_capture
 from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli
 from adlens.device import resolve_device
 from adlens.errors import UserError
-from adlens.io import OutputManifest, lock_folder, provenance, staged_output
+from adlens.io import OutputManifest, lock_folder, provenance, stamp, staged_output
 from adlens.recommend import break_even_context, candidates, choose, fit_step_cost, recommendation_doc, verdict_lines
 
 PIPELINE_CONFIG = {
@@ -64,7 +64,7 @@ BOUNDS = {"task": (-1, None), "eval_timesteps": (0, 10**7), "check_episodes": (0
 
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
-    add_config_flags(parser, PIPELINE_CONFIG, {"skip_compression": "capture and analyse only", "adapter": "adapter file for your own AD model"})
+    add_config_flags(parser, PIPELINE_CONFIG)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="4 seeds x 25 episodes per candidate (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="10 seeds x 50 episodes per candidate")
@@ -201,9 +201,9 @@ def measured_recommendation(cfg: dict, m: dict, res: dict, summary: dict, manife
     doc = recommendation_doc(best, rows, res["recommendation"], seeds, rerun_best, estimate) | {"provenance": provenance()}
     with staged_output(out, manifest) as stage:
         (stage / "recommendation.json").write_text(json.dumps(doc, indent=1))
-        (stage / "compression_results.json").write_text(json.dumps({"schema": "ad-compression-results", "version": 2, "provenance": provenance(),
+        (stage / "compression_results.json").write_text(json.dumps(stamp("ad-compression-results", {"provenance": provenance(),
                                                                   "rows": rows + ([rerun_best] if rerun_best else []),
-                                                                  "torch_threads": threads, "model_context": runner.context}, indent=1))  # fmt: skip
+                                                                  "torch_threads": threads, "model_context": runner.context}), indent=1))  # fmt: skip
         text = (out / "compression_recommendations.txt").read_text()
         (stage / "compression_recommendations.txt").write_text(text + "\n" + "\n".join(verdict_lines(doc)) + "\n")
     return doc

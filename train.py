@@ -41,51 +41,40 @@ from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
 from model.checkpoint import check_same_run, read_checkpoint, resolve_device, save_atomic
-from model.data import SIBLING_SHARE, HistoryData
+from model.data import HistoryData
 from model.snapshots import SNAPSHOT_DIR, snapshot_name, snapshot_schedule
 
 TRAIN_CONFIG = {
     "data": ["data/darkroom"],  # folder(s) written by collect.py
     "out": "checkpoints/my_ad",  # model.pt, train_state.pt, metrics.jsonl, train_config.json
-    "env": "darkroom",
-    "size": 9,
+    "env": "darkroom",  # darkroom | darkroom_permuted | key_to_door
+    "size": 9,  # grid side
     "context": 240,  # transitions per window (= the model's max_context)
-    "n_layer": 4,
-    "n_head": 4,
-    "d_model": 64,
+    "n_layer": 4,  # transformer blocks
+    "n_head": 4,  # attention heads per block
+    "d_model": 64,  # model width
     "dropout": 0.1,
     "grid_embedding": True,  # embed states as row + column of the grid (False: one embedding per state)
     "episode_strides": [1, 2, 4],  # keep every k-th episode of a stream; one k drawn per window
     "augment": "none",  # none | dihedral (each window under a random grid symmetry that maps to a training task)
-    "loss_mask": "none",  # none | sibling_taught (no loss on steps only the stream's sibling streams explain)
-    "steps": 3000,
+    "loss_mask": "none",  # none | sibling_taught: no loss on steps before any reward in the window while the stream's PPO learner had already found the goal through its other streams (in more than model.data.SIBLING_SHARE of them)
+    "steps": 3000,  # optimizer steps
     "batch_size": 32,  # windows per step (per process under torchrun)
-    "lr": 1e-3,
+    "lr": 1e-3,  # peak AdamW learning rate: linear warmup, then cosine down to a tenth of it
     "weight_decay": 0.01,
-    "warmup_steps": 100,
-    "grad_clip": 1.0,
+    "warmup_steps": 100,  # steps of linear learning-rate warmup
+    "grad_clip": 1.0,  # gradient-norm clip
     "eval_every": 250,  # validation loss on held-out tasks every K steps
-    "val_batches": 4,
+    "val_batches": 4,  # batches of held-out windows per validation
     "save_every": 500,  # checkpoint every K steps (and at the end)
-    "seed": 0,
+    "seed": 0,  # training seed (model init and window sampling)
     "device": "auto",  # auto | cpu | cuda
     "threads": 0,  # torch CPU threads per process (0 = torch's default)
     "resume": False,  # continue from OUT/train_state.pt
     "snapshot_every": 0,  # keep OUT/snapshots/step_XXXXXX.pt every K steps (0 = none)
-    "snapshot_steps": [],  # and at these steps
-    "snapshot_geometric": 0,  # and at N steps spaced evenly on a log scale from snapshot_first to steps
+    "snapshot_steps": [],  # also keep snapshots at these steps
+    "snapshot_geometric": 0,  # also keep N snapshots spaced evenly on a log scale from snapshot_first to steps
     "snapshot_first": 25,  # first step of the geometric schedule
-}
-HELP = {
-    "episode_strides": "episode subsampling strides of the learning histories",
-    "augment": "none | dihedral: draw training windows under grid symmetries that map onto training tasks",
-    "loss_mask": "none | sibling_taught: no loss on steps taken before any reward in the window while the "
-    f"stream's PPO learner already reached the goal in more than {SIBLING_SHARE * 100:.0f}%% of its streams",
-    "resume": "continue from OUT/train_state.pt",
-    "snapshot_every": "keep a snapshot OUT/snapshots/step_XXXXXX.pt every K steps (0 = none)",
-    "snapshot_steps": "also keep snapshots at these steps",
-    "snapshot_geometric": "also keep N snapshots spaced evenly on a log scale from --snapshot-first to --steps",
-    "snapshot_first": "first step of the geometric snapshot schedule",
 }
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "dropout")  # passed to ADConfig as they are
 TRAIN_FILES = ("model.pt", "train_state.pt", "train_config.json", "metrics.jsonl")  # what a run writes into OUT
@@ -162,7 +151,7 @@ def _resume_config(cfg: dict, explicit: set) -> dict:
 def parse(argv=None) -> dict:
     parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file with 'env', 'model' and 'train' sections")
-    add_config_flags(parser, TRAIN_CONFIG, HELP)
+    add_config_flags(parser, TRAIN_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     flat, env_sec = env_section(ycfg)

@@ -43,7 +43,7 @@ from adlens import plots as P  # noqa: E402
 from adlens.config import add_config_flags, check_out, make_parser, resolve, run_cli  # noqa: E402
 from adlens.device import check_device_name, resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import staged_output, write_json_atomic  # noqa: E402
+from adlens.io import stamp, staged_output, write_json_atomic  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
 from env import get_spec  # noqa: E402
 from model.checkpoint import load_model, read_checkpoint  # noqa: E402
@@ -64,25 +64,10 @@ PROGRESSION_CONFIG = {
     "recent_window": 5,  # newest tokens counted as "recent" (as in analyze_attention.py)
     "sink_positions": 4,  # as in analyze_attention.py: steps with contexts <= recent_window + this are skipped
     "reference": [],  # other checkpoints evaluated alike, drawn as dashed lines ("default" = the shipped model)
-    "reuse": True,  # reuse OUT/points/step_XXXXXX.json computed earlier with the same settings on the same file
+    "reuse": True,  # reuse OUT/points/step_XXXXXX.json computed earlier with the same settings on the same file (--no-reuse: recompute)
     "threads": 1,  # torch CPU threads (0 = torch's default)
     "device": "cpu",  # cpu | cuda | auto
     "out": "runs/progression/analysis",
-}
-HELP = {
-    "snapshots": "training run folder or folder of step_XXXXXX.pt snapshots",
-    "episodes": "in-context episodes per task for the return",
-    "late_episodes": "late return = mean over the last this many episodes",
-    "num_seeds": "evaluation seeds, starting at --seed",
-    "capture_tasks": "tasks with attention captures (0 = all of the task set)",
-    "capture_seeds": "capture seeds, starting at --seed",
-    "capture_timesteps": "steps per capture (0 = twice the model's context)",
-    "recent_window": "newest tokens counted as recent",
-    "sink_positions": "first positions counted as attention sinks",
-    "reference": "checkpoints evaluated alike, shown as dashed lines (default = the shipped model)",
-    "reuse": "reuse per-snapshot results in OUT/points/ computed with the same settings (--no-reuse: recompute)",
-    "threads": "torch CPU threads (0 = default)",
-    "out": "output folder",
 }
 
 
@@ -116,7 +101,7 @@ def snapshot_folder(path: str | Path) -> Path:
 
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
-    add_config_flags(parser, PROGRESSION_CONFIG, HELP)
+    add_config_flags(parser, PROGRESSION_CONFIG)
     cfg = check_config(resolve(PROGRESSION_CONFIG, parser.parse_args(argv), bounds=BOUNDS))
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
@@ -174,7 +159,7 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - t0
 
     model_cfg = ref_cfg["model"]
-    doc = {
+    doc = stamp("ad-training-progression", {
         "meta": {
             "snapshots": str(folder),
             "env": ref_cfg["env"],
@@ -200,7 +185,7 @@ def main(argv=None) -> dict:
         "snapshots": points,
         "references": ref_points,
         "emergence": emergence(points),
-    }
+    })  # fmt: skip
     with staged_output(out) as stage:
         (stage / "training_progression.json").write_text(json.dumps(doc, indent=1))
         P.save_figure(P.plot_progression(doc), stage / "training_progression.png")

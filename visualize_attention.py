@@ -45,15 +45,6 @@ VISUALIZE_CONFIG = {
     "head": -1,  # head for the grid view; -1 = mean over heads
     "dpi": 100,  # PNG resolution
 }
-HELP = {
-    "capture": "capture file to read",
-    "out": "output folder",
-    "task": "captured task index (-1 = the one with full matrices)",
-    "step": "rollout step (-1 = last full-matrix step)",
-    "layer": "layer index (-1 = mean)",
-    "head": "head index (-1 = mean)",
-    "dpi": "PNG resolution",
-}
 ACTION_NAMES = "UDLRS"  # up, down, left, right, stay (env/darkroom.py)
 
 
@@ -185,7 +176,7 @@ BOUNDS = {"task": (-1, None), "step": (-1, None), "layer": (-1, None), "head": (
 def main(argv=None) -> dict:
     parser = make_parser(__doc__)
     parser.add_argument("--config", help="YAML file whose 'visualize' section overrides VISUALIZE_CONFIG")
-    add_config_flags(parser, VISUALIZE_CONFIG, HELP)
+    add_config_flags(parser, VISUALIZE_CONFIG)
     args = parser.parse_args(argv)
     ycfg = load_yaml(args.config) if args.config else {}
     cfg = resolve(VISUALIZE_CONFIG, args, section(ycfg, "visualize", VISUALIZE_CONFIG) if ycfg else None, BOUNDS, where=args.config or "config")

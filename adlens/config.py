@@ -10,11 +10,16 @@ Precedence, lowest first: the config dict at the top of a script < a YAML file g
 from __future__ import annotations
 
 import argparse
+import ast
 import errno
+import functools
+import io
+import itertools
 import math
 import os
 import sys
 import time
+import tokenize
 from pathlib import Path
 from typing import NoReturn
 
@@ -90,6 +95,54 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def key_comments(defaults: dict, where: dict | None = None) -> dict[str, str]:
+    """The comment that describes each key where a module declares the dict `defaults`: the `# ...`
+    after the key's value, or the comment lines right above the key.
+
+    A config key is then described once, beside its default, and `--help` shows that text (tyro reads
+    dataclass field comments the same way). The declaring module is found by identity among the
+    globals `where` (the caller's, usually), else among the loaded modules outside the Python
+    installation; {} when there is none (a dict built at run time).
+    """
+    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    modules = (vars(m) for m in list(sys.modules.values()) if str(getattr(m, "__file__", None) or "").endswith(".py")
+               and not str(m.__file__).startswith(prefixes))  # fmt: skip
+    for space in itertools.chain([where] if where is not None else [], modules):
+        names = [n for n, v in list(space.items()) if v is defaults]
+        path = space.get("__file__") or ""
+        if names and path.endswith(".py"):
+            for name in names:
+                found = _dict_comments(str(Path(path).resolve()), name)
+                if found is not None:
+                    return found
+    return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _dict_comments(path: str, name: str) -> dict[str, str] | None:
+    """{key: comment} of the dict literal assigned to `name` at the top level of the file `path`."""
+    source = Path(path).read_text()
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    trailing = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if not t.line.lstrip().startswith("#")}
+    standalone = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.line.lstrip().startswith("#")}
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(getattr(node, "value", None), ast.Dict) and any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            out = {}
+            for k, v in zip(node.value.keys, node.value.values):
+                if not (isinstance(k, ast.Constant) and isinstance(k.value, str)):
+                    continue
+                above, line = [], k.lineno - 1
+                while line in standalone and line > node.lineno:  # a comment block right above the key
+                    above.insert(0, standalone[line])
+                    line -= 1
+                text = trailing.get(v.end_lineno) or " ".join(above)
+                if text:
+                    out[k.value] = text
+            return out
+    return None
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (a UserError: exit code 2 through `run_cli`), not usage text."""
 
@@ -126,13 +179,16 @@ def finite_float(text: str) -> float:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults: dict, help: dict | None = None, aliases: dict | None = None) -> None:
-    """One `--some-key` flag per key of a script's config dict, typed by its default value.
+    """One `--some-key` flag per key of a script's config dict, typed by its default value; its help
+    is `help[key]` if given, else the comment beside the key where the dict is declared (`key_comments`).
 
     aliases: extra flag names per key, e.g. {"compression_ratio": ["--ratio"]}.
     """
-    help, aliases = help or {}, aliases or {}
+    help = key_comments(defaults, sys._getframe(1).f_globals) | {k: v.replace("%%", "%") for k, v in (help or {}).items()}
+    aliases = aliases or {}
     for key, value in defaults.items():
-        kw: dict = {"dest": key, "default": None, "help": f"{help.get(key, '')} (default: {value})".strip()}
+        text = help.get(key, "").replace("%", "%%")  # argparse formats help strings with %
+        kw: dict = {"dest": key, "default": None, "help": f"{text} (default: {value})".strip()}
         if isinstance(value, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(value, (list, tuple)):

@@ -1,7 +1,11 @@
 """Writing results safely: `atomic_path` and `write_json_atomic` replace one file, `staged_output`
-publishes a folder of results, so that a failure part-way leaves nothing half-written. Temporary
-names are unique (two processes writing the same folder never share one) and short (a valid output
-name never makes a temporary name too long): `.NAME.XXXXXXXX.tmp`, NAME cut to `TMP_NAME_CHARS`."""
+publishes a folder of results, so that a failure part-way leaves nothing half-written, and `stamp`
+names the layout of every JSON result the tools write. Temporary names are unique (two processes
+writing the same folder never share one) and short (a valid output name never makes a temporary
+name too long): `.NAME.XXXXXXXX.tmp`, NAME cut to `TMP_NAME_CHARS`.
+
+    write_json_atomic(out / "eval_results.json", stamp("ad-eval-results", results))
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adlens.errors import UserError
+
+# Every JSON result the tools write: schema name -> version of its layout. A reader checks the name
+# and accepts the versions it knows; a change of layout (a key renamed, removed or re-meant) bumps
+# the version. Files written before the stamp carried "version" (and "format" for attention metrics)
+# or nothing.
+SCHEMAS = {
+    "ad-eval-results": 1,  # evaluate.py: eval_results.json
+    "ad-capture-returns": 1,  # evaluate_with_attention.py: returns.json
+    "ad-attention-metrics": 1,  # analyze_attention.py: attention_metrics.json
+    "ad-compression-results": 2,  # compression_template.py, run_attention_analysis.py: compression_results.json
+    "ad-compression-recommendation": 1,  # run_attention_analysis.py: recommendation.json
+    "ad-training-progression": 1,  # training_progression.py: training_progression.json
+    "ad-benchmark-inference-speed": 1,  # benchmarks/inference_speed.py --out
+    "ad-benchmark-compile-step": 1,  # benchmarks/compile_step.py --out
+    "adlens-output-manifest": 1,  # the one-click and the analysis scripts: OUT/manifest.json
+}
+
+
+def stamp(schema: str, doc: dict) -> dict:
+    """`doc` with `"schema"` and `"schema_version"` first (replacing any it had), for a JSON result."""
+    body = {k: v for k, v in doc.items() if k not in ("schema", "schema_version")}
+    return {"schema": schema, "schema_version": SCHEMAS[schema], **body}
+
 
 TMP_NAME_CHARS = 40  # of the output's name kept in its temporary name (a file name may have 255 bytes)
 
@@ -108,7 +135,7 @@ def staged_output(out_dir: str | Path, manifest: OutputManifest | None = None):
 
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA, MANIFEST_VERSION = "adlens-output-manifest", 1
+MANIFEST_SCHEMA = "adlens-output-manifest"
 
 
 def _listed_name(name) -> bool:
@@ -173,8 +200,7 @@ class OutputManifest:
         self._write("complete")
 
     def _write(self, status: str) -> None:
-        write_json_atomic(self.path, {"schema": MANIFEST_SCHEMA, "version": MANIFEST_VERSION, "producer": self.producer,
-                                      "status": status, "files": self.files})  # fmt: skip
+        write_json_atomic(self.path, stamp(MANIFEST_SCHEMA, {"producer": self.producer, "status": status, "files": self.files}))
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

@@ -16,8 +16,9 @@ import math
 
 import numpy as np
 
+from adlens.io import stamp
+
 MAX_LOSS = 0.05  # a candidate may lose at most this fraction of the uncompressed return
-RECOMMENDATION_SCHEMA = {"schema": "ad-compression-recommendation", "version": 1}
 
 
 def _ratio(tokens: float, context: int) -> float:
@@ -83,8 +84,8 @@ def break_even_context(a: float, b: float, overhead_s: float, ratio: float) -> f
 
 def recommendation_doc(best: dict | None, rows: list[dict], attention_rec: dict, seeds: list[int], rerun_best: dict | None,
                        estimate: dict | None = None) -> dict:  # fmt: skip
-    """The content of recommendation.json (schema and version first)."""
-    doc = dict(RECOMMENDATION_SCHEMA)
+    """The content of recommendation.json (schema and schema_version first)."""
+    doc = stamp("ad-compression-recommendation", {})
     if best is None:
         doc.update({"strategy": "none", "ratio": 1.0, "interval": None, "engine": rows[0]["engine"] if rows else None,
                     "measured_speedup": None, "measured_performance_loss": None, "loss_stderr": None})  # fmt: skip

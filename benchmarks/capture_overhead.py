@@ -21,11 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.record import record_rollout  # noqa: E402
 from adlens.config import run_cli  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
 from env import get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.rollout import run_episodes  # noqa: E402
 
 
+@torch.no_grad()  # for the run only: a caller's autograd mode is restored on return
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="model.pt (default: the shipped model)")
@@ -34,12 +36,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.eval_timesteps < 1 or args.repeats < 1:
-        raise ValueError("--eval-timesteps and --repeats must be >= 1")
+        raise UserError("--eval-timesteps and --repeats must be >= 1")
     model, meta = load_model(args.checkpoint)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for("test")
     n_ep = math.ceil(args.eval_timesteps / spec.horizon)
-    torch.set_grad_enabled(False)
 
     def plain():
         venv = make_vec_env(spec, tasks, "batched")

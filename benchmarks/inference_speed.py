@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.compression import make_compression  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
-from adlens.io import write_json_atomic  # noqa: E402
+from adlens.io import stamp, write_json_atomic  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from env import get_spec, make_vec_env  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
@@ -193,6 +193,7 @@ def measure(model, spec, tasks, cfg, T, B, device) -> list[dict]:
     return rows
 
 
+@torch.no_grad()  # for the run only: a caller's autograd mode is restored on return
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, CONFIG)
@@ -208,7 +209,6 @@ def main(argv=None) -> dict:
         for name in cfg["strategies"]:
             for ratio in cfg["ratios"]:
                 build_comp(cfg, name, ratio, T)
-    torch.set_grad_enabled(False)
     hw = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
         if device.type == "cpu"
@@ -249,6 +249,7 @@ def main(argv=None) -> dict:
         within, after = greedy_agreement(base, spec, tasks, n_ep)
         print(f"greedy actions (a) vs (b): {100 * within:.1f}% identical within the window, {100 * after:.1f}% after it slides")
         result |= {"greedy_agreement_within_window": within, "greedy_agreement_after_slide": after}
+    result = stamp("ad-benchmark-inference-speed", result)
     if cfg["out"]:
         write_json_atomic(cfg["out"], result)
     return result

@@ -1,6 +1,16 @@
-"""Shared test helpers: a small synthetic attention capture (format v1) built without a model."""
+"""Shared test helpers: a tiny checkpoint of the project's model, a runner for the scripts as users
+run them, and a small synthetic attention capture (format v1) built without a model.
+
+The project's `model` and `env` packages are imported inside the helpers, not here: tests/user_ad
+brings packages of the same names, and the tests that use it must not find ours already imported.
+"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +18,41 @@ import torch
 
 # The test models are tiny: one thread is faster than several, and leaves the other core free.
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_ENV = {"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2}  # 9 goals, 2 held out
+
+
+def tiny_model(max_context: int = 20, seed: int = 0, **overrides):
+    """A seeded, untrained 2-layer, 2-head, 16-wide AD model for the 3 x 3 room, in eval mode."""
+    from model import ADConfig, ADTransformer
+
+    torch.manual_seed(seed)
+    cfg = dict(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0) | overrides
+    return ADTransformer(ADConfig(**cfg)).eval()
+
+
+def save_tiny_checkpoint(path: Path, **model_kw) -> Path:
+    """Write `tiny_model(**model_kw)` as `train.py` would (weights + resolved config), for the scripts."""
+    from env import get_spec
+    from model.checkpoint import save_atomic
+
+    model, spec = tiny_model(**model_kw), get_spec(TINY_ENV)
+    save_atomic({"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of `tiny_model()` (context 20) that every script accepts with --checkpoint."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
+
+
+def run_script(script: str, *args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python ROOT/script args...` from `cwd`, as a user runs it (one torch thread); output captured."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
 
 MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]])
 

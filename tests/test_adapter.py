@@ -23,6 +23,7 @@ from adlens.capture import capture_attention
 from adlens.compression import STRATEGIES, make_compression
 from adlens.errors import UserError
 from adlens.history import HistoryCompressor, default_token_steps
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_AD = ROOT / "tests" / "user_ad"
@@ -360,8 +361,7 @@ def codebase(tmp_path_factory):
 
 
 def _run(script, *args, cwd):
-    r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
-    return r
+    return run_script(script, *args, cwd=cwd)
 
 
 def test_one_click_on_a_codebase_with_its_own_model_and_env(codebase):

@@ -230,6 +230,7 @@ def test_every_output_is_written(analysed):
 def test_metrics_json_and_text_agree(analysed):
     _, out, result = analysed
     doc = json.loads((out / "attention_metrics.json").read_text())
+    assert (doc["schema"], doc["schema_version"]) == ("ad-attention-metrics", 1)
     rec = doc["recommendation"]
     assert set(rec) - {"n_sink", "window_size"} == REC_KEYS and rec == result["recommendation"]
     text = (out / "compression_recommendations.txt").read_text()

@@ -1,9 +1,8 @@
 """Attention capture: hook lifetime, exactness against a manual recomputation, no effect on outputs,
 the recorded rollout and its capture file."""
 
+import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,22 +10,18 @@ import torch
 import torch.nn as nn
 
 from adlens.capture_file import load_capture, save_capture
-from conftest import build_capture
+from conftest import build_capture, run_script, tiny_model
 from model.record import record_rollout
 from adlens.errors import UserError
 from env import get_spec
-from model import ADConfig, ADTransformer, Tokens
+from model import Tokens
 from adlens.capture import attention_modules, capture_attention
-from model.checkpoint import save_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tiny(max_context=24, seed=0):
-    torch.manual_seed(seed)
-    return ADTransformer(
-        ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)
-    ).eval()
+    return tiny_model(max_context, seed)
 
 
 def _tokens(B, T, seed=0):
@@ -214,19 +209,8 @@ def test_load_capture_bad_files(tmp_path):
         load_capture(tmp_path / "v99.pt")
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
-    model = _tiny(max_context=20)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_atomic(
-        {"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path
-    )
-    return path
-
-
 def _script(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate_with_attention.py"), *args], capture_output=True, text=True, cwd=cwd)
+    return run_script("evaluate_with_attention.py", *args, cwd=cwd)
 
 
 def test_evaluate_with_attention_script(tiny_checkpoint, tmp_path):
@@ -235,7 +219,9 @@ def test_evaluate_with_attention_script(tiny_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     cap = load_capture(out / "capture.pt")
     assert cap["query_attn"].shape[:2] == (2, 15)  # both held-out tasks; rounded up to whole episodes
-    assert (out / "returns.json").is_file() and (out / "capture_config.json").is_file()
+    returns = json.loads((out / "returns.json").read_text())
+    assert (returns["schema"], returns["schema_version"]) == ("ad-capture-returns", 1) and len(returns["tasks"]) == 2
+    assert (out / "capture_config.json").is_file()
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,6 @@
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +9,11 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from env import get_spec, make_env
-from model import ADConfig, ADTransformer
 from model.rope import apply_rope, rope_cos_sin
 from model.cache import KVCache
-from model.checkpoint import save_atomic
 from adlens.compression import STRATEGIES, make_compression
 from adlens.compression import merge_rows
+from conftest import run_script, tiny_model
 from model.rollout import ENGINES, run_episodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,10 +28,7 @@ PARAMS = {
 
 
 def _tiny(max_context=20):
-    torch.manual_seed(0)
-    return ADTransformer(
-        ADConfig(n_states=9, n_actions=5, horizon=5, max_context=max_context, n_layer=2, n_head=2, d_model=16, dropout=0.0)
-    ).eval()
+    return tiny_model(max_context)
 
 
 def _kept(assign, row=0):
@@ -209,18 +203,8 @@ def test_unknown_strategy_lists_valid_ones():
         make_compression("magic")
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    model = _tiny(max_context=20)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_atomic(
-        {"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": SPEC.to_dict(), "train": {}}, "step": 0}, path
-    )
-    return path
-
-
 def _template(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "compression_template.py"), *args], capture_output=True, text=True, cwd=cwd)
+    return run_script("compression_template.py", *args, cwd=cwd)
 
 
 def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
@@ -243,7 +227,13 @@ def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
         "seeds",
     ):
         assert key in rows[0]
-    assert rows[0]["engine"] == "kv" and rows[0]["seeds"] == [0, 1] and rows[0]["speedup"] > 0
+    row = rows[0]
+    assert row["engine"] == "kv" and row["seeds"] == [0, 1] and len(row["time_full_s"]) == len(row["time_compressed_s"]) == 2
+    assert row["speedup"] == pytest.approx(sum(row["time_full_s"]) / sum(row["time_compressed_s"]))  # summed times, paired runs
+    assert row["speedup_pair_min"] <= row["speedup"] <= row["speedup_pair_max"]
+    assert row["mean_context_length"] < row["full_context_length"] and row["shortens_context"]  # budget 10 of 20 tokens
+    res = json.loads((out / "compression_results.json").read_text())
+    assert (res["schema"], res["schema_version"]) == ("ad-compression-results", 2)
 
     out = tmp_path / "sweep"
     r = _template("--checkpoint", str(tiny_checkpoint), "--sweep", "--engine", "rerun", "--episodes", "5", "--seeds", "0",

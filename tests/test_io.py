@@ -98,7 +98,7 @@ def test_manifest_removes_exactly_the_previous_runs_files(tmp_path):
             (stage / name).write_text(name)
     first.finish()
     doc = json.loads((out / MANIFEST_NAME).read_text())
-    assert doc["schema"] == "adlens-output-manifest" and doc["version"] == 1 and doc["status"] == "complete"
+    assert (doc["schema"], doc["schema_version"]) == ("adlens-output-manifest", 1) and doc["status"] == "complete"
     assert doc["files"] == ["a.png", "b.json", "heat_7.png"]
     (out / "foreign.txt").write_text("mine")
     second = OutputManifest(out, "test")

@@ -11,26 +11,16 @@ import pytest
 import torch
 
 import run_attention_analysis
-from env import get_spec
-from model import ADConfig, ADTransformer
-from model.checkpoint import save_atomic
+from conftest import run_script, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "ATTENTION_ANALYSIS_README.md"]
+DOCS = ["README.md", "ATTENTION_ANALYSIS_README.md", "EXPERIMENTS.md"]  # EXPERIMENTS.md: the commands behind the numbers
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    spec = get_spec({"name": "darkroom", "size": 3, "horizon": 5, "n_holdout": 2})
-    model = ADTransformer(
-        ADConfig(n_states=9, n_actions=5, horizon=5, max_context=30, n_layer=2, n_head=2, d_model=16, dropout=0.0, grid_size=3)
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_atomic(
-        {"model": model.state_dict(), "config": {"model": model.cfg.to_dict(), "env": spec.to_dict(), "train": {}}, "step": 0}, path
-    )
-    return path
+    """Context 30 (not the shared 20) and the row + column grid embedding of the default model."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", max_context=30, grid_size=3)
 
 
 def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsys):
@@ -45,7 +35,7 @@ def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsy
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert len(list(out.glob("attention_heatmap_step*.png"))) >= 1
     doc = json.loads((out / "recommendation.json").read_text())
-    assert doc["schema"] == "ad-compression-recommendation" and doc["seeds"] == [0, 1] and doc["candidates"]
+    assert (doc["schema"], doc["schema_version"]) == ("ad-compression-recommendation", 1) and doc["seeds"] == [0, 1] and doc["candidates"]
     for row in doc["candidates"]:  # every candidate measured against no compression, paired per seed
         assert row["engine"] == "kv" and len(row["time_full_s"]) == len(row["time_compressed_s"]) == 2 and row["ratio"] < 1
     if doc["strategy"] == "none":
@@ -58,6 +48,9 @@ def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsy
     assert text.rstrip().splitlines()[-1].startswith(("Recommended:", "What would pay", "Estimate from"))
     assert "Measured verdict" in text
     metrics = json.loads((out / "attention_metrics.json").read_text())
+    assert (metrics["schema"], metrics["schema_version"]) == ("ad-attention-metrics", 1)
+    results = json.loads((out / "compression_results.json").read_text())
+    assert (results["schema"], results["schema_version"]) == ("ad-compression-results", 2) and results["rows"]
     assert metrics["tasks"]["n"] == 2 and len(metrics["tasks"]["per_task"]["recent_share"]) == 2
     assert res["recommendation"] == doc
     printed = capsys.readouterr().out
@@ -72,8 +65,7 @@ def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path
     assert torch.load(tmp_path / "c" / "capture.pt", weights_only=True)["query_attn"].shape[0] == 1  # --task: one task
     assert (out / "attention_metrics.json").is_file() and not (out / "compression_results.json").exists()
     _rerun_removes_stale_outputs_and_nothing_else(tiny_checkpoint, out, tmp_path / "c")
-    r = subprocess.run([sys.executable, str(ROOT / "run_attention_analysis.py"), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    r = run_script("run_attention_analysis.py", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and not (tmp_path / "x").exists()
 
 
@@ -97,19 +89,23 @@ def _rerun_removes_stale_outputs_and_nothing_else(checkpoint, out, cap):
 
 
 def _doc_commands():
-    """Every `python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...` line in the docs' code blocks."""
+    """Every `python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...` in the docs: each line of their
+    shell code blocks, and each inline `code span` of the prose (which may wrap onto a second line)."""
+    command = re.compile(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)")
     cmds = []
     for doc in DOCS:
         text = (ROOT / doc).read_text()
+        lines = []
         for lang, block in re.findall(r"^```(\w*)[ \t]*\n(.*?)^```", text, flags=re.S | re.M):
-            if lang not in ("", "bash", "sh", "console"):
-                continue
-            for line in block.replace("\\\n", " ").splitlines():
-                line = line.split("#")[0].strip()
-                m = re.search(r"(?:python|torchrun[^.]*?)\s+((?:[\w/]+)\.py)(.*)", line)
-                if m and not line.startswith("pip"):
-                    # "path/to/toolkit/X.py": a toolkit script run from the user's own codebase
-                    cmds.append((doc, m.group(1).removeprefix("path/to/toolkit/"), shlex.split(m.group(2))))
+            if lang in ("", "bash", "sh", "console"):
+                lines += [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        lines += [span.replace("\n", " ") for span in re.findall(r"`([^`\n]+(?:\n[^`\n]+)?)`", prose)]
+        for line in lines:
+            m = command.search(line)
+            if m and not line.startswith("pip") and m.group(1) != "SCRIPT.py":  # SCRIPT.py: a placeholder
+                # "path/to/toolkit/X.py": a toolkit script run from the user's own codebase
+                cmds.append((doc, m.group(1).removeprefix("path/to/toolkit/"), shlex.split(m.group(2))))
     return cmds
 
 
@@ -136,3 +132,22 @@ def test_doc_command_flags_exist(doc, script, args):
         if a.startswith("--"):
             flag = a.split("=")[0]
             assert re.search(rf"{re.escape(flag)}\b", _HELP[script]), f"{doc}: {script} has no flag {flag}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_links_point_at_files_and_headings_that_exist(doc):
+    """A link such as [x](EXPERIMENTS.md#rollout-speed) or [x](#7-files) names a file and a heading that exist."""
+    text = (ROOT / doc).read_text()
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path = ROOT / (target or doc)
+        assert path.exists(), f"{doc}: link to missing {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M), flags=re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{doc}: no heading for #{anchor} in {path.name}"

@@ -361,7 +361,7 @@ def test_evaluate_writes_results_and_curve(evaluated, spec):
     assert (out / "in_context_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert EVAL_KEYS <= set(saved)
+    assert EVAL_KEYS <= set(saved) and (saved["schema"], saved["schema_version"]) == ("ad-eval-results", 1)
     held = spec.tasks_for("test")
     assert saved["tasks"] == held and len(held) == 2
     assert saved["episodes"] == 2 and saved["seeds"] == [0] and saved["greedy"] is True and saved["engine"] == "kv"
@@ -375,7 +375,8 @@ def test_evaluate_writes_results_and_curve(evaluated, spec):
         norm.append(np.array(pt["returns"]) / pt["optimal_return"])
     np.testing.assert_allclose(saved["normalized_return_per_episode"], np.mean(norm, 0))
     assert saved["mean_context_length"] == pytest.approx(6.5)  # 1..12 tokens, never more than max_context
-    assert saved["env_steps_per_second"] > 0
+    n_steps = len(held) * saved["episodes"] * spec.horizon  # one seed: every environment step of the run
+    assert saved["env_steps_per_second"] == pytest.approx(n_steps / saved["time_s"])
 
 
 def test_evaluate_engines_agree_within_max_context(evaluated, trained, tmp_path):
@@ -512,6 +513,25 @@ def test_base_yaml_equals_the_script_defaults():
     for key, value in base.get("collect", {}).items():
         assert value == collect.COLLECT_CONFIG[key] and type(value) is type(collect.COLLECT_CONFIG[key]), key
     assert train.parse(["--config", str(CONFIG_DIR / "base.yaml")]) == train.parse([])
+
+
+def test_help_is_the_comment_beside_each_config_key():
+    """A config key is described once, where it is declared: --help shows that comment."""
+    import argparse
+
+    from adlens.config import add_config_flags, key_comments
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, train.TRAIN_CONFIG)
+    text = " ".join(parser.format_help().split())
+    assert "--batch-size BATCH_SIZE windows per step (per process under torchrun) (default: 32)" in text
+    comments = key_comments(collect.COLLECT_CONFIG)
+    assert comments["n_streams"] == "parallel environments per PPO learner" and "seed" not in comments  # no comment, no help
+    runtime = {"steps": 3}  # declared nowhere in a source file
+    assert key_comments(runtime) == {}
+    with_percent = argparse.ArgumentParser()
+    add_config_flags(with_percent, {"share": 0.5}, {"share": "80% of it"})  # argparse's %-formatting is escaped
+    assert "80% of it (default: 0.5)" in with_percent.format_help()
 
 
 @pytest.mark.parametrize("name, family", [("darkroom", "darkroom"), ("darkroom_permuted", "darkroom_permuted"),

@@ -211,6 +211,7 @@ def test_progression_writes_every_artifact(progression, snapshot_run):
     assert sorted(p.name for p in (out / "points").iterdir()) == ["step_000001.json", "step_000003.json", "step_000006.json"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert json.loads((out / "training_progression.json").read_text()) == json.loads(json.dumps(doc))
+    assert (doc["schema"], doc["schema_version"]) == ("ad-training-progression", 1)
     assert (out / "training_progression.png").read_bytes()[:4] == b"\x89PNG"
     assert [p["step"] for p in doc["snapshots"]] == [1, 3, 6]
     meta = doc["meta"]

@@ -34,7 +34,7 @@ def test_choose_says_none_when_nothing_pays():
     doc = recommendation_doc(None, rows, {"strategy": "pooling"}, [0, 1], _row("pooling", 0.1, 4.0, 0.01) | {"engine": "rerun"},
                              {"a_ms": 1.0, "b_ms_per_token": 0.002, "overhead_ms": 0.3, "ratio": 0.1, "batch": 8, "context": 240,
                               "break_even_context": 166.7})  # fmt: skip
-    assert doc["strategy"] == "none" and doc["measured_speedup"] is None and doc["schema"] == "ad-compression-recommendation"
+    assert doc["strategy"] == "none" and doc["measured_speedup"] is None and (doc["schema"], doc["schema_version"]) == ("ad-compression-recommendation", 1)
     text = "\n".join(verdict_lines(doc))
     assert "Recommended: none" in text and "best candidate 1.50x" in text and "4.00x" in text and "167 tokens" in text
 

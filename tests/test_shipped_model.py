@@ -49,14 +49,21 @@ def test_short_evaluation_reproduces_recorded_returns(path):
     np.testing.assert_allclose(got, want)
 
 
-def test_recorded_results_show_in_context_learning():
-    """What the README reports: 3 seeds, 50 sampled episodes, a low first episode, >= 0.90 over 31-50
-    and no held-out goal below 0.75 there."""
-    r = json.loads(Path(RESULTS).read_text())
+def test_default_model_learns_in_context_when_re_evaluated():
+    """What the README reports, measured again rather than read back: the recorded seeds, 50 sampled
+    episodes (10-20 s on one core), a low first episode, >= 0.90 over episodes 31-50, no held-out goal
+    below 0.75 there; and the recorded file says the same (the docs quote it)."""
+    recorded = json.loads(Path(RESULTS).read_text())
+    assert len(recorded["seeds"]) >= 3 and recorded["episodes"] == 50 and not recorded["greedy"]
+    model, meta = load_model()
+    spec = get_spec(meta["env"])
+    with torch.no_grad():
+        r = evaluate(model, spec, spec.tasks_for("test"), 50, recorded["seeds"], greedy=False, progress=False)
     norm = np.array(r["normalized_return_per_episode"])
-    assert len(r["seeds"]) >= 3 and r["episodes"] == 50 and not r["greedy"]
     assert norm[0] <= 0.5
     assert norm[30:50].mean() >= 0.90
     per_goal = [np.mean(np.array(pt["returns_per_seed"])[:, 30:50]) / pt["optimal_return"] for pt in r["per_task"]]
     assert len(per_goal) == 8 and min(per_goal) >= 0.75
     assert norm[30:50].mean() - norm[:5].mean() >= 0.5  # learned in context, not known from the start
+    # the same sampled actions as the recorded run; a tolerance only for another CPU's rounding
+    assert norm[30:50].mean() == pytest.approx(np.mean(recorded["normalized_return_per_episode"][30:50]), abs=0.02)

@@ -6,6 +6,7 @@ python -m pytest -q tests/test_streaming.py
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -201,9 +202,15 @@ def test_inference_speed_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = benchmark_main(["--contexts", "24", "--envs", "2", "--steps", "2", "--rounds", "2", "--no-rerun", "--ratios", "0.5",
                 "--interval", "2", "--keep-recent", "2", "--n-sink", "1", "--out", str(out)])  # fmt: skip
+    assert torch.is_grad_enabled()  # the benchmark's no_grad ends with it
     labels = [r["engine"] for r in res["rows"]]
     assert labels == ["(b) kv", "(c) fixed_window 0.5", "(c) topk 0.5", "(c) pooling 0.5", "(c) sink_window 0.5"]
-    assert all(r["speedup_vs_kv"] > 0 for r in res["rows"][1:]) and out.is_file()
+    kv_ms = res["rows"][0]["ms_per_step"]
+    for r in res["rows"][1:]:  # (c) against (b), from the same interleaved rounds
+        assert r["speedup_vs_kv"] == pytest.approx(kv_ms / r["ms_per_step"])
+        assert r["speedup_vs_kv_min"] <= r["speedup_vs_kv"] <= r["speedup_vs_kv_max"]
+    assert all(r["env_steps_per_s"] == pytest.approx(1000 * 2 / r["ms_per_step"]) for r in res["rows"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res)) and res["schema"] == "ad-benchmark-inference-speed"
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
     r = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--rounds must be >= 1" in r.stderr and "Traceback" not in r.stderr
