@@ -269,8 +269,15 @@ def test_compression_template_single_and_sweep(tiny_checkpoint, tmp_path):
         (["--threads", "-1"], "--threads must be in [0, "),
     ],
 )
-def test_compression_template_bad_input(tiny_checkpoint, tmp_path, args, message):
-    r = _template("--checkpoint", str(tiny_checkpoint), *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+def test_compression_template_bad_input(tiny_checkpoint, tmp_path, args, message, capsys):
+    """In-process through run_cli (the exit codes of real processes: tests/test_bad_input.py)."""
+    import compression_template
+
+    from adlens.config import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(compression_template.main, ["--checkpoint", str(tiny_checkpoint), *args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message in err and "Traceback" not in err and err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
