@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +46,7 @@ from adlens.device import check_device_name, resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import stamp, staged_output, write_json_atomic  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
+from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
 from env import get_spec  # noqa: E402
 from model.checkpoint import load_model, read_checkpoint  # noqa: E402
 from model.progression import snapshot_point  # noqa: E402
@@ -65,8 +67,11 @@ PROGRESSION_CONFIG = {
     "sink_positions": 4,  # as in analyze_attention.py: steps with contexts <= recent_window + this are skipped
     "reference": [],  # other checkpoints evaluated alike, drawn as dashed lines ("default" = the shipped model)
     "reuse": True,  # reuse OUT/points/step_XXXXXX.json computed earlier with the same settings on the same file (--no-reuse: recompute)
-    "threads": 1,  # torch CPU threads (0 = torch's default)
+    "threads": 1,  # torch CPU threads (0 = torch's default); per worker with --workers > 1 or --backend ray
     "device": "cpu",  # cpu | cuda | auto
+    "backend": "local",  # local (processes on this machine) | ray (one Ray task per snapshot)
+    "workers": 1,  # snapshots computed in parallel (local: processes; ray with --ray-address local: CPUs)
+    "ray_address": "local",  # ray backend: local (a private Ray instance) | auto (the running cluster) | HOST:PORT
     "out": "runs/progression/analysis",
 }
 
@@ -82,15 +87,30 @@ def _read_json(path: Path) -> dict | None:
 
 
 BOUNDS = {"late_episodes": (1, 10_000), "capture_seeds": (1, 1000), "recent_window": (1, 100_000), "capture_tasks": (0, 100_000),
-          "capture_timesteps": (0, 10**7), "sink_positions": (0, 100_000), "tasks": {"test", "train"}, "device": {"auto", "cpu", "cuda"}}  # fmt: skip
+          "capture_timesteps": (0, 10**7), "sink_positions": (0, 100_000), "tasks": {"test", "train"}, "device": {"auto", "cpu", "cuda"},
+          "backend": set(BACKENDS)}  # fmt: skip
 
 
 def check_config(cfg: dict) -> dict:
     if cfg["late_episodes"] > cfg["episodes"]:
         raise UserError(f"--late-episodes ({cfg['late_episodes']}) must be at most --episodes ({cfg['episodes']})")
     check_device_name(cfg["device"])
+    if cfg["backend"] == "ray":
+        check_address(cfg["ray_address"])
     check_out(cfg["out"])
     return cfg
+
+
+def point_job(path: str | None, device: str, threads: int, spec_dict: dict, args: tuple) -> dict:
+    """One snapshot's point (returns and attention), in a worker: untimed, so jobs pack densely.
+    `path` None is the shipped model."""
+    from env import get_spec
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, _ = load_model(path, torch.device(device))
+    spec = get_spec(spec_dict)
+    return snapshot_point(model, spec, *args)
 
 
 def snapshot_folder(path: str | Path) -> Path:
@@ -131,31 +151,42 @@ def main(argv=None) -> dict:
     settings = {k: cfg[k] for k in ("tasks", "episodes", "late_episodes", "recent_window", "sink_positions", "device")}
     settings |= {"seeds": seeds, "capture_seeds": capture_seeds, "n_capture_tasks": len(capture_tasks), "capture_timesteps": capture_steps}
 
-    def point(path):
-        model, _ = load_model(path, device)
-        return snapshot_point(
-            model, spec, tasks, capture_tasks, cfg["episodes"], seeds, capture_seeds, capture_steps,
-            cfg["late_episodes"], cfg["recent_window"], cfg["sink_positions"],
-        )  # fmt: skip
-
+    args = (tasks, capture_tasks, cfg["episodes"], seeds, capture_seeds, capture_steps, cfg["late_episodes"], cfg["recent_window"],
+            cfg["sink_positions"])  # fmt: skip
     out = Path(cfg["out"])
     t0 = time.perf_counter()
-    points, n_reused = [], 0
-    for step, path in tqdm(snaps, desc="snapshots", dynamic_ncols=True):
+    points: list = [None] * len(snaps)
+    keys, todo = [], []  # todo: (index, path or None for the shipped model); indices past the snapshots are references
+    for i, (step, path) in enumerate(snaps):
         st = path.stat()
-        key = {"snapshot": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "settings": settings}
-        cached = out / POINTS_DIR / f"step_{step:06d}.json"
-        old = _read_json(cached) if cfg["reuse"] else None
-        if old is not None and old.get("key") == key:
-            points.append(old["point"])
-            n_reused += 1
-            continue
-        points.append({"step": step, "path": str(path), **point(path)})
-        write_json_atomic(cached, {"key": key, "point": points[-1]})
-    ref_points = [
-        {"name": "shipped model" if r == "default" else Path(r).parent.name or r, "path": r, **point(None if r == "default" else r)}
-        for r in references
-    ]
+        keys.append({"snapshot": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "settings": settings})
+        old = _read_json(out / POINTS_DIR / f"step_{step:06d}.json") if cfg["reuse"] else None
+        if old is not None and old.get("key") == keys[-1]:
+            points[i] = old["point"]
+        else:
+            todo.append((i, str(path)))
+    n_reused = len(snaps) - len(todo)
+    todo += [(len(snaps) + j, None if r == "default" else r) for j, r in enumerate(references)]
+    ref_points: list = [None] * len(references)
+
+    def keep(i: int, result: dict) -> None:
+        if i < len(snaps):
+            step, path = snaps[i]
+            points[i] = {"step": step, "path": str(path), **result}
+            write_json_atomic(out / POINTS_DIR / f"step_{step:06d}.json", {"key": keys[i], "point": points[i]})
+        else:
+            r = references[i - len(snaps)]
+            ref_points[i - len(snaps)] = {"name": "shipped model" if r == "default" else Path(r).parent.name or r, "path": r, **result}
+
+    if cfg["backend"] == "local" and cfg["workers"] == 1:
+        for i, path in tqdm(todo, desc="snapshots", dynamic_ncols=True):
+            keep(i, point_job(path, str(device), 0, spec.to_dict(), args))
+    else:  # one job per snapshot; the driver writes each point as it arrives
+        jobs = [(path, str(device), cfg["threads"] or 1, spec.to_dict(), args) for _, path in todo]
+        with backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], point_job):
+            with closing(fan_out(point_job, jobs, cfg["backend"], cfg["workers"], cfg["ray_address"], desc="snapshots")) as done_iter:
+                for done in done_iter:
+                    keep(todo[done.idx][0], done.result)
     elapsed = time.perf_counter() - t0
 
     model_cfg = ref_cfg["model"]
@@ -177,7 +208,9 @@ def main(argv=None) -> dict:
             "episodes": cfg["episodes"],
             "recent_window": cfg["recent_window"],
             "n_snapshots": len(points),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads() if cfg["workers"] == 1 and cfg["backend"] == "local" else cfg["threads"] or 1,
+            "backend": cfg["backend"],
+            "workers": cfg["workers"],
             "time_s": round(elapsed, 1),
             "n_reused": n_reused,
             "metrics": ATTENTION_KEYS,

@@ -266,6 +266,22 @@ def test_progression_reuses_points_of_unchanged_snapshots_only(progression, snap
     assert len(calls) == 1 + 3
 
 
+def test_progression_fanned_out_over_worker_processes_gives_the_same_numbers(progression, snapshot_run, tmp_path):
+    """--workers 2: one job per snapshot (and reference) in a process pool, the driver writing each
+    point; same seeds, same numbers as computed here in turn."""
+    _, doc = progression
+    fanned = training_progression.main([
+        "--snapshots", str(snapshot_run), "--out", str(tmp_path / "w"), "--episodes", "3", "--late-episodes", "2",
+        "--seed", "100", "--num-seeds", "2", "--capture-tasks", "1", "--capture-seeds", "1",
+        "--reference", str(snapshot_run / "model.pt"), "--workers", "2",
+    ])  # fmt: skip
+    for mine, theirs in zip(fanned["snapshots"] + fanned["references"], doc["snapshots"] + doc["references"]):
+        assert mine["returns"] == theirs["returns"]  # the same episodes
+        for key, value in theirs["attention"].items():  # the same weights, up to float rounding in another process
+            assert mine["attention"][key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if value is not None else None), key
+    assert fanned["meta"]["workers"] == 2 and len(list((tmp_path / "w" / "points").iterdir())) == 3
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bad_folders(snapshot_run, tiny_data, tmp_path_factory):
