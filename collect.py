@@ -44,7 +44,7 @@ from adlens.config import add_config_flags, check_memory, check_out, load_yaml, 
 from adlens.device import check_device_name, resolve_device
 from adlens.errors import UserError
 from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_atomic
-from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out
+from adlens.ray_pool import BACKENDS, backend_session, check_address, check_workers, fan_out
 from env import env_section
 from env import get_spec
 from env.tasks import EnvSpec
@@ -244,6 +244,7 @@ def main(argv=None) -> list[dict]:
         resolve_device(cfg["device"])  # cuda without CUDA is refused, never run on the CPU instead
     else:
         check_device_name(cfg["device"])  # the Ray tasks that hold a GPU check theirs
+    check_workers(cfg["backend"], cfg["ray_address"], cfg["workers"])
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
         if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:

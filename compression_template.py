@@ -48,7 +48,7 @@ from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parse
 from adlens.device import resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import provenance, stamp, write_json_atomic  # noqa: E402
-from adlens.ray_pool import BACKENDS, backend_session, fan_out  # noqa: E402
+from adlens.ray_pool import BACKENDS, backend_session, fan_out, check_workers  # noqa: E402
 from adlens.plots import plot_compression_tradeoff, save_figure  # noqa: E402
 
 ENGINES = ("kv", "rerun")  # the project's engines; an --adapter model runs its own rollout (engine "adapter")
@@ -263,6 +263,7 @@ def main(argv=None) -> dict:
     if cfg["adapter"] and args.checkpoint is not None:
         raise UserError("--checkpoint and --adapter are mutually exclusive: analyse the project's model or yours")
     check_out(cfg["out"])
+    check_workers(cfg["backend"], cfg["ray_address"], cfg["workers"])
     if cfg["sweep"] and not (cfg["sweep_strategies"] and cfg["sweep_ratios"]):
         raise UserError("--sweep needs at least one strategy (--sweep-strategies) and one ratio (--sweep-ratios)")
     threads = pin_threads(cfg["threads"])

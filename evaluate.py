@@ -33,7 +33,7 @@ from adlens.plots import save_figure  # noqa: E402
 from adlens.config import add_config_flags, check_out, make_parser, none_or, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import stamp, write_json_atomic  # noqa: E402
-from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
+from adlens.ray_pool import BACKENDS, backend_session, check_address, check_workers, fan_out  # noqa: E402
 from env import VEC_ENVS, get_spec, make_vec_env  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
@@ -201,6 +201,7 @@ def main(argv=None) -> dict:
     add_config_flags(parser, EVAL_CONFIG)
     cfg = resolve(EVAL_CONFIG, parser.parse_args(argv), bounds=BOUNDS)
     out = check_out(cfg["out"])
+    check_workers(cfg["backend"], cfg["ray_address"], cfg["workers"])
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
     device = resolve_device(cfg["device"])

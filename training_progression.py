@@ -46,7 +46,7 @@ from adlens.device import check_device_name, resolve_device  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from adlens.io import stamp, staged_output, write_json_atomic  # noqa: E402
 from adlens.progression import ATTENTION_KEYS, emergence  # noqa: E402
-from adlens.ray_pool import BACKENDS, backend_session, check_address, fan_out  # noqa: E402
+from adlens.ray_pool import BACKENDS, backend_session, check_address, check_workers, fan_out  # noqa: E402
 from env import get_spec  # noqa: E402
 from model.checkpoint import load_model, read_checkpoint  # noqa: E402
 from model.progression import snapshot_point  # noqa: E402
@@ -95,6 +95,7 @@ def check_config(cfg: dict) -> dict:
     if cfg["late_episodes"] > cfg["episodes"]:
         raise UserError(f"--late-episodes ({cfg['late_episodes']}) must be at most --episodes ({cfg['episodes']})")
     check_device_name(cfg["device"])
+    check_workers(cfg["backend"], cfg["ray_address"], cfg["workers"])
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
     check_out(cfg["out"])

@@ -191,14 +191,24 @@ def backend_session(backend: str, address: str = "local", workers: int = 1, fn: 
     """Hold one Ray connection across several `fan_out` calls (and fail on a bad address before any
     output is written); shut it down on exit, Ctrl-C included, if this call started it. The local
     backend needs no session: a no-op."""
-    if backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_workers(backend, address, workers)
     started = backend == "ray" and start_ray(address, workers, _fn_ref(fn)[2] if fn else None)
     try:
         yield
     finally:
         if started:
             _import_ray().shutdown()
+
+
+def check_workers(backend: str, address: str, workers: int) -> None:
+    """Refuse a backend name no one can mean and, on this machine (local processes or a private Ray
+    instance), more workers than 4x its cores; a cluster (`--ray-address auto|HOST:PORT`) sizes itself."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    cores = os.cpu_count() or 1
+    if (backend == "local" or address == "local") and workers > 4 * cores:
+        raise UserError(f"--workers {workers} on this machine is more than 4x its {cores} cores; "
+                        "lower --workers, or use --backend ray --ray-address auto for a cluster")
 
 
 def _largest_node_cpus(ray) -> float:

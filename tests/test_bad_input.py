@@ -297,3 +297,10 @@ def test_exit_code_2_and_one_line_from_a_real_process(argv, needle, tmp_path):
     r = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_more_local_workers_than_4x_the_cores_are_refused(capsys, tmp_path):
+    many = str(4 * (os.cpu_count() or 1) + 1)
+    for name, extra in (("collect", ["--config", str(TINY)]), ("evaluate", []), ("compression_template", []), ("training_progression", [])):
+        line = refused(capsys, name, [*extra, "--workers", many], tmp_path / "out")
+        assert f"--workers {many}" in line and "cores" in line, line
