@@ -119,13 +119,15 @@ def oneclick_numbers(metrics: dict, rec: dict) -> dict:
     """attention_metrics.json and recommendation.json of the one-click -> where the attention goes
     and the measured verdict."""
     m = metrics["metrics"]
-    candidates = [{"strategy": c["strategy"], "ratio": c["ratio"], "speedup": c["speedup"], "performance_loss": c["performance_loss"]}
-                  for c in rec["candidates"]]  # fmt: skip
+    keys = ("strategy", "ratio", "engine", "speedup", "speedup_pair_min", "speedup_pair_max", "performance_loss", "performance_loss_stderr")
+    candidates = [{k: c[k] for k in keys} for c in rec["candidates"]]
     return {
         "reward_context_share": m["reward_context_share"],
         "reward_attention_share": m["reward_attention_share"],
         "episode_share": m["episode_share"],  # the current episode, the previous, ...
         "recommended": rec["strategy"],
+        "recommended_ratio": rec["ratio"],
+        "check_seeds": rec["seeds"],
         "best_speedup": max(c["speedup"] for c in candidates) if candidates else None,
         "candidates": candidates,
     }
@@ -340,11 +342,27 @@ def table_readme(r: dict) -> str:
     ])  # fmt: skip
 
 
+def table_oneclick(r: dict) -> str:
+    doc = r["oneclick"]
+    n = doc["numbers"]
+    lines = ["| candidate | speedup (pairs) | loss of return (+- se) |", "|---|---|---|"]
+    for c in n["candidates"]:
+        lines.append(f"| {c['strategy']} {c['ratio']} ({c['engine']}) | {c['speedup']:.2f}x ({c['speedup_pair_min']:.2f}-{c['speedup_pair_max']:.2f}) "
+                     f"| {_pct(c['performance_loss'])} (+- {_pct(c['performance_loss_stderr'])}) |")  # fmt: skip
+    verdict = "none" if n["recommended"] == "none" else f"{n['recommended']} at ratio {n['recommended_ratio']}"
+    load = doc["load_average"] or {}
+    shared = f", load average {load['before']:.1f} to {load['after']:.1f}" if load else ""
+    lines += ["", f"*Seeds {n['check_seeds'][0]}-{n['check_seeds'][-1]}; recommended: {verdict}; the whole run took {doc['wall_s']:.0f} s "
+                  f"with {doc['threads']} thread(s){shared}. {doc['note']}*"]  # fmt: skip
+    return "\n".join(lines)
+
+
 # table name (the NAME in <!-- results:NAME -->) -> (the results it reads, how it is drawn)
 TABLES = {
     "readme": (("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline"), table_readme),
     "evaluation": (("evaluation",), table_evaluation),
     "compression_headline": (("compression_headline",), table_compression_headline),
+    "oneclick": (("oneclick",), table_oneclick),
 }
 
 MARKED = re.compile(r"(<!-- results:([a-z0-9_]+) -->\n)(.*?)(<!-- /results -->)", re.S)
