@@ -58,14 +58,16 @@ class Result:
     extract: Callable[..., dict]  # extract(*output_docs) -> the numbers the docs show
     minutes: float  # rough cost on 2 idle CPU cores
     takes_threads: bool = True  # the script has a --threads flag (otherwise OMP_NUM_THREADS sets it)
+    cwd: str = "."  # where the command runs, relative to the root (script and flags are relative to it)
 
     def command(self, threads: int | None) -> list[str]:
         cmd = ["python", self.script, *self.args]
         return cmd + ["--threads", str(threads)] if threads and self.takes_threads else cmd
 
-
-def _seeds(first: int, n: int) -> tuple[str, ...]:
-    return tuple(str(s) for s in range(first, first + n))
+    def shell(self, threads: int | None) -> str:
+        """The command as one shell line, run from the root."""
+        cmd = shlex.join(self.command(threads))
+        return cmd if self.cwd == "." else f"cd {self.cwd} && {cmd}"
 
 
 # ---- extraction: a script's JSON -> the numbers the docs quote ----------------------------------
@@ -115,6 +117,23 @@ def eval_numbers(doc: dict) -> dict:
     return out
 
 
+def speed_numbers(doc: dict) -> dict:
+    """benchmarks/inference_speed.py --out -> per (context, envs): ms per step of (a) and (b), (b) vs (a),
+    and every compressed (c) against (b) with its per-round range."""
+    keys = (
+        "context",
+        "envs",
+        "engine",
+        "ms_per_step",
+        "env_steps_per_s",
+        "speedup_vs_rerun",
+        "speedup_vs_kv",
+        "speedup_vs_kv_min",
+        "speedup_vs_kv_max",
+    )
+    return {"hardware": doc["hardware"], "rows": [{k: r[k] for k in keys if k in r} for r in doc["rows"]]}
+
+
 def oneclick_numbers(metrics: dict, rec: dict) -> dict:
     """attention_metrics.json and recommendation.json of the one-click -> where the attention goes
     and the measured verdict."""
@@ -143,22 +162,10 @@ REGISTRY = {
             "compression_headline",
             "history compression with the re-run engine, keeping 10%, 10 unseen seeds",
             "compression_template.py",
-            (
-                "--sweep",
-                "--engine",
-                "rerun",
-                "--sweep-strategies",
-                "fixed_window",
-                "pooling",
-                "--sweep-ratios",
-                "0.1",
-                "--episodes",
-                "50",
-                "--seeds",
-                *map(str, HEADLINE_SEEDS),
-                "--out",
-                "runs/headline",
-            ),  # fmt: skip
+            tuple(
+                "--sweep --engine rerun --sweep-strategies fixed_window pooling --sweep-ratios 0.1 --episodes 50".split()
+                + ["--seeds", *map(str, HEADLINE_SEEDS), "--out", "runs/headline"]
+            ),
             HEADLINE_SEEDS,
             ("runs/headline/compression_results.json",),
             compression_numbers,
@@ -166,7 +173,7 @@ REGISTRY = {
         ),
         Result(
             "evaluation",
-            "the shipped default model's in-context evaluation, 3 seeds, with the source PPO's curve",
+            "the shipped default model's in-context evaluation, 3 seeds, with the source PPO's curve (needs data/darkroom)",
             "evaluate.py",
             ("--num-seeds", "3", "--seed", "0", "--source-data", "data/darkroom", "--out", "checkpoints/darkroom_ad"),
             (0, 1, 2),
@@ -188,7 +195,7 @@ REGISTRY = {
         ),
         Result(
             "evaluation_ctx1000",
-            "the shipped 1,000-transition model's in-context evaluation, 3 seeds",
+            "the shipped 1,000-transition model's in-context evaluation, 3 seeds (needs data/darkroom)",
             "evaluate.py",
             (
                 "--checkpoint",
@@ -207,6 +214,30 @@ REGISTRY = {
             eval_numbers,
             minutes=0.5,
             takes_threads=False,
+        ),
+        Result(
+            "adapter_sweep",
+            "compression through the adapter on the example codebase tests/user_ad (random weights), 3 seeds",
+            "../../compression_template.py",
+            tuple(
+                "--adapter ad_adapter.py --sweep --sweep-strategies fixed_window sink_window topk pooling --sweep-ratios 0.2 0.1 "
+                "--interval 20 --keep-recent 20 --episodes 20 --seeds 100 101 102 --out runs/adapter_sweep".split()
+            ),
+            (100, 101, 102),
+            ("tests/user_ad/runs/adapter_sweep/compression_results.json",),
+            compression_numbers,
+            minutes=10,
+            cwd="tests/user_ad",
+        ),
+        Result(
+            "rollout_speed",
+            "rollout speed on this machine's CPU: re-run window vs KV cache vs compressed cache, 240 transitions, 8 and 256 envs",
+            "benchmarks/inference_speed.py",
+            ("--contexts", "240", "--envs", "8", "256", "--out", "runs/results/rollout_speed.json"),
+            (),
+            ("runs/results/rollout_speed.json",),
+            speed_numbers,
+            minutes=3,
         ),
         Result(
             "oneclick",
@@ -252,7 +283,7 @@ def record(entry: Result, docs: list[dict], threads: int | None, ran: bool, wall
     return stamp(SCHEMA, {
         "name": entry.name,
         "what": entry.what,
-        "command": shlex.join(entry.command(threads)),
+        "command": entry.shell(threads),
         "threads": threads,
         "seeds": list(entry.seeds),
         "ran_now": ran,  # False: extracted from an output written earlier (its provenance is under source)
@@ -271,13 +302,13 @@ def run_entry(entry: Result, threads: int | None, from_output: bool, note: str, 
     if not from_output:
         cmd = entry.command(threads)
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
-        print(f"[{entry.name}] {shlex.join(cmd)}", flush=True)
+        print(f"[{entry.name}] {entry.shell(threads)}", flush=True)
         before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env)
+        done = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT / entry.cwd, env=env)
         wall_s = time.perf_counter() - t0
         if done.returncode != 0:
-            raise UserError(f"{entry.name}: {shlex.join(cmd)} failed with exit code {done.returncode}; nothing written")
+            raise UserError(f"{entry.name}: {entry.shell(threads)} failed with exit code {done.returncode}; nothing written")
         load = {"before": before, "after": os.getloadavg()[0]}  # 1-minute load averages: how shared the machine was
     docs = [_load(ROOT / p) for p in entry.outputs]
     for p, d in zip(entry.outputs, docs, strict=True):
@@ -333,13 +364,78 @@ def table_readme(r: dict) -> str:
     fw, po = by["fixed_window"], by["pooling"]
     comp = (f"keeping {_pct(fw['ratio'], 0)}: **{fw['speedup']:.1f}x at {_pct(fw['performance_loss'])} (+- {_pct(fw['performance_loss_stderr'])}) loss** "
             f"(fixed_window), {po['speedup']:.1f}x at {_pct(po['performance_loss'])} (pooling), {len(r['compression_headline']['seeds'])} unseen seeds")  # fmt: skip
+    speed = _speed(r)
+    (small, s_rows), (large, l_rows) = sorted(speed.items())[0], sorted(speed.items())[-1]
+    ctx = s_rows["(b) kv"]["context"]
+    kv = (f"{s_rows['(b) kv']['speedup_vs_rerun']:.1f}x per step against re-running the {ctx}-transition window ({small} environments), "
+          f"{l_rows['(b) kv']['speedup_vs_rerun']:.0f}x at {large} (one run)")  # fmt: skip
+    cs, cl = _best_compressed(s_rows), _best_compressed(l_rows)
+    kvc = (f"up to {cl['speedup_vs_kv']:.1f}x per step at {large} environments ({cl['engine'].removeprefix('(c) ')}); "
+           f"{cs['speedup_vs_kv']:.1f}x at most at {small} environments")  # fmt: skip
     return "\n".join([
         "| question | answer | details |",
         "|---|---|---|",
         f"| Does it learn in context? | {learn} | [evaluation](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
         f"| Where does it look? | {look} | [one-click run](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
+        f"| What does the KV cache buy? | {kv} | [rollout speed](EXPERIMENTS.md#rollout-speed) |",
         f"| What does compression buy (re-run engine)? | {comp} | [headline](EXPERIMENTS.md#the-headline-re-measured-on-unseen-seeds) |",
+        f"| ... and with the KV cache? | {kvc} | [streaming cache](EXPERIMENTS.md#streaming-kv-cache-in-place-compaction-static-shape-step) |",
+        f"| On your own model, through the adapter? | {_adapter_claim(r)} | [adapter](EXPERIMENTS.md#your-own-model-through-an-adapter) |",
     ])  # fmt: skip
+
+
+def _by_ratio(rows: list[dict]) -> dict:
+    """{ratio: {strategy: row}}, ratios from the largest kept."""
+    out: dict = {}
+    for x in sorted(rows, key=lambda x: -x["ratio"]):
+        out.setdefault(x["ratio"], {})[x["strategy"]] = x
+    return out
+
+
+def table_adapter_sweep(r: dict) -> str:
+    rows = r["adapter_sweep"]["numbers"]["rows"]
+    by = _by_ratio(rows)
+    head = f"| strategy (uncompressed: {rows[0]['full_context_length']:.1f} tokens) | "
+    lines = [head + " | ".join(f"ratio {q}: speedup (pairs), mean context" for q in by) + " |", "|---" * (len(by) + 1) + "|"]
+    for s in next(iter(by.values())):
+        cells = [
+            f"{x['speedup']:.2f}x ({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}), {x['mean_context_length']:.1f}"
+            for x in (by[q][s] for q in by)
+        ]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _adapter_claim(r: dict) -> str:
+    parts = []
+    for q, row in _by_ratio(r["adapter_sweep"]["numbers"]["rows"]).items():
+        speed = [x["speedup"] for x in row.values()]
+        parts.append(f"{min(speed):.1f}-{max(speed):.1f}x faster keeping {_pct(q, 0)} of the context")
+    return ", ".join(parts) + " (example codebase, random weights)"
+
+
+def _speed(r: dict) -> dict:
+    """{envs: {engine: row}} of the rollout-speed result."""
+    out: dict = {}
+    for x in r["rollout_speed"]["numbers"]["rows"]:
+        out.setdefault(x["envs"], {})[x["engine"]] = x
+    return out
+
+
+def _best_compressed(rows: dict) -> dict:
+    return max((x for e, x in rows.items() if e.startswith("(c)")), key=lambda x: x["speedup_vs_kv"])
+
+
+def table_rollout_speed(r: dict) -> str:
+    lines = [
+        "| context | envs | (a) re-run the window | (b) KV cache | (b) vs (a) | fastest (c) | (c) vs (b) [rounds] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for envs, rows in _speed(r).items():
+        a, b, c = rows["(a) rerun"], rows["(b) kv"], _best_compressed(rows)
+        lines.append(f"| {a['context']} | {envs} | {a['ms_per_step']:.2f} ms/step | {b['ms_per_step']:.2f} ms | {b['speedup_vs_rerun']:.1f}x "
+                     f"| {c['engine'].removeprefix('(c) ')} | {c['speedup_vs_kv']:.2f}x [{c['speedup_vs_kv_min']:.2f}-{c['speedup_vs_kv_max']:.2f}] |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def table_oneclick(r: dict) -> str:
@@ -359,10 +455,12 @@ def table_oneclick(r: dict) -> str:
 
 # table name (the NAME in <!-- results:NAME -->) -> (the results it reads, how it is drawn)
 TABLES = {
-    "readme": (("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline"), table_readme),
+    "readme": (("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep"), table_readme),
     "evaluation": (("evaluation",), table_evaluation),
     "compression_headline": (("compression_headline",), table_compression_headline),
     "oneclick": (("oneclick",), table_oneclick),
+    "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
+    "rollout_speed": (("rollout_speed",), table_rollout_speed),
 }
 
 MARKED = re.compile(r"(<!-- results:([a-z0-9_]+) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -424,7 +522,7 @@ def main(argv=None) -> None:
         raise UserError(f"unknown result(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
     if args.list or not (names or args.render):
         for e in REGISTRY.values():
-            print(f"{e.name:<22} ~{e.minutes:g} min  {e.what}\n{'':<22} {shlex.join(e.command(args.threads or None))}")
+            print(f"{e.name:<22} ~{e.minutes:g} min  {e.what}\n{'':<22} {e.shell(args.threads or None)}")
         return
     for name in names:
         run_entry(REGISTRY[name], args.threads or None, args.from_output, args.note)

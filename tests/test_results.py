@@ -31,12 +31,22 @@ def test_every_table_is_shown_and_every_table_input_is_registered():
         assert set(needs) <= set(R.REGISTRY), f"table {name} reads an unregistered result"
 
 
+def test_results_files_match_the_registry():
+    """Each committed results file was written by its registry entry as it stands (same command and seeds)."""
+    for path in sorted((ROOT / "results").glob("*.json")):
+        doc = json.loads(path.read_text())
+        entry = R.REGISTRY.get(path.stem)
+        assert entry is not None, f"{path.name} has no registry entry"
+        assert doc["schema"] == R.SCHEMA and doc["name"] == entry.name
+        assert (doc["command"], doc["seeds"]) == (entry.shell(doc["threads"]), list(entry.seeds)), f"{path.name}: regenerate it"
+
+
 def test_registry_commands_pass_their_scripts_argparse():
     by_script = {}
     for e in R.REGISTRY.values():
-        by_script.setdefault(e.script, []).append(e)
+        by_script.setdefault((ROOT / e.cwd / e.script).resolve(), []).append(e)
     for script, entries in by_script.items():
-        done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         for e in entries:
             for flag in (a for a in e.command(threads=1) if a.startswith("--")):
