@@ -508,7 +508,7 @@ def main(argv=None) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.add_argument("--list", action="store_true", help="list every result: name, cost, command")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these results and write results/NAME.json")
-    p.add_argument("--all", action="store_true", help="run every result (hours: see --list)")
+    p.add_argument("--all", action="store_true", help="run every result (over an hour on 2 CPU cores: see --list)")
     p.add_argument("--from-output", action="store_true", help="extract from the output the command wrote earlier instead of running it")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every command (0 = the script's default)")
     p.add_argument("--note", default="", help="a remark stored in the results file, e.g. that the machine was shared")
