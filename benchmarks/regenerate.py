@@ -1,0 +1,535 @@
+"""Regenerate the numbers the docs quote: one registry entry per result, one results file per entry.
+
+    python benchmarks/regenerate.py --list                          # every result, its command and cost
+    python benchmarks/regenerate.py --only evaluation_10_seeds --threads 1   # run it -> results/NAME.json
+    python benchmarks/regenerate.py --render                        # rewrite the docs' marked tables
+
+An entry names a project script with its flags and seeds, the JSON the script writes, and how that
+JSON becomes the numbers the docs show. Running an entry runs the script, reads its JSON and writes
+`results/NAME.json` (schema `adlens-results`): the extracted numbers, the exact command, the seeds,
+the wall time, the load average around the run and `adlens.io.provenance()` (commit, date, machine,
+torch version). `--from-output` extracts from the JSON a script wrote earlier (its own provenance is
+kept under `source`) instead of running it again: a 10-seed sweep costs most of an hour.
+
+`--render` rewrites every table in README.md and EXPERIMENTS.md that sits between
+`<!-- results:TABLE -->` and `<!-- /results -->` from the results files that TABLE reads, so a
+number in those tables always has a file and a command behind it; tests/test_results.py checks that
+the committed results files render the docs' tables byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from adlens.config import run_cli  # noqa: E402
+from adlens.errors import UserError  # noqa: E402
+from adlens.io import atomic_path, provenance, stamp, write_json_atomic  # noqa: E402
+
+RESULTS_DIR = ROOT / "results"
+DOCS = ("README.md", "EXPERIMENTS.md")  # the files whose marked tables --render rewrites
+SCHEMA = "adlens-results"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured result: the command that measures it and how its output becomes numbers."""
+
+    name: str
+    what: str  # one line for --list
+    script: str  # a project script, relative to the root
+    args: tuple[str, ...]  # its flags; the seeds are among them
+    seeds: tuple[int, ...]
+    outputs: tuple[str, ...]  # the JSON files the command writes, relative to the root
+    extract: Callable[..., dict]  # extract(*output_docs) -> the numbers the docs show
+    minutes: float  # rough cost on 2 idle CPU cores
+    takes_threads: bool = True  # the script has a --threads flag (otherwise OMP_NUM_THREADS sets it)
+    cwd: str = "."  # where the command runs, relative to the root (script and flags are relative to it)
+
+    def command(self, threads: int | None) -> list[str]:
+        cmd = ["python", self.script, *self.args]
+        return cmd + ["--threads", str(threads)] if threads and self.takes_threads else cmd
+
+    def shell(self, threads: int | None) -> str:
+        """The command as one shell line, run from the root."""
+        cmd = shlex.join(self.command(threads))
+        return cmd if self.cwd == "." else f"cd {self.cwd} && {cmd}"
+
+
+# ---- extraction: a script's JSON -> the numbers the docs quote ----------------------------------
+
+
+def compression_numbers(doc: dict) -> dict:
+    """compression_results.json -> one entry per measured row: context, speedup and its per-seed
+    range, returns, loss of mean return with its standard error."""
+    keys = ("engine", "strategy", "ratio", "mean_context_length", "full_context_length", "speedup", "speedup_pair_min",
+            "speedup_pair_max", "return_full", "return_compressed", "performance_loss", "performance_loss_stderr")  # fmt: skip
+    return {
+        "rows": [{k: r[k] for k in keys} for r in doc["rows"]],
+        "n_tasks": doc["rows"][0]["n_tasks"],
+        "episodes": doc["rows"][0]["episodes"],
+    }
+
+
+def _finds_goal(doc: dict) -> tuple[int, int]:
+    """(runs that earn a reward in some episode, goal x seed runs) of an eval_results.json."""
+    per_run = np.concatenate([np.asarray(t["returns_per_seed"], dtype=float) for t in doc["per_task"]])  # (tasks*seeds, episodes)
+    return int((per_run > 0).any(1).sum()), len(per_run)
+
+
+def eval_numbers(doc: dict) -> dict:
+    """eval_results.json -> normalised return in episode 1, over episodes 31-50 and the last 10,
+    mean return over episodes 31-50, the weakest goal, how many goal x seed runs find the goal, and
+    the same curve's numbers for the source PPO where the file has it."""
+    norm = np.asarray(doc["normalized_return_per_episode"])
+    goal_late = [float(np.mean(np.asarray(t["returns"][30:50]) / t["optimal_return"])) for t in doc["per_task"]]
+    found, runs = _finds_goal(doc)
+    out = {
+        "seeds": doc["seeds"],
+        "episodes": doc["episodes"],
+        "n_tasks": len(doc["per_task"]),
+        "first_episode": float(norm[0]),
+        "episodes_31_50": float(norm[30:50].mean()),
+        "last_10": float(norm[-10:].mean()),
+        "mean_return_31_50": float(np.mean(doc["return_per_episode"][30:50])),
+        "weakest_goal_31_50": min(goal_late),
+        "runs_finding_goal": found,
+        "runs": runs,
+    }
+    src = doc.get("source_normalized_return_per_episode")
+    if src is not None:
+        src = np.asarray(src)
+        out["source"] = {"first_episode": float(src[0]), "episodes_31_50": float(src[30:50].mean()), "last_10": float(src[-10:].mean())}
+    return out
+
+
+def speed_numbers(doc: dict) -> dict:
+    """benchmarks/inference_speed.py --out -> per (context, envs): ms per step of (a) and (b), (b) vs (a),
+    and every compressed (c) against (b) with its per-round range."""
+    keys = (
+        "context",
+        "envs",
+        "engine",
+        "ms_per_step",
+        "env_steps_per_s",
+        "speedup_vs_rerun",
+        "speedup_vs_kv",
+        "speedup_vs_kv_min",
+        "speedup_vs_kv_max",
+    )
+    return {"hardware": doc["hardware"], "rows": [{k: r[k] for k in keys if k in r} for r in doc["rows"]]}
+
+
+def oneclick_numbers(metrics: dict, rec: dict) -> dict:
+    """attention_metrics.json and recommendation.json of the one-click -> where the attention goes
+    and the measured verdict."""
+    m = metrics["metrics"]
+    keys = ("strategy", "ratio", "engine", "speedup", "speedup_pair_min", "speedup_pair_max", "performance_loss", "performance_loss_stderr")
+    candidates = [{k: c[k] for k in keys} for c in rec["candidates"]]
+    return {
+        "reward_context_share": m["reward_context_share"],
+        "reward_attention_share": m["reward_attention_share"],
+        "episode_share": m["episode_share"],  # the current episode, the previous, ...
+        "recommended": rec["strategy"],
+        "recommended_ratio": rec["ratio"],
+        "check_seeds": rec["seeds"],
+        "best_speedup": max(c["speedup"] for c in candidates) if candidates else None,
+        "candidates": candidates,
+    }
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+HEADLINE_SEEDS = tuple(range(100, 110))
+REGISTRY = {
+    r.name: r
+    for r in (
+        Result(
+            "compression_headline",
+            "history compression with the re-run engine, keeping 10%, 10 unseen seeds",
+            "compression_template.py",
+            tuple(
+                "--sweep --engine rerun --sweep-strategies fixed_window pooling --sweep-ratios 0.1 --episodes 50".split()
+                + ["--seeds", *map(str, HEADLINE_SEEDS), "--out", "runs/headline"]
+            ),
+            HEADLINE_SEEDS,
+            ("runs/headline/compression_results.json",),
+            compression_numbers,
+            minutes=40,
+        ),
+        Result(
+            "evaluation",
+            "the shipped default model's in-context evaluation, 3 seeds, with the source PPO's curve (needs data/darkroom)",
+            "evaluate.py",
+            ("--num-seeds", "3", "--seed", "0", "--source-data", "data/darkroom", "--out", "checkpoints/darkroom_ad"),
+            (0, 1, 2),
+            ("checkpoints/darkroom_ad/eval_results.json",),
+            eval_numbers,
+            minutes=0.5,
+            takes_threads=False,
+        ),
+        Result(
+            "evaluation_10_seeds",
+            "the shipped default model's in-context evaluation, 10 seeds",
+            "evaluate.py",
+            ("--num-seeds", "10", "--seed", "0", "--out", "runs/results/evaluation_10_seeds"),
+            tuple(range(10)),
+            ("runs/results/evaluation_10_seeds/eval_results.json",),
+            eval_numbers,
+            minutes=1,
+            takes_threads=False,
+        ),
+        Result(
+            "evaluation_ctx1000",
+            "the shipped 1,000-transition model's in-context evaluation, 3 seeds (needs data/darkroom)",
+            "evaluate.py",
+            (
+                "--checkpoint",
+                "checkpoints/darkroom_ad_ctx1000/model.pt",
+                "--num-seeds",
+                "3",
+                "--seed",
+                "0",
+                "--source-data",
+                "data/darkroom",
+                "--out",
+                "checkpoints/darkroom_ad_ctx1000",
+            ),  # fmt: skip
+            (0, 1, 2),
+            ("checkpoints/darkroom_ad_ctx1000/eval_results.json",),
+            eval_numbers,
+            minutes=0.5,
+            takes_threads=False,
+        ),
+        Result(
+            "adapter_sweep",
+            "compression through the adapter on the example codebase tests/user_ad (random weights), 3 seeds",
+            "../../compression_template.py",
+            tuple(
+                "--adapter ad_adapter.py --sweep --sweep-strategies fixed_window sink_window topk pooling --sweep-ratios 0.2 0.1 "
+                "--interval 20 --keep-recent 20 --episodes 20 --seeds 100 101 102 --out runs/adapter_sweep".split()
+            ),
+            (100, 101, 102),
+            ("tests/user_ad/runs/adapter_sweep/compression_results.json",),
+            compression_numbers,
+            minutes=10,
+            cwd="tests/user_ad",
+        ),
+        Result(
+            "rollout_speed",
+            "rollout speed on this machine's CPU: re-run window vs KV cache vs compressed cache, 240 transitions, 8 and 256 envs",
+            "benchmarks/inference_speed.py",
+            ("--contexts", "240", "--envs", "8", "256", "--out", "runs/results/rollout_speed.json"),
+            (),
+            ("runs/results/rollout_speed.json",),
+            speed_numbers,
+            minutes=3,
+        ),
+        Result(
+            "oneclick",
+            "the one-click on the default model: attention shares and the measured verdict (seed 0, checks on seeds 0-3)",
+            "run_attention_analysis.py",
+            ("--seed", "0", "--out", "runs/results/oneclick", "--capture-out", "runs/results/oneclick_capture"),
+            (0, 1, 2, 3),
+            ("runs/results/oneclick/attention_metrics.json", "runs/results/oneclick/recommendation.json"),
+            oneclick_numbers,
+            minutes=1.5,
+        ),
+    )
+}
+
+
+# ---- running an entry -----------------------------------------------------------------------------
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; run the entry without --from-output to measure it") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); run the entry again") from None
+
+
+def _committed(path: str) -> dict | None:
+    """The last commit that changed `path` (a file shipped in the repository, e.g. an eval_results.json
+    without provenance of its own), or None for a file git does not track."""
+    try:
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%H %cI", "--", path], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": out[0], "date": out[1]} if len(out) == 2 else None
+
+
+def record(entry: Result, docs: list[dict], threads: int | None, ran: bool, wall_s: float | None = None,
+           load_average: dict | None = None, note: str = "") -> dict:  # fmt: skip
+    """The content of results/NAME.json for `entry` from its output documents."""
+    return stamp(SCHEMA, {
+        "name": entry.name,
+        "what": entry.what,
+        "command": entry.shell(threads),
+        "threads": threads,
+        "seeds": list(entry.seeds),
+        "ran_now": ran,  # False: extracted from an output written earlier (its provenance is under source)
+        "wall_s": wall_s,
+        "load_average": load_average,
+        "note": note,
+        "provenance": provenance(),
+        "source": [{"path": p, "provenance": d.get("provenance"), "committed": _committed(p)} for p, d in zip(entry.outputs, docs, strict=True)],
+        "numbers": entry.extract(*docs),
+    })  # fmt: skip
+
+
+def run_entry(entry: Result, threads: int | None, from_output: bool, note: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """Run `entry`'s command (unless `from_output`), extract its numbers, write results_dir/NAME.json."""
+    wall_s = load = None
+    if not from_output:
+        cmd = entry.command(threads)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+        print(f"[{entry.name}] {entry.shell(threads)}", flush=True)
+        before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT / entry.cwd, env=env)
+        wall_s = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise UserError(f"{entry.name}: {entry.shell(threads)} failed with exit code {done.returncode}; nothing written")
+        load = {"before": before, "after": os.getloadavg()[0]}  # 1-minute load averages: how shared the machine was
+    docs = [_load(ROOT / p) for p in entry.outputs]
+    for p, d in zip(entry.outputs, docs, strict=True):
+        seeds = d.get("seeds", d.get("config", {}).get("seeds"))
+        if seeds is not None and list(seeds) != list(entry.seeds):
+            raise UserError(f"{p} holds seeds {seeds}, but {entry.name} measures seeds {list(entry.seeds)}; run the entry again")
+    path = write_json_atomic(results_dir / f"{entry.name}.json", record(entry, docs, threads, not from_output, wall_s, load, note))
+    print(f"[{entry.name}] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
+
+
+# ---- rendering the docs' tables -------------------------------------------------------------------
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def table_compression_headline(r: dict) -> str:
+    n = r["compression_headline"]["numbers"]
+    rows = n["rows"]
+    ratio = rows[0]["ratio"]
+    lines = [f"| strategy, ratio {ratio} | mean context | speedup (per-seed range) | return (uncompressed {rows[0]['return_full']:.2f}) | loss (+- se) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for x in rows:
+        lines.append(f"| {x['strategy']} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {x['speedup']:.2f}x "
+                     f"({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}) | {x['return_compressed']:.2f} | "
+                     f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table_evaluation(r: dict) -> str:
+    n = r["evaluation"]["numbers"]
+    s = n["source"]
+    return "\n".join([
+        "| | episode 1 | episodes 31-50 | last 10 episodes | mean return, episodes 31-50 |",
+        "|---|---|---|---|---|",
+        f"| AD, in context (no weight updates) | {n['first_episode']:.3f} | **{n['episodes_31_50']:.3f}** | {n['last_10']:.3f} | {n['mean_return_31_50']:.2f} |",
+        f"| source PPO, its own learning (100 parallel streams, weights updated) | {s['first_episode']:.3f} | {s['episodes_31_50']:.3f} | {s['last_10']:.3f} | |",
+    ])  # fmt: skip
+
+
+def table_readme(r: dict) -> str:
+    ev, ev10 = r["evaluation"]["numbers"], r["evaluation_10_seeds"]["numbers"]
+    oc, ch = r["oneclick"]["numbers"], r["compression_headline"]["numbers"]
+    every = "all" if ev10["runs_finding_goal"] == ev10["runs"] else f"{ev10['runs_finding_goal']} of"
+    learn = (f"normalised return {ev['first_episode']:.3f} in episode 1, **{ev['episodes_31_50']:.3f}** over episodes 31-50 "
+             f"({len(ev['seeds'])} seeds), no weight update; {every} {ev10['runs']} goal x seed runs of {len(ev10['seeds'])} seeds find the goal")  # fmt: skip
+    cur_prev = oc["episode_share"][0] + oc["episode_share"][1]
+    look = (f"rewarded transitions are {_pct(oc['reward_context_share'], 0)} of the context and draw "
+            f"{_pct(oc['reward_attention_share'], 0)} of the attention; the current and previous episode draw {_pct(cur_prev, 0)}")  # fmt: skip
+    by = {x["strategy"]: x for x in ch["rows"]}
+    fw, po = by["fixed_window"], by["pooling"]
+    comp = (f"keeping {_pct(fw['ratio'], 0)}: **{fw['speedup']:.1f}x at {_pct(fw['performance_loss'])} (+- {_pct(fw['performance_loss_stderr'])}) loss** "
+            f"(fixed_window), {po['speedup']:.1f}x at {_pct(po['performance_loss'])} (pooling), {len(r['compression_headline']['seeds'])} unseen seeds")  # fmt: skip
+    speed = _speed(r)
+    (small, s_rows), (large, l_rows) = sorted(speed.items())[0], sorted(speed.items())[-1]
+    ctx = s_rows["(b) kv"]["context"]
+    kv = (f"{s_rows['(b) kv']['speedup_vs_rerun']:.1f}x per step against re-running the {ctx}-transition window ({small} environments), "
+          f"{l_rows['(b) kv']['speedup_vs_rerun']:.0f}x at {large} (one run)")  # fmt: skip
+    cs, cl = _best_compressed(s_rows), _best_compressed(l_rows)
+    kvc = (f"up to {cl['speedup_vs_kv']:.1f}x per step at {large} environments ({cl['engine'].removeprefix('(c) ')}); "
+           f"{cs['speedup_vs_kv']:.1f}x at most at {small} environments")  # fmt: skip
+    return "\n".join([
+        "| question | answer | details |",
+        "|---|---|---|",
+        f"| Does it learn in context? | {learn} | [evaluation](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
+        f"| Where does it look? | {look} | [one-click run](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
+        f"| What does the KV cache buy? | {kv} | [rollout speed](EXPERIMENTS.md#rollout-speed) |",
+        f"| What does compression buy (re-run engine)? | {comp} | [headline](EXPERIMENTS.md#the-headline-re-measured-on-unseen-seeds) |",
+        f"| ... and with the KV cache? | {kvc} | [streaming cache](EXPERIMENTS.md#streaming-kv-cache-in-place-compaction-static-shape-step) |",
+        f"| On your own model, through the adapter? | {_adapter_claim(r)} | [adapter](EXPERIMENTS.md#your-own-model-through-an-adapter) |",
+    ])  # fmt: skip
+
+
+def _by_ratio(rows: list[dict]) -> dict:
+    """{ratio: {strategy: row}}, ratios from the largest kept."""
+    out: dict = {}
+    for x in sorted(rows, key=lambda x: -x["ratio"]):
+        out.setdefault(x["ratio"], {})[x["strategy"]] = x
+    return out
+
+
+def table_adapter_sweep(r: dict) -> str:
+    rows = r["adapter_sweep"]["numbers"]["rows"]
+    by = _by_ratio(rows)
+    head = f"| strategy (uncompressed: {rows[0]['full_context_length']:.1f} tokens) | "
+    lines = [head + " | ".join(f"ratio {q}: speedup (pairs), mean context" for q in by) + " |", "|---" * (len(by) + 1) + "|"]
+    for s in next(iter(by.values())):
+        cells = [
+            f"{x['speedup']:.2f}x ({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}), {x['mean_context_length']:.1f}"
+            for x in (by[q][s] for q in by)
+        ]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _adapter_claim(r: dict) -> str:
+    parts = []
+    for q, row in _by_ratio(r["adapter_sweep"]["numbers"]["rows"]).items():
+        speed = [x["speedup"] for x in row.values()]
+        parts.append(f"{min(speed):.1f}-{max(speed):.1f}x faster keeping {_pct(q, 0)} of the context")
+    return ", ".join(parts) + " (example codebase, random weights)"
+
+
+def _speed(r: dict) -> dict:
+    """{envs: {engine: row}} of the rollout-speed result."""
+    out: dict = {}
+    for x in r["rollout_speed"]["numbers"]["rows"]:
+        out.setdefault(x["envs"], {})[x["engine"]] = x
+    return out
+
+
+def _best_compressed(rows: dict) -> dict:
+    return max((x for e, x in rows.items() if e.startswith("(c)")), key=lambda x: x["speedup_vs_kv"])
+
+
+def table_rollout_speed(r: dict) -> str:
+    lines = [
+        "| context | envs | (a) re-run the window | (b) KV cache | (b) vs (a) | fastest (c) | (c) vs (b) [rounds] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for envs, rows in _speed(r).items():
+        a, b, c = rows["(a) rerun"], rows["(b) kv"], _best_compressed(rows)
+        lines.append(f"| {a['context']} | {envs} | {a['ms_per_step']:.2f} ms/step | {b['ms_per_step']:.2f} ms | {b['speedup_vs_rerun']:.1f}x "
+                     f"| {c['engine'].removeprefix('(c) ')} | {c['speedup_vs_kv']:.2f}x [{c['speedup_vs_kv_min']:.2f}-{c['speedup_vs_kv_max']:.2f}] |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table_oneclick(r: dict) -> str:
+    doc = r["oneclick"]
+    n = doc["numbers"]
+    lines = ["| candidate | speedup (pairs) | loss of return (+- se) |", "|---|---|---|"]
+    for c in n["candidates"]:
+        lines.append(f"| {c['strategy']} {c['ratio']} ({c['engine']}) | {c['speedup']:.2f}x ({c['speedup_pair_min']:.2f}-{c['speedup_pair_max']:.2f}) "
+                     f"| {_pct(c['performance_loss'])} (+- {_pct(c['performance_loss_stderr'])}) |")  # fmt: skip
+    verdict = "none" if n["recommended"] == "none" else f"{n['recommended']} at ratio {n['recommended_ratio']}"
+    load = doc["load_average"] or {}
+    shared = f", load average {load['before']:.1f} to {load['after']:.1f}" if load else ""
+    lines += ["", f"*Seeds {n['check_seeds'][0]}-{n['check_seeds'][-1]}; recommended: {verdict}; the whole run took {doc['wall_s']:.0f} s "
+                  f"with {doc['threads']} thread(s){shared}. {doc['note']}*"]  # fmt: skip
+    return "\n".join(lines)
+
+
+# table name (the NAME in <!-- results:NAME -->) -> (the results it reads, how it is drawn)
+TABLES = {
+    "readme": (("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep"), table_readme),
+    "evaluation": (("evaluation",), table_evaluation),
+    "compression_headline": (("compression_headline",), table_compression_headline),
+    "oneclick": (("oneclick",), table_oneclick),
+    "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
+    "rollout_speed": (("rollout_speed",), table_rollout_speed),
+}
+
+MARKED = re.compile(r"(<!-- results:([a-z0-9_]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def load_results(names, results_dir: Path = RESULTS_DIR) -> dict:
+    out = {}
+    for name in names:
+        doc = _load(results_dir / f"{name}.json")
+        if doc.get("schema") != SCHEMA:
+            raise UserError(f"{results_dir / name}.json is not a results file (schema {doc.get('schema')!r}); regenerate it")
+        out[name] = doc
+    return out
+
+
+def render_text(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """`text` with every marked table redrawn from the results files."""
+
+    def redraw(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise UserError(f"unknown results table {name!r} in a <!-- results:... --> marker; known: {', '.join(TABLES)}")
+        needs, draw = TABLES[name]
+        return m.group(1) + draw(load_results(needs, results_dir)) + "\n" + m.group(4)
+
+    return MARKED.sub(redraw, text)
+
+
+def render(results_dir: Path = RESULTS_DIR, root: Path = ROOT) -> list[Path]:
+    """Rewrite the marked tables of DOCS in place; returns the files that changed."""
+    changed = []
+    for doc in DOCS:
+        path = root / doc
+        old = path.read_text()
+        new = render_text(old, results_dir)
+        if new != old:
+            with atomic_path(path) as tmp:
+                tmp.write_text(new)
+            changed.append(path)
+    return changed
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    p.add_argument("--list", action="store_true", help="list every result: name, cost, command")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these results and write results/NAME.json")
+    p.add_argument("--all", action="store_true", help="run every result (over an hour on 2 CPU cores: see --list)")
+    p.add_argument("--from-output", action="store_true", help="extract from the output the command wrote earlier instead of running it")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every command (0 = the script's default)")
+    p.add_argument("--note", default="", help="a remark stored in the results file, e.g. that the machine was shared")
+    p.add_argument("--render", action="store_true", help="rewrite the marked tables of README.md and EXPERIMENTS.md from results/")
+    args = p.parse_args(argv)
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 or more, got {args.threads}")
+    names = list(REGISTRY) if args.all else (args.only or [])
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown result(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
+    if args.list or not (names or args.render):
+        for e in REGISTRY.values():
+            print(f"{e.name:<22} ~{e.minutes:g} min  {e.what}\n{'':<22} {e.shell(args.threads or None)}")
+        return
+    for name in names:
+        run_entry(REGISTRY[name], args.threads or None, args.from_output, args.note)
+    if args.render:
+        for path in render():
+            print(f"rewrote the marked tables of {path.name}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
