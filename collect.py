@@ -199,25 +199,14 @@ TIMESTEPS_PER_S = 5000  # PPO timesteps per second per worker on one CPU core, D
 BYTES_PER_TIMESTEP = 1.2  # compressed history on disk, Darkroom (84 KB per 100k timesteps)
 
 
-def _check_same_run(out: Path, spec: EnvSpec, cfg: dict) -> None:
-    prev_path = out / "collect_config.json"
-    if not prev_path.is_file():
-        return
-    try:
-        prev = json.loads(prev_path.read_text())
-        prev_env, prev_cfg = prev["env"], prev["collect"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{prev_path} is damaged; remove it (or collect into a new --out)") from None
-    diff = [k for k in HISTORY_KEYS if prev_cfg.get(k) != cfg[k]] + (["env"] if prev_env != spec.to_dict() else [])
-    if diff:
-        got = ", ".join(f"{k} {prev_cfg.get(k)!r} -> {cfg[k]!r}" for k in diff if k in cfg)
-        raise UserError(f"{out} holds histories collected with other settings ({got or 'env'}); collect into a new --out")
-def check_resumed_folder(out: Path, spec: EnvSpec, goal_free: bool) -> None:
-    """A folder that already holds a collection is resumed only with the same environment and kind of
-    tasks: its task_XXXX.npz files count as done, so another env's files would be mixed in silently."""
+def check_resumed_folder(out: Path, spec: EnvSpec, cfg: dict) -> None:
+    """A folder that already holds a collection is resumed only with the same environment, kind of
+    tasks and history-shaping settings (HISTORY_KEYS): its task_XXXX.npz files count as done, so
+    files of another env or other settings would be mixed in silently."""
     try:
         old = json.loads((out / "collect_config.json").read_text())
-        old_env, old_goal_free = dict(old["env"]), old["collect"]["tasks"] == "none"
+        old_env, old_cfg = dict(old["env"]), dict(old["collect"])
+        old_goal_free = old_cfg["tasks"] == "none"
     except FileNotFoundError:
         return
     except (OSError, KeyError, TypeError, ValueError):  # unreadable, not JSON, or not of collect.py
@@ -226,9 +215,13 @@ def check_resumed_folder(out: Path, spec: EnvSpec, goal_free: bool) -> None:
     if diff:
         raise UserError(f"{out} holds histories of env {', '.join(f'{k} {old_env.get(k)!r}' for k in diff)}, not "
                         f"{', '.join(f'{k} {getattr(spec, k)!r}' for k in diff)}; collect into a new --out")  # fmt: skip
-    if old_goal_free != goal_free:
+    if old_goal_free != (cfg["tasks"] == "none"):
         kind = "a room without a goal (--tasks none)" if old_goal_free else "goal tasks"
         raise UserError(f"{out} holds histories of {kind}; collect the other kind into a new --out")
+    diff = [k for k in HISTORY_KEYS if old_cfg.get(k) != cfg[k]] + (["env"] if old_env != spec.to_dict() else [])
+    if diff:
+        got = ", ".join(f"{k} {old_cfg.get(k)!r} -> {cfg[k]!r}" for k in diff if k in cfg)
+        raise UserError(f"{out} holds histories collected with other settings ({got or 'env'}); collect into a new --out")
 
 
 def main(argv=None) -> list[dict]:
@@ -255,8 +248,7 @@ def main(argv=None) -> list[dict]:
     check_memory(64 * per_task * (cfg["workers"] if cfg["backend"] == "local" else 1),
                  f"recording {per_task:,} timesteps per task", "lower --timesteps, --n-learners or --workers")  # fmt: skip
     out = check_out(cfg["out"])
-    check_resumed_folder(out, spec, cfg["tasks"] == "none")
-    _check_same_run(out, spec, cfg)
+    check_resumed_folder(out, spec, cfg)
 
     all_tasks = spec.tasks()
     if cfg["tasks"] == "none":
