@@ -47,7 +47,7 @@ SCRIPTS = {
     "run_attention_analysis": (run_attention_analysis, run_attention_analysis.PIPELINE_CONFIG),
     "training_progression": (training_progression, training_progression.PROGRESSION_CONFIG),
 }
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _flag(key: str) -> str:
