@@ -29,6 +29,9 @@ from model.cache import KVCache, StreamingCache
 from model.rope import apply_rope, rope_cos_sin
 
 
+MAX_CONTEXT = 1_000_000  # transitions; no AD model here comes near it, a corrupt or mistyped value does
+
+
 @dataclass
 class ADConfig:
     """Network hyper-parameters (stored in every checkpoint as plain data).
@@ -61,6 +64,8 @@ class ADConfig:
         for name in ("n_states", "n_actions", "horizon", "max_context", "n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_context > MAX_CONTEXT:  # caches and masks are allocated at this size
+            raise ConfigError(f"model max_context must be at most {MAX_CONTEXT:,}, got {self.max_context:,}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ConfigError(f"d_model/n_head must be an even integer, got {self.d_model}/{self.n_head}")
         if self.grid_size and self.grid_size**2 != self.n_states:

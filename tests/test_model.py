@@ -354,3 +354,11 @@ def test_augmented_windows_are_the_plain_windows_under_the_drawn_symmetry(k):
     assert torch.equal(tgt_a, torch.from_numpy(sym_actions[k])[tgt_p])
     assert torch.equal(tok_a.prev_rewards, tok_p.prev_rewards) and torch.equal(tok_a.timesteps, tok_p.timesteps)
     assert not torch.equal(tok_a.states, tok_p.states)
+
+
+def test_a_context_no_one_can_mean_is_refused_before_any_allocation():
+    from adlens.errors import UserError
+    from model.ad import MAX_CONTEXT
+
+    with pytest.raises(UserError, match="max_context must be at most"):
+        ADConfig(n_states=9, n_actions=5, horizon=6, max_context=MAX_CONTEXT + 1)
