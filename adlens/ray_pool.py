@@ -265,8 +265,10 @@ def _run_local(fn, jobs, workers, address, cpus, gpus, exclusive, max_retries, b
     n_workers = 1 if exclusive else workers
     pool = ProcessPoolExecutor(max_workers=n_workers, initializer=_local_worker_init, initargs=(os.getpid(),))
     attempts = dict.fromkeys(range(len(jobs)), 1)
-    pending = {pool.submit(_local_call, fn, job): i for i, job in enumerate(jobs)}
-    try:
+    pending = {}
+    try:  # the workers start with the first submit: a Ctrl-C from then on must stop them
+        for i, job in enumerate(jobs):
+            pending[pool.submit(_local_call, fn, job)] = i
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
