@@ -54,6 +54,54 @@ def run_script(script: str, *args: str, cwd, timeout: float = 600) -> subprocess
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def refused(capsys, main, argv: list[str], out: Path) -> str:
+    """Run a script's `main` in-process as its command line does (`run_cli`); assert exit code 2, one
+    'error:' line and nothing written to `out`; return that line. Much cheaper than a subprocess."""
+    from adlens.config import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, argv + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert not out.exists(), f"{main.__module__} wrote {out} before refusing its input"
+    return lines[0]
+
+
+_HELP: dict[Path, str] = {}
+
+
+def script_help(script: str | Path) -> str:
+    """The `--help` text of a project script (path relative to the root), computed in-process once per
+    test session: the script is loaded by path under a private name and its `main(["--help"])` run."""
+    import contextlib
+    import importlib.util
+    import io
+
+    path = (ROOT / script).resolve()
+    if path not in _HELP:
+        spec = importlib.util.spec_from_file_location(f"_help_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        buf, columns, argv = io.StringIO(), os.environ.get("COLUMNS"), sys.argv
+        os.environ["COLUMNS"], sys.argv = "100", [path.name]  # argparse's width and program name
+        try:
+            with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
+                module.main(["--help"])
+        finally:
+            sys.argv = argv
+            if columns is None:
+                del os.environ["COLUMNS"]
+            else:
+                os.environ["COLUMNS"] = columns
+        assert e.value.code in (0, None), f"{script} --help failed"
+        _HELP[path] = buf.getvalue()
+    return _HELP[path]
+
+
 MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]])
 
 

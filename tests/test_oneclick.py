@@ -3,15 +3,13 @@
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import run_attention_analysis
-from conftest import run_script, save_tiny_checkpoint
+from conftest import refused, save_tiny_checkpoint, script_help
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["README.md", "ATTENTION_ANALYSIS_README.md", "EXPERIMENTS.md"]  # EXPERIMENTS.md: the commands behind the numbers
@@ -55,24 +53,18 @@ def test_one_click_pipeline_writes_every_output(tiny_checkpoint, tmp_path, capsy
     assert res["recommendation"] == doc
     printed = capsys.readouterr().out
     assert "Recommended:" in printed and str(out) in printed
+    _rerun_removes_stale_outputs_and_nothing_else(tiny_checkpoint, out, cap)
 
 
-def test_one_click_skip_compression_and_bad_checkpoint(tiny_checkpoint, tmp_path):
-    out = tmp_path / "figs"
-    run_attention_analysis.main(
-        ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capture-out", str(tmp_path / "c"), "--skip-compression", "--task", "1"]
-    )
-    assert torch.load(tmp_path / "c" / "capture.pt", weights_only=True)["query_attn"].shape[0] == 1  # --task: one task
-    assert (out / "attention_metrics.json").is_file() and not (out / "compression_results.json").exists()
-    _rerun_removes_stale_outputs_and_nothing_else(tiny_checkpoint, out, tmp_path / "c")
-    r = run_script("run_attention_analysis.py", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x"), cwd=tmp_path)
-    assert r.returncode == 2 and "checkpoint not found" in r.stderr and not (tmp_path / "x").exists()
+def test_one_click_refuses_a_missing_checkpoint_before_any_output(capsys, tmp_path):
+    line = refused(capsys, run_attention_analysis.main, ["--checkpoint", str(tmp_path / "none.pt")], tmp_path / "x")
+    assert "checkpoint not found" in line
 
 
 def _rerun_removes_stale_outputs_and_nothing_else(checkpoint, out, cap):
-    """A rerun into the same folder replaces the previous run's files (those its manifest.json
-    lists, here with one an interrupted run left), keeps a file it did not write, and never leaves
-    outputs of two runs side by side."""
+    """A rerun into the same folder (here with --skip-compression and --task) replaces the previous
+    run's files (those its manifest.json lists, here with one an interrupted run left), keeps a file
+    it did not write, and never leaves outputs of two runs side by side."""
     first = json.loads((out / "manifest.json").read_text())
     assert first["schema"] == "adlens-output-manifest" and first["status"] == "complete"
     assert sorted(first["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
@@ -81,7 +73,9 @@ def _rerun_removes_stale_outputs_and_nothing_else(checkpoint, out, cap):
     (out / "manifest.json").write_text(json.dumps(first | {"status": "running"}))
     (out / "my_notes.txt").write_text("not the toolkit's")
     run_attention_analysis.main(["--checkpoint", str(checkpoint), "--out", str(out), "--capture-out", str(cap), "--skip-compression",
-                                 "--eval-timesteps", "10"])  # fmt: skip
+                                 "--eval-timesteps", "10", "--task", "1"])  # fmt: skip
+    assert torch.load(cap / "capture.pt", weights_only=True)["query_attn"].shape[0] == 1  # --task: one task
+    assert not (out / "compression_results.json").exists()  # the first run's, not written by this one
     second = json.loads((out / "manifest.json").read_text())
     assert second["status"] == "complete" and "attention_heatmap_step99999.png" not in second["files"]
     assert (out / "my_notes.txt").read_text() == "not the toolkit's"
@@ -116,22 +110,16 @@ def test_docs_exist_and_have_commands():
         assert s in scripts, f"{s} is not shown in the docs"
 
 
-_HELP: dict = {}
-
-
 @pytest.mark.parametrize("doc, script, args", _doc_commands() if all((ROOT / d).exists() for d in DOCS) else [])
 def test_doc_command_flags_exist(doc, script, args):
     """Each documented command names a script that exists and only flags that script accepts."""
     path = ROOT / script
     assert path.is_file(), f"{doc}: {script} does not exist"
-    if script not in _HELP:
-        r = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 0, r.stderr
-        _HELP[script] = r.stdout
+    text = script_help(script)
     for a in args:
         if a.startswith("--"):
             flag = a.split("=")[0]
-            assert re.search(rf"{re.escape(flag)}\b", _HELP[script]), f"{doc}: {script} has no flag {flag}"
+            assert re.search(rf"{re.escape(flag)}\b", text), f"{doc}: {script} has no flag {flag}"
 
 
 def _slug(heading: str) -> str:
