@@ -283,20 +283,33 @@ def test_collect_refuses_to_mix_histories_of_other_settings(capsys, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-@pytest.mark.parametrize(
-    "argv, needle",
-    [
-        (["train.py", "--config", str(TINY), "--lr", "inf"], "--lr"),
-        (["train.py", "--config", str(TINY), "--grad-clip", "nan"], "--grad-clip"),
-        (["analyze_attention.py", "--dpi", "100000"], "--dpi"),
-        (["evaluate_with_attention.py", "--num-full", "100000"], "--num-full"),
-        (["compression_template.py", "--threads", "100000"], "--threads"),
-    ],
-)
-def test_exit_code_2_and_one_line_from_a_real_process(argv, needle, tmp_path):
-    r = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / "out").exists()
+_REAL = [  # (argv, what the one line names): one real process per script kind, all started at once
+    (["train.py", "--config", str(TINY), "--lr", "inf"], "--lr"),
+    (["train.py", "--config", str(TINY), "--grad-clip", "nan"], "--grad-clip"),
+    (["analyze_attention.py", "--dpi", "100000"], "--dpi"),
+    (["evaluate_with_attention.py", "--num-full", "100000"], "--num-full"),
+    (["compression_template.py", "--threads", "100000"], "--threads"),
+]
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *argv, "--out", str(tmp / f"out{i}")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, (argv, _) in enumerate(_REAL)]  # fmt: skip
+    try:
+        return [(p.communicate(timeout=120)[1], p.returncode, tmp / f"out{i}") for i, p in enumerate(procs)]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+
+
+@pytest.mark.parametrize("i", range(len(_REAL)), ids=[needle for _, needle in _REAL])
+def test_exit_code_2_and_one_line_from_a_real_process(real_runs, i):
+    stderr, rc, out = real_runs[i]
+    assert rc == 2 and stderr.count("\n") == 1 and _REAL[i][1] in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists()
 
 
 def test_more_local_workers_than_4x_the_cores_are_refused(capsys, tmp_path):

@@ -31,6 +31,7 @@ from env import MOVES, get_spec
 from model.ad import ADTransformer
 from model.checkpoint import load_model, read_checkpoint
 from model.data import HistoryData
+from conftest import refused
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "config"
@@ -394,52 +395,26 @@ def test_evaluate_main_leaves_autograd_alone(evaluated):
 
 
 # ---- bad input: exit code 2, one line, no traceback, nothing written -----------------------------
-@pytest.fixture(scope="module")
-def bad_runs(trained, collected, tmp_path_factory):
-    """Every bad-input command started at once (they are independent); returns name -> (proc, out dir)."""
-    tmp = tmp_path_factory.mktemp("bad")
-    garbage = tmp / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint\n" * 20)
-    ev = [sys.executable, "evaluate.py", "--device", "cpu"]
-    cases = {
-        "missing_checkpoint": (ev + ["--checkpoint", str(tmp / "missing.pt")], "not found"),
-        "corrupt_checkpoint": (ev + ["--checkpoint", str(garbage)], "cannot read"),
-        "zero_episodes": (ev + ["--checkpoint", str(trained), "--episodes", "0"], "episodes"),
-        "unknown_engine": (ev + ["--checkpoint", str(trained), "--engine", "warp"], "engine"),
-        "collect_unknown_env": ([sys.executable, "collect.py", "--env", "cave"], "unknown environment 'cave'"),
-        "train_missing_data": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(tmp / "none")], "missing"),
-        "train_unknown_augment": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--augment", "mirror"], "--augment must be one of dihedral, none"),
-        "train_unknown_loss_mask": ([sys.executable, "train.py", "--config", str(TINY), "--data", str(collected[0]), "--loss-mask", "all"], "--loss-mask must be one of none, sibling_taught"),
-    }
-    procs = {}
-    for name, (cmd, match) in cases.items():
-        out = tmp / f"out_{name}"
-        p = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        procs[name] = (p, out, match)
-    done = {}
-    try:
-        for name, (p, out, match) in procs.items():
-            stdout, stderr = p.communicate(timeout=120)
-            done[name] = (p.returncode, stdout, stderr, out, match)
-    finally:
-        for p, _, _ in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return done
+_BAD = {  # case -> (script, argv, what the one line must say); paths under the test's folder
+    "missing_checkpoint": ("evaluate", ["--checkpoint", "{tmp}/missing.pt"], "not found"),
+    "corrupt_checkpoint": ("evaluate", ["--checkpoint", "{tmp}/garbage.pt"], "cannot read"),
+    "zero_episodes": ("evaluate", ["--checkpoint", "{trained}", "--episodes", "0"], "episodes"),
+    "unknown_engine": ("evaluate", ["--checkpoint", "{trained}", "--engine", "warp"], "engine"),
+    "collect_unknown_env": ("collect", ["--env", "cave"], "unknown environment 'cave'"),
+    "train_missing_data": ("train", ["--config", str(TINY), "--data", "{tmp}/none"], "missing"),
+    "train_unknown_augment": ("train", ["--config", str(TINY), "--data", "{data}", "--augment", "mirror"], "--augment must be one of dihedral, none"),
+    "train_unknown_loss_mask": ("train", ["--config", str(TINY), "--data", "{data}", "--loss-mask", "all"], "--loss-mask must be one of none, sibling_taught"),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "case", ["missing_checkpoint", "corrupt_checkpoint", "zero_episodes", "unknown_engine", "collect_unknown_env", "train_missing_data", "train_unknown_augment", "train_unknown_loss_mask"]
-)
-def test_bad_input_exits_2_with_one_line(bad_runs, case):
-    rc, _, stderr, out, match = bad_runs[case]
-    assert rc == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert match in lines[0]
-    assert "Traceback" not in stderr
-    assert not out.exists()
+@pytest.mark.parametrize("case", list(_BAD))
+def test_bad_input_exits_2_with_one_line(case, trained, collected, tmp_path, capsys):
+    """In-process through run_cli, as the command line runs it (tests/test_bad_input.py checks real processes)."""
+    script, argv, match = _BAD[case]
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint\n" * 20)
+    argv = [a.format(tmp=tmp_path, trained=trained, data=collected[0]) for a in argv]
+    main = {"evaluate": evaluate.main, "collect": collect.main, "train": train.main}[script]
+    assert match in refused(capsys, main, ["--device", "cpu"] * (script == "evaluate") + argv, tmp_path / "out")
 
 
 # ---- configs -------------------------------------------------------------------------------------
