@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from adlens.capture_file import load_capture, save_capture
-from conftest import build_capture, run_script, tiny_model
+from conftest import build_capture, refused, run_script, tiny_model
 from model.record import record_rollout
 from adlens.errors import UserError
 from env import get_spec
@@ -232,9 +232,9 @@ def test_evaluate_with_attention_script(tiny_checkpoint, tmp_path):
         (["--eval-timesteps", "0"], "--eval-timesteps must be >= 1"),
     ],
 )
-def test_evaluate_with_attention_bad_input(tiny_checkpoint, tmp_path, args, message):
+def test_evaluate_with_attention_bad_input(tiny_checkpoint, tmp_path, args, message, capsys):
+    """In-process through run_cli (the exit codes of real processes: tests/test_bad_input.py)."""
+    import evaluate_with_attention
+
     args = ["--checkpoint", str(tiny_checkpoint), *args] if args[0] != "--checkpoint" else args
-    r = _script(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and message in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert message in refused(capsys, evaluate_with_attention.main, args, tmp_path / "out")
