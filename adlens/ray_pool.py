@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -263,6 +264,7 @@ def _describe(idx: int, err: BaseException) -> str:
 
 def _run_local(fn, jobs, workers, address, cpus, gpus, exclusive, max_retries, bar, failures) -> Iterator[Done]:
     n_workers = 1 if exclusive else workers
+    others = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(max_workers=n_workers, initializer=_local_worker_init, initargs=(os.getpid(),))
     attempts = dict.fromkeys(range(len(jobs)), 1)
     pending = {}
@@ -288,8 +290,11 @@ def _run_local(fn, jobs, workers, address, cpus, gpus, exclusive, max_retries, b
     except BaseException:
         for fut in pending:
             fut.cancel()
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()  # a job in flight is not waited for
+        # a job in flight is not waited for; a worker that a Ctrl-C caught half registered (started, not yet
+        # in the pool's table) is stopped too, or the interpreter would wait for it at exit
+        ours = set((getattr(pool, "_processes", None) or {}).values()) | (set(multiprocessing.active_children()) - others)
+        for proc in ours:
+            proc.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

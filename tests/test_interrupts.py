@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds processes
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "config" / "tiny.yaml"
 TINY_ENV = {"name": "darkroom", "size": 3, "horizon": 6, "n_holdout": 2, "split_seed": 0}
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # SIGABRT: dump threads
 
 
 def _children(pid: int) -> list[int]:
@@ -94,7 +94,11 @@ def test_ctrl_c_stops_collect_within_seconds(tmp_path):
     proc, workers = _start_collect(tmp_path / "data")
     try:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-        _, err = proc.communicate(timeout=10)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # where it hangs, for the failure message
+            pytest.fail("collect.py still runs 10 s after Ctrl-C; its threads:\n" + proc.communicate(timeout=10)[1][-5000:])
         assert proc.returncode == 130, err[-2000:]
         assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
         assert _wait_until(lambda: not _alive(workers), 5), f"workers {_alive(workers)} still run"
