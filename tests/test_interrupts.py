@@ -68,8 +68,15 @@ def _wait_until(cond, timeout: float, step: float = 0.1):
     return cond()
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C handled as in a terminal, also when the tests run as a background job
+    (which ignores SIGINT, and a Python started so ignores it too)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
 
 
 def _start_collect(out: Path) -> tuple[subprocess.Popen, list[int]]:
