@@ -318,10 +318,11 @@ def _check_common(comp, context: int) -> None:
 
 @dataclass
 class RewardAnchor(Compression):
-    """Keep the steps where a reward was first reached in each episode, and the `lead` steps that led
-    there, plus `n_sink` first tokens and the newest `keep_recent`; fill the rest of the budget by
-    accumulated attention (H2O). When anchors do not all fit, the newest are kept. Every row keeps
-    exactly the budget: rows with fewer anchors keep more by attention.
+    """Keep the steps where a reward was first reached in each episode (of the newest `n_anchor`
+    such episodes), and the `lead` steps that led there, plus `n_sink` first tokens and the newest
+    `keep_recent`; fill the rest of the budget by accumulated attention (H2O). When anchors do not
+    all fit, the newest are kept. Every row keeps exactly the budget: rows with fewer anchors keep
+    more by attention.
 
     Why: in Darkroom the reward is paid on every step spent on the goal, so once the model exploits
     most tokens carry a reward; the first one of an episode (and how the agent got there) says where
@@ -330,6 +331,7 @@ class RewardAnchor(Compression):
     keep_recent: int = 8
     n_sink: int = 0
     lead: int = 2
+    n_anchor: int = 4
     needs_scores: ClassVar[bool] = True
     needs_meta: ClassVar[bool] = True
 
@@ -339,6 +341,8 @@ class RewardAnchor(Compression):
             raise ConfigError(f"n_sink must be in [0, {context}] (the model's context), got {self.n_sink}")
         if self.lead < 0:
             raise ConfigError(f"lead must be >= 0, got {self.lead}")
+        if not 0 <= self.n_anchor <= context:
+            raise ConfigError(f"n_anchor must be in [0, {context}] (the model's context), got {self.n_anchor}")
 
     def plan(self, n, context, scores=None, batch=None, meta=None):
         batch = _batch(scores, batch, meta)
@@ -352,6 +356,7 @@ class RewardAnchor(Compression):
         s = scores.double().clamp(min=0)
         fill = 0.999 * s / (s.amax(1, keepdim=True) + 1e-30)  # attention, in [0, 1)
         anchor = first_reach(meta)
+        anchor &= anchor.flip(1).long().cumsum(1).flip(1) <= self.n_anchor  # the newest n_anchor
         priority = torch.where(anchor, 2.0 + age, torch.where(_leading(anchor, meta.episode, self.lead), 1.0 + age, fill))
         priority[:, : self.n_sink] = 3.0
         priority[:, n - min(self.keep_recent, budget) :] = 4.0

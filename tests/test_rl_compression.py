@@ -21,7 +21,7 @@ from model.rollout import EpisodeCounter, run_episodes
 from conftest import tiny_model
 
 RL = [n for n, cls in STRATEGIES.items() if cls.needs_meta]
-PARAMS = {"reward_anchor": {"keep_recent": 3, "lead": 1, "n_sink": 0}, "episode_pool": {"per_episode": 2},
+PARAMS = {"reward_anchor": {"keep_recent": 3, "lead": 1, "n_sink": 0, "n_anchor": 4}, "episode_pool": {"per_episode": 2},
           "reward_recent": {"keep_recent": 3, "n_reward": 2}}  # fmt: skip
 ATOL = 1e-5
 
@@ -65,6 +65,9 @@ def test_reward_anchor_drops_the_oldest_anchors_first_and_fills_rows_alike():
     assert n_out == 4 and (assign >= 0).sum(1).tolist() == [4, 4]  # the budget, in every row
     assert _kept(assign, 0) == [7, 10, 13, 14]  # the two newest first reaches, never the older ones
     assert _kept(assign, 1) == [0, 1, 13, 14]  # no anchors: filled by attention
+    comp = make_compression("reward_anchor", context=10, ratio=0.4, interval=1, keep_recent=2, lead=0, n_sink=0, n_anchor=1)
+    assign, _, _ = comp.plan(15, 10, scores=scores, meta=_meta(rows, 3))
+    assert _kept(assign, 0) == [0, 10, 13, 14]  # only the newest anchor; attention fills the rest
 
 
 def test_episode_pool_honours_episode_boundaries():
