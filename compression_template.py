@@ -57,7 +57,7 @@ COMPRESSION_CONFIG = {
     "compression_interval": 20,  # steps between compressions
     "compression_ratio": 0.5,  # fraction of the model's context kept (1.0 = no compression)
     "compression_strategy": "fixed_window",  # none | fixed_window | topk | pooling | sink_window | reward_anchor | episode_pool | reward_recent
-    "keep_recent": 20,  # fixed_window / pooling / topk / reward_anchor / reward_recent: newest tokens always kept as they are
+    "keep_recent": 20,  # fixed_window / pooling / topk / reward_anchor / episode_pool / reward_recent: newest tokens kept as they are
     "window_size": 0,  # pooling: tokens per pooled window (0 = as large as the budget needs)
     "n_sink": 4,  # sink_window / reward_anchor: first tokens kept (attention sinks)
     "lead": 2,  # reward_anchor: steps kept before each episode's first rewarded step

@@ -366,43 +366,47 @@ class RewardAnchor(Compression):
 @dataclass
 class EpisodePool(Compression):
     """Each finished episode shrinks to `per_episode` slots: the step its reward was first reached
-    (if it was) and the rest averaged in contiguous groups; the current episode is kept whole (its
-    newest tokens, if it alone exceeds the budget). The oldest slots go first when the budget is
-    full (within an episode, its pooled rest before its first rewarded step); rows (environments)
-    keep one length, so a row with more slots drops its oldest extra ones.
+    (if it was) and the rest averaged in contiguous groups; the current episode and the newest
+    `keep_recent` tokens are kept as they are. The oldest slots go first when the budget is full
+    (within an episode, its pooled rest before its first rewarded step); rows (environments) keep
+    one length, so a row with more slots drops its oldest extra ones.
 
     Why: the current and previous episodes draw most of the attention, and of an older episode the
     model needs little more than whether and where it found the reward."""
 
     per_episode: int = 2
+    keep_recent: int = 0
     needs_meta: ClassVar[bool] = True
 
     def check(self, context: int) -> None:
         if not 1 <= self.per_episode <= context:
             raise ConfigError(f"per_episode must be in [1, {context}] (the model's context), got {self.per_episode}")
+        if not 0 <= self.keep_recent <= context:
+            raise ConfigError(f"keep_recent must be in [0, {context}] (the model's context), got {self.keep_recent}")
 
     def _row_slots(self, episode: list[int], anchor: list[bool], budget: int) -> list[list[int]]:
         """Output slots of one row (lists of member positions), at most `budget`, in temporal order of
-        their newest member; when they do not all fit, older episodes go first, and within an episode
-        its pooled rest before its first rewarded step."""
+        their newest member."""
         n = len(episode)
-        slots, start = [], 0  # (episode, is anchor, newest member, members)
-        while start < n:
+        recent = min(n - self.keep_recent, next(i for i in range(n) if episode[i] == episode[-1]))  # kept as they are from here
+        slots, start = [], 0  # (kept as is, episode, is anchor, newest member, members): the drop order
+        while start < recent:
             end = start
-            while end < n and episode[end] == episode[start]:
+            while end < recent and episode[end] == episode[start]:
                 end += 1
             idx = list(range(start, end))
-            if end == n or len(idx) <= self.per_episode:  # the current episode, or one already small
-                slots += [(episode[start], True, i, [i]) for i in idx]
+            if len(idx) <= self.per_episode:  # already small
+                slots += [(False, episode[start], True, i, [i]) for i in idx]
             else:
                 keep = [i for i in idx if anchor[i]][: self.per_episode]
                 rest = [i for i in idx if not anchor[i]]
                 k = self.per_episode - len(keep)
                 groups = [rest[g * len(rest) // k : (g + 1) * len(rest) // k] for g in range(k)] if k else []
-                slots += [(episode[start], True, a, [a]) for a in keep] + [(episode[start], False, max(g), g) for g in groups if g]
+                slots += [(False, episode[start], True, a, [a]) for a in keep] + [(False, episode[start], False, max(g), g) for g in groups if g]
             start = end
-        kept = sorted(slots, key=lambda s: s[:3])[max(0, len(slots) - budget) :]
-        return [s[3] for s in sorted(kept, key=lambda s: s[2])]
+        slots += [(True, episode[i], True, i, [i]) for i in range(recent, n)]
+        kept = sorted(slots, key=lambda s: s[:4])[max(0, len(slots) - budget) :]
+        return [s[4] for s in sorted(kept, key=lambda s: s[3])]
 
     def plan(self, n, context, scores=None, batch=None, meta=None):
         batch = _batch(scores, batch, meta)

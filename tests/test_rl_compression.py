@@ -87,6 +87,14 @@ def test_episode_pool_honours_episode_boundaries():
     assert n_again == 8 and again[0].tolist() == list(range(8))
 
 
+def test_episode_pool_keeps_the_newest_tokens_whole():
+    # keep_recent 7 reaches into episode 1 (from position 8): its older part (5-7) is pooled like a
+    # finished episode; 11 slots for 8 drop episode 0 first, then the oldest pooled group.
+    comp = make_compression("episode_pool", context=20, ratio=0.4, interval=1, per_episode=2, keep_recent=7)
+    assign, _, n_out = comp.plan(15, 20, meta=_meta(HIST, 5))
+    assert n_out == 8 and assign[0].tolist() == [-1] * 6 + [0, 0] + list(range(1, 8))
+
+
 def test_episode_pool_rows_keep_one_length_within_the_budget():
     # Row 1's first episode has no reward (2 pooled groups), row 0's has one (anchor + 1 group); the
     # oldest slots go when the current episode leaves less room.
