@@ -426,8 +426,9 @@ class EpisodePool(Compression):
 
 @dataclass
 class RewardRecent(Compression):
-    """The newest `n_reward` rewarded tokens and the newest `keep_recent`; the rest of the budget goes
-    to the newest of the others. No attention scores, so the KV engine keeps its fused kernel.
+    """The newest `keep_recent` tokens and the newest `n_reward` rewarded tokens older than those; the
+    rest of the budget goes to the newest of the others. No attention scores, so the KV engine keeps
+    its fused kernel.
 
     Why: in the attention figures rewarded tokens are 15% of the context and draw half the newest
     token's attention, and the rest goes mostly to recent steps: keep exactly those two."""
@@ -448,10 +449,12 @@ class RewardRecent(Compression):
             return identity_plan(n, batch)
         meta = _need_meta("reward_recent", meta, n)
         age = torch.arange(n, dtype=torch.float64) / n
+        n_recent = min(self.keep_recent, budget)
         rewarded = (meta.reward > 0) & (meta.step >= 1)
+        rewarded[:, n - n_recent :] = False  # kept anyway
         newest_first = rewarded.flip(1).long().cumsum(1).flip(1)  # 1 = the newest rewarded token
         priority = torch.where(rewarded & (newest_first <= self.n_reward), 2.0 + age, age).expand(batch, n).clone()
-        priority[:, n - min(self.keep_recent, budget) :] = 4.0
+        priority[:, n - n_recent :] = 4.0
         return selection_plan(_by_priority(priority, budget))
 
 

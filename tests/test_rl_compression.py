@@ -112,7 +112,7 @@ def test_reward_recent_keeps_the_newest_rewarded_steps():
     comp = make_compression("reward_recent", context=20, ratio=0.4, interval=1, keep_recent=3, n_reward=2)
     assign, _, n_out = comp.plan(15, 20, meta=_meta(HIST, 5))
     assert n_out == 8 and _kept(assign) == [7, 8, 9, 10, 11, 12, 13, 14]  # 8, 9 rewarded (10 is step 0), then recency
-    rows = [[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+    rows = [[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]]  # 13 is in the recent window: it does not count
     assign, _, _ = comp.plan(15, 20, meta=_meta(rows, 5))
     assert _kept(assign) == [1, 2, 9, 10, 11, 12, 13, 14]
 
