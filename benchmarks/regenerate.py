@@ -168,19 +168,22 @@ HEADLINE_SEEDS = tuple(range(100, 110))
 # parameters were chosen on seeds 0-9 (EXPERIMENTS.md, "RL-aware compression")
 RL_CONFIGS = (
     "fixed_window:0.1:keep_recent=20", "pooling:0.1:keep_recent=20", "topk:0.1:keep_recent=20", "sink_window:0.1:n_sink=4",
-    "reward_anchor:0.1:keep_recent=8:lead=2:n_sink=0", "episode_pool:0.1:per_episode=2", "reward_recent:0.1:keep_recent=12:n_reward=4",
+    "reward_anchor:0.1:keep_recent=20:lead=0:n_anchor=4:n_sink=0", "episode_pool:0.1:per_episode=2:keep_recent=16",
+    "reward_recent:0.1:keep_recent=16:n_reward=8",
 )  # fmt: skip
 
 
-def _rl_entry(engine: str, minutes: float) -> Result:
+def _rl_entry(engine: str, minutes: float, ctx1000: bool = False) -> Result:
+    name = f"rl_compression_{engine}" + ("_ctx1000" if ctx1000 else "")
+    model = ("--checkpoint", "checkpoints/darkroom_ad_ctx1000/model.pt", "--episodes", "100") if ctx1000 else ("--episodes", "50")
     return Result(
-        f"rl_compression_{engine}",
-        f"RL-aware compression against the existing strategies, keeping 10%, {engine} engine, 10 unseen seeds",
+        name,
+        f"RL-aware compression against the existing strategies, keeping 10%, {engine} engine, 10 unseen seeds"
+        + (", the 1,000-transition model" if ctx1000 else ""),
         "benchmarks/rl_compression.py",
-        ("--engine", engine, "--episodes", "50", "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *RL_CONFIGS,
-         "--out", f"runs/rl_compression_{engine}"),  # fmt: skip
+        ("--engine", engine, *model, "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *RL_CONFIGS, "--out", f"runs/{name}"),
         HEADLINE_SEEDS,
-        (f"runs/rl_compression_{engine}/compression_results.json",),
+        (f"runs/{name}/compression_results.json",),
         rl_compression_numbers,
         minutes=minutes,
     )
@@ -262,6 +265,7 @@ REGISTRY = {
         ),
         _rl_entry("rerun", 30),
         _rl_entry("kv", 6),
+        _rl_entry("kv", 8, ctx1000=True),
         Result(
             "rollout_speed",
             "rollout speed on this machine's CPU: re-run window vs KV cache vs compressed cache, 240 transitions, 8 and 256 envs",
