@@ -402,7 +402,8 @@ class EpisodePool(Compression):
                 rest = [i for i in idx if not anchor[i]]
                 k = self.per_episode - len(keep)
                 groups = [rest[g * len(rest) // k : (g + 1) * len(rest) // k] for g in range(k)] if k else []
-                slots += [(False, episode[start], True, a, [a]) for a in keep] + [(False, episode[start], False, max(g), g) for g in groups if g]
+                slots += [(False, episode[start], True, a, [a]) for a in keep]
+                slots += [(False, episode[start], False, max(g), g) for g in groups if g]
             start = end
         slots += [(True, episode[i], True, i, [i]) for i in range(recent, n)]
         kept = sorted(slots, key=lambda s: s[:4])[max(0, len(slots) - budget) :]

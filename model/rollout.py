@@ -110,7 +110,8 @@ class RerunEngine:
         self._count = None
         if compression is not None and compression.needs_meta:
             self._count = EpisodeCounter(batch, p.device)
-            self.meta = HistoryMeta(torch.zeros(batch, self.T, device=p.device), *(torch.zeros(batch, self.T, dtype=torch.long, device=p.device) for _ in range(2)))
+            zeros = [torch.zeros(batch, self.T, dtype=dtype, device=p.device) for dtype in (torch.float32, torch.long, torch.long)]
+            self.meta = HistoryMeta(*zeros)
         self.n = 0
         self._since = 0
 
@@ -156,7 +157,6 @@ class RerunEngine:
             self.n = n_out
             self._since = 0
         return logits
-
 
     def _meta_now(self) -> HistoryMeta | None:
         return HistoryMeta(*(m[:, : self.n] for m in self.meta)) if self.meta is not None else None

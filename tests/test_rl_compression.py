@@ -213,10 +213,9 @@ def test_kv_and_rerun_engines_agree_through_many_compactions(name):
     logs = {}
     for engine in ("kv", "rerun"):
         venv = DummyVecEnv([make_env(spec, **t) for t in spec.tasks_for("test")])
-        steps = []
+        steps = logs[engine] = []
         run_episodes(model, venv, spec, 15, engine=engine, compression=comp, greedy=True, seed=0,
-                     on_step=lambda t, tok, a, r, e: steps.append((a.tolist(), len(e))))  # fmt: skip
-        logs[engine] = steps
+                     on_step=lambda t, tok, a, r, e, steps=steps: steps.append((a.tolist(), len(e))))  # fmt: skip
     assert [n for _, n in logs["kv"]] == [n for _, n in logs["rerun"]]
     assert max(n for _, n in logs["kv"]) <= comp.budget(24) + comp.interval
     if name == "reward_recent":
