@@ -377,16 +377,26 @@ def table_compression_headline(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _paired_vs(row: dict, ref: dict) -> str:
+    """Mean per-seed loss difference row - ref (the same seeds) +- its standard error."""
+    d = np.asarray(row["loss_per_seed"]) - np.asarray(ref["loss_per_seed"])
+    return f"{100 * d.mean():+.1f} (+- {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f})"
+
+
 def table_rl_compression(r: dict) -> str:
-    """One row per configuration: its context, then speedup and loss (+- se) under each engine."""
+    """One row per configuration: its context, then speedup and loss (+- se) under each engine, and
+    under `rerun` the loss against fixed_window's on the same seeds (paired)."""
     kv, rr = r["rl_compression_kv"]["numbers"]["rows"], r["rl_compression_rerun"]["numbers"]["rows"]
+    fw = next(x for x in rr if x["strategy"] == "fixed_window")
     lines = [f"| strategy, ratio {rr[0]['ratio']} | parameters | mean context | rerun: speedup (per-seed range) | rerun: loss (+- se) "
-             f"| kv: speedup | kv: loss (+- se) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| rerun: loss - fixed_window's, points (paired) | kv: speedup (per-seed range) | kv: loss (+- se) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for a, b in zip(rr, kv, strict=True):
         params = ", ".join(f"{k} {v}" for k, v in a["params"].items() if k not in ("ratio", "interval"))
         lines.append(f"| {a['strategy']} | {params} | {a['mean_context_length']:.1f} of {a['full_context_length']:.1f} | "
                      f"{a['speedup']:.2f}x ({a['speedup_pair_min']:.2f}-{a['speedup_pair_max']:.2f}) | "
-                     f"{_pct(a['performance_loss'])} (+- {_pct(a['performance_loss_stderr'])}) | {b['speedup']:.2f}x | "
+                     f"{_pct(a['performance_loss'])} (+- {_pct(a['performance_loss_stderr'])}) | "
+                     f"{'' if a is fw else _paired_vs(a, fw)} | {b['speedup']:.2f}x ({b['speedup_pair_min']:.2f}-{b['speedup_pair_max']:.2f}) | "
                      f"{_pct(b['performance_loss'])} (+- {_pct(b['performance_loss_stderr'])}) |")  # fmt: skip
     return "\n".join(lines)
 
