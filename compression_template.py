@@ -60,10 +60,10 @@ COMPRESSION_CONFIG = {
     "keep_recent": 20,  # fixed_window / pooling / topk / reward_anchor / episode_pool / reward_recent: newest tokens kept as they are
     "window_size": 0,  # pooling: tokens per pooled window (0 = as large as the budget needs)
     "n_sink": 4,  # sink_window / reward_anchor: first tokens kept (attention sinks)
-    "lead": 2,  # reward_anchor: steps kept before each episode's first rewarded step
+    "lead": 0,  # reward_anchor: steps kept before each episode's first rewarded step
     "n_anchor": 4,  # reward_anchor: episodes whose first rewarded step is kept (the newest ones)
     "per_episode": 2,  # episode_pool: slots each finished episode keeps (its first rewarded step + pooled rest)
-    "n_reward": 4,  # reward_recent: newest rewarded tokens kept
+    "n_reward": 8,  # reward_recent: newest rewarded tokens kept
     "engine": "kv",  # kv (KV-cached incremental rollout) | rerun (whole window re-run every step)
     "compare_rerun": False,  # also time the uncompressed rerun engine (combined gain of compressed kv)
     "episodes": 50,  # in-context episodes per task
