@@ -56,10 +56,14 @@ COMPRESSION_CONFIG = {
     "use_compression": True,  # False: only the uncompressed baseline is measured
     "compression_interval": 20,  # steps between compressions
     "compression_ratio": 0.5,  # fraction of the model's context kept (1.0 = no compression)
-    "compression_strategy": "fixed_window",  # none | fixed_window | topk | pooling | sink_window
-    "keep_recent": 20,  # fixed_window / pooling / topk: newest tokens always kept as they are
+    "compression_strategy": "fixed_window",  # none | fixed_window | topk | pooling | sink_window | reward_anchor | episode_pool | reward_recent
+    "keep_recent": 20,  # fixed_window / pooling / topk / reward_anchor / episode_pool / reward_recent: newest tokens kept as they are
     "window_size": 0,  # pooling: tokens per pooled window (0 = as large as the budget needs)
-    "n_sink": 4,  # sink_window: first tokens kept (attention sinks)
+    "n_sink": 4,  # sink_window / reward_anchor: first tokens kept (attention sinks)
+    "lead": 0,  # reward_anchor: steps kept before each episode's first rewarded step
+    "n_anchor": 4,  # reward_anchor: episodes whose first rewarded step is kept (the newest ones)
+    "per_episode": 2,  # episode_pool: slots each finished episode keeps (its first rewarded step + pooled rest)
+    "n_reward": 8,  # reward_recent: newest rewarded tokens kept
     "engine": "kv",  # kv (KV-cached incremental rollout) | rerun (whole window re-run every step)
     "compare_rerun": False,  # also time the uncompressed rerun engine (combined gain of compressed kv)
     "episodes": 50,  # in-context episodes per task
@@ -86,7 +90,8 @@ def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
     if strategy not in STRATEGIES:
         raise UserError(f"unknown compression strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     valid = {f.name for f in fields(STRATEGIES[strategy])}
-    params = {"ratio": ratio, "interval": cfg["compression_interval"], "keep_recent": cfg["keep_recent"], "n_sink": cfg["n_sink"]}
+    params = {"ratio": ratio, "interval": cfg["compression_interval"], "keep_recent": cfg["keep_recent"], "n_sink": cfg["n_sink"],
+              "lead": cfg["lead"], "n_anchor": cfg["n_anchor"], "per_episode": cfg["per_episode"], "n_reward": cfg["n_reward"]}  # fmt: skip
     params["window_size"] = cfg["window_size"] or None
     return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})  # ConfigError if out of range
 
@@ -245,7 +250,7 @@ def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
 
 BOUNDS = {
     "compression_interval": (1, 10**6), "compression_ratio": (1e-6, 1.0), "sweep_ratios": (1e-6, 1.0), "keep_recent": (0, 10**6), "window_size": (0, 10**6),
-    "n_sink": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
+    "n_sink": (0, 10**6), "lead": (0, 10**6), "n_anchor": (0, 10**6), "per_episode": (1, 10**6), "n_reward": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
     "device": {"auto", "cpu", "cuda"}, "vec_env": {"dummy", "batched"}, "backend": set(BACKENDS),
 }  # fmt: skip
 

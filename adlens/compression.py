@@ -14,6 +14,14 @@ over the shorter context. Output slots keep temporal order and the newest token 
 grows again by up to `interval` tokens. Strategies marked `streaming` (sink_window) evict at every
 step instead, so their context never exceeds the budget and `interval` does not apply.
 
+RL-aware strategies (`needs_meta`: reward_anchor, episode_pool, reward_recent) also get `meta`, a
+`HistoryMeta` of what each cached token is in the learning history: the reward it carries (received
+on arriving in its state, as the attention analysis counts rewarding tokens), its episode and its
+step within that episode, each (B, n) in the same temporal order as the tokens. The engines keep it
+aligned with the cache through every compaction (`merge_meta`): a merged slot carries the largest
+reward of its members and the episode and step of its newest member. A strategy that needs it
+refuses to plan without it (one line) rather than fall back silently.
+
 Adding a strategy: one dataclass below (fields = validated hyper-parameters, a `plan` method or,
 for a pure selection, a `keep_mask` method) and one line in `STRATEGIES`.
 Prior art: StreamingLLM (sink + window, arXiv 2309.17453), H2O (accumulated attention, 2306.14048).
@@ -22,11 +30,36 @@ Prior art: StreamingLLM (sink + window, arXiv 2309.17453), H2O (accumulated atte
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from adlens.errors import ConfigError
+
+
+class HistoryMeta(NamedTuple):
+    """What each cached token is in the learning history, (B, n) each, temporal order."""
+
+    reward: torch.Tensor  # float, the reward the token carries (received on arriving in its state)
+    episode: torch.Tensor  # long, episode index within the rollout (0 = the first)
+    step: torch.Tensor  # long, step within its episode (0 = the episode's first token)
+
+
+_STEP_SPAN = 1 << 32  # episode * _STEP_SPAN + step orders tokens by (episode, step)
+
+
+def merge_meta(meta: HistoryMeta, assign: torch.Tensor, n_out: int) -> HistoryMeta:
+    """Meta of the output slots of a merge plan: the largest reward of each slot's members, and the
+    episode and step of its newest member (as `src_step` for the key/value cache)."""
+    B, n = assign.shape
+    keep = assign >= 0
+    tgt = assign.clamp(min=0)
+    reward = torch.full((B, n_out), float("-inf"), dtype=meta.reward.dtype, device=assign.device)
+    reward.scatter_reduce_(1, tgt, torch.where(keep, meta.reward, float("-inf")), "amax")
+    key = meta.episode * _STEP_SPAN + meta.step
+    newest = torch.full((B, n_out), -1, dtype=torch.long, device=assign.device)
+    newest.scatter_reduce_(1, tgt, torch.where(keep, key, -1), "amax")
+    return HistoryMeta(reward, newest.div(_STEP_SPAN, rounding_mode="floor"), newest % _STEP_SPAN)
 
 
 @dataclass
@@ -39,6 +72,7 @@ class Compression:
     # True: a pure recent-keeping eviction (the first n_sink tokens + the newest ones), applied at every
     # step as a rolling cache (StreamingLLM); `interval` is not used
     streaming: ClassVar[bool] = False
+    needs_meta: ClassVar[bool] = False  # True: plan() needs `meta` (rewards and episodes per token)
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
@@ -59,8 +93,10 @@ class Compression:
         """(B, n) bool, exactly `budget` True per row, the newest (last) always True."""
         raise NotImplementedError
 
-    def plan(self, n: int, context: int, scores: torch.Tensor | None = None, batch: int | None = None):
-        """Merge plan for n cached tokens: (assign (B, n) long, weight (B, n) float, n_out)."""
+    def plan(self, n: int, context: int, scores: torch.Tensor | None = None, batch: int | None = None,
+             meta: HistoryMeta | None = None):  # fmt: skip
+        """Merge plan for n cached tokens: (assign (B, n) long, weight (B, n) float, n_out).
+        `meta` is passed only to strategies that set `needs_meta`."""
         batch = scores.shape[0] if scores is not None else (batch or 1)
         budget = self.budget(context)
         if n <= budget:
@@ -231,12 +267,207 @@ class SinkWindow(Compression):
         return keep
 
 
+# ---- RL-aware strategies: they read what each token is (`meta`) -------------------------------------
+def _need_meta(name: str, meta: HistoryMeta | None, n: int) -> HistoryMeta:
+    if meta is None:
+        raise ConfigError(
+            f"{name} needs each token's reward and episode; the kv and rerun engines pass them, a history without them cannot use it"
+        )
+    if meta.reward.shape[-1] != n:
+        raise ValueError(f"meta covers {meta.reward.shape[-1]} tokens, the plan {n}")
+    return meta
+
+
+def first_reach(meta: HistoryMeta) -> torch.Tensor:
+    """(B, n) bool: the first rewarded token of each episode in the history (the step the reward was
+    first reached). A token at step 0 carries the previous episode's last reward, so it never counts."""
+    rewarded = (meta.reward > 0) & (meta.step >= 1)
+    count = rewarded.long().cumsum(1)  # rewarded tokens up to and including each position
+    start = torch.ones_like(rewarded)
+    start[:, 1:] = meta.episode[:, 1:] != meta.episode[:, :-1]
+    before = torch.where(start, count - rewarded.long(), torch.zeros_like(count)).cummax(1).values  # count before its episode
+    return rewarded & (count - before == 1)
+
+
+def _leading(anchor: torch.Tensor, episode: torch.Tensor, lead: int) -> torch.Tensor:
+    """(B, n) bool: the `lead` tokens before each anchor, within the anchor's episode."""
+    out = torch.zeros_like(anchor)
+    for d in range(1, lead + 1):
+        out[:, :-d] |= anchor[:, d:] & (episode[:, :-d] == episode[:, d:])
+    return out & ~anchor
+
+
+def _batch(scores, batch, meta) -> int:
+    if scores is not None:
+        return scores.shape[0]
+    if batch:
+        return batch
+    return meta.reward.shape[0] if meta is not None else 1
+
+
+def _by_priority(priority: torch.Tensor, budget: int) -> torch.Tensor:
+    """(B, n) keep mask of the `budget` highest-priority tokens of every row (the same count in each)."""
+    keep = torch.zeros_like(priority, dtype=torch.bool)
+    return keep.scatter_(1, priority.topk(budget, dim=1).indices, True)
+
+
+def _check_common(comp, context: int) -> None:
+    if not 1 <= comp.keep_recent <= context:
+        raise ConfigError(f"keep_recent must be in [1, {context}] (the model's context), got {comp.keep_recent}")
+
+
+@dataclass
+class RewardAnchor(Compression):
+    """Keep the steps where a reward was first reached in each episode (of the newest `n_anchor`
+    such episodes), and the `lead` steps that led there, plus `n_sink` first tokens and the newest
+    `keep_recent`; fill the rest of the budget by accumulated attention (H2O). When anchors do not
+    all fit, the newest are kept. Every row keeps exactly the budget: rows with fewer anchors keep
+    more by attention.
+
+    Why: in Darkroom the reward is paid on every step spent on the goal, so once the model exploits
+    most tokens carry a reward; the first one of an episode (and how the agent got there) says where
+    the goal is, which a recent window loses once that episode scrolls out."""
+
+    keep_recent: int = 20  # defaults: the configuration measured in EXPERIMENTS.md (tuned on seeds 0-9)
+    n_sink: int = 0
+    lead: int = 0
+    n_anchor: int = 4
+    needs_scores: ClassVar[bool] = True
+    needs_meta: ClassVar[bool] = True
+
+    def check(self, context: int) -> None:
+        _check_common(self, context)
+        if not 0 <= self.n_sink <= context:
+            raise ConfigError(f"n_sink must be in [0, {context}] (the model's context), got {self.n_sink}")
+        if self.lead < 0:
+            raise ConfigError(f"lead must be >= 0, got {self.lead}")
+        if not 0 <= self.n_anchor <= context:
+            raise ConfigError(f"n_anchor must be in [0, {context}] (the model's context), got {self.n_anchor}")
+
+    def plan(self, n, context, scores=None, batch=None, meta=None):
+        batch = _batch(scores, batch, meta)
+        budget = self.budget(context)
+        if n <= budget:
+            return identity_plan(n, batch)
+        meta = _need_meta("reward_anchor", meta, n)
+        if scores is None:
+            raise ConfigError("reward_anchor needs attention scores")
+        age = torch.arange(n, dtype=torch.float64) / n  # in [0, 1): newer is larger
+        s = scores.double().clamp(min=0)
+        fill = 0.999 * s / (s.amax(1, keepdim=True) + 1e-30)  # attention, in [0, 1)
+        anchor = first_reach(meta)
+        anchor &= anchor.flip(1).long().cumsum(1).flip(1) <= self.n_anchor  # the newest n_anchor
+        priority = torch.where(anchor, 2.0 + age, torch.where(_leading(anchor, meta.episode, self.lead), 1.0 + age, fill))
+        priority[:, : self.n_sink] = 3.0
+        priority[:, n - min(self.keep_recent, budget) :] = 4.0
+        return selection_plan(_by_priority(priority, budget))
+
+
+@dataclass
+class EpisodePool(Compression):
+    """Each finished episode shrinks to `per_episode` slots: the step its reward was first reached
+    (if it was) and the rest averaged in contiguous groups; the current episode and the newest
+    `keep_recent` tokens are kept as they are. The oldest slots go first when the budget is full
+    (within an episode, its pooled rest before its first rewarded step); rows (environments) keep
+    one length, so a row with more slots drops its oldest extra ones.
+
+    Why: the current and previous episodes draw most of the attention, and of an older episode the
+    model needs little more than whether and where it found the reward."""
+
+    per_episode: int = 2
+    keep_recent: int = 0  # 16 in the configuration measured in EXPERIMENTS.md
+    needs_meta: ClassVar[bool] = True
+
+    def check(self, context: int) -> None:
+        if not 1 <= self.per_episode <= context:
+            raise ConfigError(f"per_episode must be in [1, {context}] (the model's context), got {self.per_episode}")
+        if not 0 <= self.keep_recent <= context:
+            raise ConfigError(f"keep_recent must be in [0, {context}] (the model's context), got {self.keep_recent}")
+
+    def _row_slots(self, episode: list[int], anchor: list[bool], budget: int) -> list[list[int]]:
+        """Output slots of one row (lists of member positions), at most `budget`, in temporal order of
+        their newest member."""
+        n = len(episode)
+        recent = min(n - self.keep_recent, next(i for i in range(n) if episode[i] == episode[-1]))  # kept as they are from here
+        slots, start = [], 0  # (kept as is, episode, is anchor, newest member, members): the drop order
+        while start < recent:
+            end = start
+            while end < recent and episode[end] == episode[start]:
+                end += 1
+            idx = list(range(start, end))
+            if len(idx) <= self.per_episode:  # already small
+                slots += [(False, episode[start], True, i, [i]) for i in idx]
+            else:
+                keep = [i for i in idx if anchor[i]][: self.per_episode]
+                rest = [i for i in idx if not anchor[i]]
+                k = self.per_episode - len(keep)
+                groups = [rest[g * len(rest) // k : (g + 1) * len(rest) // k] for g in range(k)] if k else []
+                slots += [(False, episode[start], True, a, [a]) for a in keep]
+                slots += [(False, episode[start], False, max(g), g) for g in groups if g]
+            start = end
+        slots += [(True, episode[i], True, i, [i]) for i in range(recent, n)]
+        kept = sorted(slots, key=lambda s: s[:4])[max(0, len(slots) - budget) :]
+        return [s[4] for s in sorted(kept, key=lambda s: s[3])]
+
+    def plan(self, n, context, scores=None, batch=None, meta=None):
+        batch = _batch(scores, batch, meta)
+        budget = self.budget(context)
+        if n <= budget:
+            return identity_plan(n, batch)
+        meta = _need_meta("episode_pool", meta, n)
+        anchor = first_reach(meta).tolist()
+        rows = [self._row_slots(ep, an, budget) for ep, an in zip(meta.episode.tolist(), anchor)]
+        n_out = min(len(r) for r in rows)  # rows keep one length: a row with more slots drops its oldest
+        assign = torch.full((batch, n), -1, dtype=torch.long)
+        for b, slots in enumerate(rows):
+            for j, members in enumerate(slots[len(slots) - n_out :]):
+                assign[b, members] = j
+        return assign, torch.ones(batch, n), n_out
+
+
+@dataclass
+class RewardRecent(Compression):
+    """The newest `keep_recent` tokens and the newest `n_reward` rewarded tokens older than those; the
+    rest of the budget goes to the newest of the others. No attention scores, so the KV engine keeps
+    its fused kernel.
+
+    Why: in the attention figures rewarded tokens are 15% of the context and draw half the newest
+    token's attention, and the rest goes mostly to recent steps: keep exactly those two."""
+
+    keep_recent: int = 16  # defaults: the configuration measured in EXPERIMENTS.md (tuned on seeds 0-9)
+    n_reward: int = 8
+    needs_meta: ClassVar[bool] = True
+
+    def check(self, context: int) -> None:
+        _check_common(self, context)
+        if not 0 <= self.n_reward <= context:
+            raise ConfigError(f"n_reward must be in [0, {context}] (the model's context), got {self.n_reward}")
+
+    def plan(self, n, context, scores=None, batch=None, meta=None):
+        batch = _batch(scores, batch, meta)
+        budget = self.budget(context)
+        if n <= budget:
+            return identity_plan(n, batch)
+        meta = _need_meta("reward_recent", meta, n)
+        age = torch.arange(n, dtype=torch.float64) / n
+        n_recent = min(self.keep_recent, budget)
+        rewarded = (meta.reward > 0) & (meta.step >= 1)
+        rewarded[:, n - n_recent :] = False  # kept anyway
+        newest_first = rewarded.flip(1).long().cumsum(1).flip(1)  # 1 = the newest rewarded token
+        priority = torch.where(rewarded & (newest_first <= self.n_reward), 2.0 + age, age).expand(batch, n).clone()
+        priority[:, n - n_recent :] = 4.0
+        return selection_plan(_by_priority(priority, budget))
+
+
 STRATEGIES: dict[str, type[Compression]] = {
     "none": NoCompression,
     "fixed_window": FixedWindow,
     "topk": TopK,
     "pooling": Pooling,
     "sink_window": SinkWindow,
+    "reward_anchor": RewardAnchor,
+    "episode_pool": EpisodePool,
+    "reward_recent": RewardRecent,
 }
 
 

@@ -24,6 +24,10 @@ compression. Environments keep one length: where a slide removes more kept slots
 environment than another, the others drop their oldest extra slots (never more than the budget).
 Masks: a causal mask is rebuilt for the shorter sequence, a key-padding mask is compressed along with
 the tokens; a mask of any other kind is refused.
+
+Strategies that read each token's reward and episode (`needs_meta`: reward_anchor, episode_pool,
+reward_recent) are refused here: the hook sees embeddings, and which reward a position carries
+depends on how the user's model lays out its tokens, which the adapter does not declare.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from adlens.capture import capture_attention
-from adlens.compression import Compression, merge_rows
+from adlens.compression import STRATEGIES, Compression, merge_rows
 from adlens.errors import UserError
 
 _ENCODER_ARGS = ("src", "mask", "src_key_padding_mask", "is_causal")
@@ -91,6 +95,12 @@ class HistoryCompressor:
 
     def __init__(self, module: nn.Module, comp: Compression | None, max_context: int, step_of: Callable[[], int],
                  token_steps: Callable | None = None, score_model: nn.Module | None = None):  # fmt: skip
+        if comp is not None and comp.needs_meta and comp.budget(max_context) < max_context:
+            name = next((k for k, v in STRATEGIES.items() if v is type(comp)), type(comp).__name__)
+            raise UserError(
+                f"{name} needs each history token's reward and episode, which the history hook cannot tell from the "
+                "embeddings it sees; use it with the project's kv or rerun engine, or a strategy without rewards here"
+            )
         self.module, self.comp, self.T, self.step_of = module, comp, max_context, step_of
         self.token_steps = token_steps or default_token_steps(1)
         self.score_model = score_model or module

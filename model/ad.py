@@ -275,11 +275,12 @@ class ADTransformer(nn.Module):
         return F.linear(F.layer_norm(x[:, -1], (D,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.head.weight, self.head.bias)
 
     def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False, static: bool = False,
-                  n_sink: int | None = None, score_window: int = 32):  # fmt: skip
+                  n_sink: int | None = None, score_window: int = 32, track_meta: bool = False):  # fmt: skip
         """A KV cache for `step`: `KVCache`, or with `n_sink` set a `StreamingCache` (sinks + ring buffer)."""
         p = next(self.parameters())
         args = (self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context, self.cfg.head_size, p.device, p.dtype)
-        kw = {"track_scores": track_scores, "rope_base": self.cfg.rope_base, "static": static, "score_window": score_window}
+        kw = {"track_scores": track_scores, "rope_base": self.cfg.rope_base, "static": static, "score_window": score_window,
+              "track_meta": track_meta}  # fmt: skip
         if n_sink is not None:
             return StreamingCache(*args, n_sink=n_sink, **kw)
         return KVCache(*args, **kw)

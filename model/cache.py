@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from adlens.compression import HistoryMeta, merge_meta
 from adlens.errors import ConfigError
 from model.rope import apply_rope, rope_cos_sin
 
@@ -48,11 +49,14 @@ class KVCache:
 
     static       : attend over all slots with a validity mask (fixed shapes) instead of the valid prefix
     score_window : queries kept for lazy scores before they are folded into `scores`
+    track_meta   : also keep, per slot, what its token is in the learning history (`meta`: reward,
+                   episode, step within the episode; set by `set_meta`, merged by `merge_meta`), for
+                   the strategies that read it (`Compression.needs_meta`)
     """
 
     def __init__(
         self, n_layer, batch_size, n_head, capacity, head_size, device, dtype,
-        track_scores=False, rope_base=10000.0, static=False, score_window=32,
+        track_scores=False, rope_base=10000.0, static=False, score_window=32, track_meta=False,
     ):  # fmt: skip
         if capacity < 1:
             raise ConfigError(f"cache capacity must be >= 1, got {capacity}")
@@ -63,6 +67,11 @@ class KVCache:
         self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.src_step = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.scores = torch.zeros(batch_size, capacity, device=device) if track_scores else None
+        self.meta: dict[str, torch.Tensor] | None = None  # field of HistoryMeta -> (B, C)
+        if track_meta:
+            self.meta = {"reward": torch.zeros(batch_size, capacity, device=device),
+                         "episode": torch.zeros(batch_size, capacity, dtype=torch.long, device=device),
+                         "step": torch.zeros(batch_size, capacity, dtype=torch.long, device=device)}  # fmt: skip
         self.n_layer, self.capacity, self.head_size, self.rope_base = n_layer, capacity, head_size, rope_base
         self.static = static
         self.valid = torch.zeros(1, 1, 1, capacity, dtype=torch.bool, device=device) if static else None  # (1, 1, 1, C)
@@ -182,6 +191,29 @@ class KVCache:
         if self.scores is not None:
             self.scores[:, : self.n] += attn[:, :, 0, : self.n].mean(1) / self.n_layer
 
+    def set_meta(self, reward: torch.Tensor, episode: torch.Tensor, step: torch.Tensor) -> None:
+        """Record what the newest token is (each (B,)): the reward it carries, its episode, its step."""
+        for name, value in zip(("reward", "episode", "step"), (reward, episode, step)):
+            self.meta[name][:, self._slot] = value
+
+    def ordered_meta(self) -> HistoryMeta | None:
+        """`HistoryMeta` of the valid slots (B, n) in temporal order, or None when not tracked."""
+        if self.meta is None:
+            return None
+        if self._in_order:
+            return HistoryMeta(*(self.meta[f][:, : self.n] for f in HistoryMeta._fields))
+        idx = self.order()
+        return HistoryMeta(*(self.meta[f][:, : self.n].gather(1, idx) for f in HistoryMeta._fields))
+
+    def _merged_meta(self, assign: torch.Tensor, n_out: int) -> HistoryMeta | None:
+        """Meta of the slots a plan produces, computed before the plan moves anything."""
+        return merge_meta(self.ordered_meta(), assign, n_out) if self.meta is not None else None
+
+    def _write_meta(self, merged: HistoryMeta | None, n_out: int) -> None:
+        if merged is not None:
+            for f in HistoryMeta._fields:
+                self.meta[f][:, :n_out] = getattr(merged, f)
+
     @property
     def newest_slot(self) -> int:
         return self._slot
@@ -280,8 +312,10 @@ class KVCache:
         """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
         B, n = assign.shape
         a = assign[0]
+        merged = self._merged_meta(assign, n_out)
         if self._in_order and bool((assign == a).all()) and bool((a[keep[0]].diff() >= 0).all()):
             self._merge_in_place(a, weight, keep, n_out)
+            self._write_meta(merged, n_out)
             return
         t = self.temporal()
         tgt = assign.clamp(min=0)
@@ -303,6 +337,7 @@ class KVCache:
         self.k[:, :, :, :n_out] = new_k  # written last: t[...] may be views of the cache
         self.v[:, :, :, :n_out] = new_v
         self.src_step[:, :n_out] = new_src
+        self._write_meta(merged, n_out)
         self._finish(n_out)
 
     @staticmethod
@@ -362,7 +397,8 @@ class KVCache:
         if len(holes):
             rows, dst, src = holes[:, 0], holes[:, 1], movers[:, 1] + n_out  # each row has as many of both
             self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
-            for buf in (self.pos, self.src_step) + ((self.scores,) if self.scores is not None else ()):
+            extra = ((self.scores,) if self.scores is not None else ()) + (tuple(self.meta.values()) if self.meta is not None else ())
+            for buf in (self.pos, self.src_step) + extra:
                 buf[rows, dst] = buf[rows, src]
         rank = self.pos[:, :n_out].argsort(1).argsort(1)  # (B, n_out) temporal rank of each slot's token
         new_pos = self.n_added - n_out + rank

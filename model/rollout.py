@@ -13,6 +13,8 @@ same action probabilities (test); after that, `kv` keeps the cached keys/values 
 they were computed when those tokens arrived (a streaming window, as in Transformer-XL and
 StreamingLLM), while `rerun` recomputes them from the window alone. With compression both keep the
 same tokens for the same plan: streaming strategies (sink_window) evict at every step in both.
+Strategies that read what each token is (`needs_meta`: its reward, episode and step) get it from
+both engines alike: the KV cache carries it per slot, the re-run engine beside its token history.
 """
 
 from __future__ import annotations
@@ -25,11 +27,30 @@ import torch
 from tqdm import tqdm
 
 from adlens.capture import capture_attention
-from adlens.compression import Compression, merge_rows
+from adlens.compression import Compression, HistoryMeta, merge_meta, merge_rows
 from adlens.errors import ConfigError
 from model.ad import ADTransformer, Tokens
 
 ENGINES = ("kv", "rerun")
+
+
+class EpisodeCounter:
+    """Meta of each new token from the tokens themselves: the reward it carries, its step within the
+    episode (its timestep) and its episode (counted per environment: a new one at every timestep 0)."""
+
+    def __init__(self, batch: int, device=None):
+        self.episode = torch.full((batch,), -1, dtype=torch.long, device=device)
+
+    def __call__(self, tok: Tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step = tok.timesteps[:, -1]
+        self.episode += ((step == 0) | (self.episode < 0)).long()
+        return tok.prev_rewards[:, -1].float(), self.episode.clone(), step
+
+
+def _plan(comp: Compression, n: int, context: int, batch: int, scores=None, meta: HistoryMeta | None = None):
+    """The strategy's plan, built on the CPU; meta only for strategies that read it."""
+    extra = {"meta": HistoryMeta(*(m.cpu() for m in meta))} if comp.needs_meta else {}
+    return comp.plan(n, context, scores=scores, batch=batch, **extra)
 
 
 class KVEngine:
@@ -54,7 +75,8 @@ class KVEngine:
         else:
             capacity = min(self.T, budget + self.comp.interval)
             self.cache = model.new_cache(batch, capacity=capacity, track_scores=self.comp.needs_scores, static=static,
-                                         score_window=self.comp.interval)  # fmt: skip
+                                         score_window=self.comp.interval, track_meta=self.comp.needs_meta)  # fmt: skip
+        self._count = EpisodeCounter(batch, next(model.parameters()).device) if self.comp is not None and self.comp.needs_meta else None
         self._since = 0
 
     def __len__(self) -> int:
@@ -62,25 +84,34 @@ class KVEngine:
 
     def step(self, tok: Tokens) -> torch.Tensor:
         logits = self.model.step(tok, self.cache)  # (B, A)
+        if self._count is not None:
+            self.cache.set_meta(*self._count(tok))
         self._since += 1
         comp = self.comp
         if comp is not None and not comp.streaming and comp.due(self._since, len(self.cache), self.T):
             n = len(self.cache)
             scores = self.cache.ordered_scores()  # plans are small: built on the CPU, applied on the cache's device
             scores = scores.cpu() if scores is not None else None
-            assign, weight, n_out = comp.plan(n, self.T, scores=scores, batch=self.cache.k.shape[1])
+            assign, weight, n_out = _plan(comp, n, self.T, self.cache.k.shape[1], scores, self.cache.ordered_meta())
             self.cache.apply_plan(assign.to(self.cache.k.device), weight.to(self.cache.k.device), n_out)
             self._since = 0
         return logits
 
 
 class RerunEngine:
-    """Re-runs the whole context each step; compression acts on the history of input embeddings."""
+    """Re-runs the whole context each step; compression acts on the history of input embeddings
+    (and, for strategies that read it, on the meta of each history token beside it)."""
 
     def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None):
         self.model, self.comp, self.T = model, compression, model.cfg.max_context
         p = next(model.parameters())
         self.x = torch.zeros(batch, self.T, model.cfg.d_model, device=p.device, dtype=p.dtype)  # (B, T, D)
+        self.meta: HistoryMeta | None = None  # (B, T) each, aligned with x
+        self._count = None
+        if compression is not None and compression.needs_meta:
+            self._count = EpisodeCounter(batch, p.device)
+            zeros = [torch.zeros(batch, self.T, dtype=dtype, device=p.device) for dtype in (torch.float32, torch.long, torch.long)]
+            self.meta = HistoryMeta(*zeros)
         self.n = 0
         self._since = 0
 
@@ -92,8 +123,13 @@ class RerunEngine:
         new = self.model.embed(tok)  # (B, 1, D)
         if self.n == self.T:  # slide: drop the oldest
             self.x = torch.roll(self.x, -1, dims=1)
+            if self.meta is not None:
+                self.meta = HistoryMeta(*(torch.roll(m, -1, dims=1) for m in self.meta))
             self.n -= 1
         self.x[:, self.n] = new[:, 0]
+        if self.meta is not None:
+            for m, value in zip(self.meta, self._count(tok)):
+                m[:, self.n] = value
         self.n += 1
         self._since += 1
         if self.comp is not None and self.comp.streaming and self.comp.due(self._since, self.n, self.T):
@@ -112,11 +148,18 @@ class RerunEngine:
             logits = self.model.forward_embeddings(self.x[:, : self.n])[:, -1]
             scores = None
         if due:
-            assign, weight, n_out = self.comp.plan(self.n, self.T, scores=scores, batch=self.x.shape[0])
-            self.x[:, :n_out] = merge_rows(self.x[:, : self.n], assign.to(self.x.device), weight.to(self.x.device), n_out)
+            assign, weight, n_out = _plan(self.comp, self.n, self.T, self.x.shape[0], scores, self._meta_now())
+            assign = assign.to(self.x.device)
+            self.x[:, :n_out] = merge_rows(self.x[:, : self.n], assign, weight.to(self.x.device), n_out)
+            if self.meta is not None:
+                for m, merged in zip(self.meta, merge_meta(self._meta_now(), assign, n_out)):
+                    m[:, :n_out] = merged
             self.n = n_out
             self._since = 0
         return logits
+
+    def _meta_now(self) -> HistoryMeta | None:
+        return HistoryMeta(*(m[:, : self.n] for m in self.meta)) if self.meta is not None else None
 
 
 def make_engine(name: str, model: ADTransformer, batch: int, compression: Compression | None = None, **options):

@@ -455,7 +455,7 @@ def test_adlens_never_imports_the_projects_packages():
 
 def test_every_strategy_is_accepted_by_the_history_hook():
     enc = _encoder()
-    for name in STRATEGIES:
+    for name in [n for n in STRATEGIES if not STRATEGIES[n].needs_meta]:  # the others are refused (test_rl_compression.py)
         kw = {"n_sink": 2} if name == "sink_window" else {"keep_recent": 3} if name != "none" else {}
         ratio = 1.0 if name == "none" else 0.3
         _roll(enc, make_compression(name, ratio=ratio, interval=4, context=24, **kw), steps=30)
