@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import build_capture
 
 import collect
 import evaluate
@@ -197,3 +199,65 @@ def test_an_empty_darkroom_of_the_same_grid_serves_as_exploration_histories(tiny
     collect.main(["--config", str(other), "--out", str(tmp_path / "h5"), "--tasks", "none", "--goal-free-learners", "1"])
     with pytest.raises(UserError, match="horizon"):
         HistoryData.from_dir([data, tmp_path / "h5"], spec, spec.split()[0], 12)
+
+
+# ---- the analysis: key and door events -----------------------------------------------------------
+def test_key_door_events_count_each_episodes_rewards_in_order():
+    from adlens.metrics import key_door_events
+
+    episode = np.repeat(np.arange(4), 5)  # 4 episodes of 5 steps: 0-4, 5-9, 10-14, 15-19
+    reward = np.zeros(20)
+    reward[[2, 5, 8, 15, 18, 19]] = 1
+    # the project's tokens carry r_{t-1}: token 5 holds the reward of step 4, episode 0's door, and
+    # token 15 that of step 14, episode 2's key; episode 3 then finds key and door (18, 19)
+    assert key_door_events(reward, episode)[[2, 5, 8, 15, 18, 19]].tolist() == [1, 2, 1, 1, 1, 2]
+    assert (key_door_events(reward, episode) > 0).sum() == 6
+    # transition tokens (r_t) count in their own episode
+    reward[19] = 0
+    assert key_door_events(reward, episode, "r_t")[[2, 5, 8, 15, 18]].tolist() == [1, 1, 2, 1, 2]
+
+
+def _door_looking_capture(S: int = 60, horizon: int = 10, T: int = 40) -> dict:
+    """A synthetic Key-to-Door capture whose newest token attends only to the latest door event in its
+    context (uniformly when there is none). Episode 1 finds key and door, episode 3 the key only."""
+    cap = build_capture(S=S, T=T, horizon=horizon, L=1, H=1)
+    cap["meta"] = dict(cap["meta"], env={"name": "key_to_door", "size": 3, "horizon": horizon}, task={"key": [0, 0], "door": [2, 2]})
+    reward = np.zeros(S)
+    reward[[13, 17, 34]] = 1  # episode 1: key then door; episode 3: the key only
+    cap["reward"] = torch.tensor(reward, dtype=torch.float32)
+    steps, n = cap["ctx_step"].numpy(), cap["context_len"].numpy()
+    attn = np.zeros((S, 1, 1, T))
+    for s in range(S):
+        doors = [p for p in range(n[s]) if steps[s, p] == 17]
+        if doors:
+            attn[s, 0, 0, doors[-1]] = 1.0
+        else:
+            attn[s, 0, 0, : n[s]] = 1.0 / n[s]
+    cap["query_attn"] = torch.tensor(attn, dtype=torch.float16)
+    return cap
+
+
+def test_summary_splits_the_attention_between_key_and_door_and_finds_the_door_episode():
+    from adlens.metrics import summarize
+
+    s = summarize(_door_looking_capture())
+    assert s["door_attention_share"] == pytest.approx(1.0, abs=1e-3)  # every step with the door in context looks at it
+    assert s["key_attention_share"] < 0.01 < s["key_context_share"]  # the keys draw only the uniform rows before the door
+    assert s["door_context_share"] == pytest.approx(np.mean([1 / min(k + 1, 40) for k in range(17, 57)]), rel=1e-3)
+    # the door (step 17, episode 1) draws all the attention from 0, 1, ... episodes later: the share of
+    # steps with the door in context (steps 17-56) that are e episodes after it, among those whose
+    # context reaches e episodes back (e = 3: steps 30-56; e = 4: steps 41-56)
+    assert s["door_episode_share"] == pytest.approx([3 / 40, 10 / 40, 10 / 37, 10 / 27, 7 / 16], abs=1e-3)
+    darkroom = _door_looking_capture()
+    darkroom["meta"] = dict(darkroom["meta"], env={"name": "darkroom", "size": 3, "horizon": 10})
+    assert "door_attention_share" not in summarize(darkroom)  # other families are not split
+
+
+def test_analyze_writes_the_key_door_split_to_the_metrics_and_the_report(tmp_path):
+    import analyze_attention
+
+    result = analyze_attention.analyze(_door_looking_capture(), tmp_path / "out", {"num_samples": 1, "dpi": 30})
+    doc = json.loads(result["paths"]["metrics"].read_text())["metrics"]
+    assert doc["door_attention_share"] == pytest.approx(1.0, abs=1e-3) and len(doc["door_episode_share"]) >= 4
+    text = result["paths"]["recommendations"].read_text()
+    assert "door events" in text and "attention on door events per episode" in text
