@@ -261,3 +261,23 @@ def test_analyze_writes_the_key_door_split_to_the_metrics_and_the_report(tmp_pat
     assert doc["door_attention_share"] == pytest.approx(1.0, abs=1e-3) and len(doc["door_episode_share"]) >= 4
     text = result["paths"]["recommendations"].read_text()
     assert "door events" in text and "attention on door events per episode" in text
+
+
+def test_the_results_harness_reads_the_key_and_door_parts(tmp_path):
+    from benchmarks import regenerate as R
+
+    returns = np.array([[0.0, 1.0, 2.0] + [2.0] * 47, [1.0, 1.0, 1.0] + [2.0] * 47])  # (seeds, episodes) of one pair
+    parts = evaluate.key_door_parts(EnvSpec(name="key_to_door"), returns)
+    src = evaluate.key_door_parts(EnvSpec(name="key_to_door"), np.ones((4, 20)), prefix="source_")
+    doc = {"episodes": 50, "seeds": [100, 101], "return_per_episode": returns.mean(0).tolist(),
+           "normalized_return_per_episode": (returns.mean(0) / 2).tolist(), "source_normalized_return_per_episode": [0.5] * 20,
+           "per_task": [{"task": {"key": [0, 0], "door": [1, 1]}, "optimal_return": 2.0, "returns": returns.mean(0).tolist(),
+                         "returns_per_seed": returns.tolist()}], **parts, **src}  # fmt: skip
+    n = R.key_to_door_numbers(doc)
+    assert n["first_episode"] == 0.25 and n["last_10"] == pytest.approx(np.mean(returns[:, -10:]) / 2)
+    assert n["parts"]["key_first_episode"] == 0.5 and n["parts"]["door_first_episode"] == 0.0
+    assert n["parts"]["door_last_10"] == pytest.approx(np.mean(np.maximum(returns[:, -10:] - 1, 0)))
+    assert n["parts"]["source_key_last_10"] == 1.0 and n["parts"]["source_door_last_10"] == 0.0
+    assert n["source"] == {"first_episode": 0.5, "last_10": 0.5, "episodes": 20}
+    table = R.table_key_to_door({"key_to_door_evaluation": {"numbers": n}})
+    assert "| 0.50 / 1.00 |" in table and "source PPO, its own 20 episodes" in table
