@@ -192,6 +192,9 @@ def plot_curve(results: dict, path: Path, title: str = "In-context learning on h
     for pt in results["per_task"]:
         ax.plot(ep, np.array(pt["returns"]) / pt["optimal_return"], color="tab:blue", alpha=0.25, lw=1)
     ax.plot(ep, results["normalized_return_per_episode"], color="tab:blue", lw=2.5, label=f"mean over {len(results['tasks'])} tasks")
+    for part, color in (("key", "tab:orange"), ("door", "tab:green")):  # Key-to-Door: each part of at most 1
+        if f"{part}_return_per_episode" in results:
+            ax.plot(ep, results[f"{part}_return_per_episode"], color=color, lw=1.5, ls="--", label=f"{part} part (of 1)")
     ax.axhline(1.0, color="k", ls="--", lw=1, label="optimal")
     ax.set(xlabel="episode (AD: in context, no weight updates)", ylabel="return / optimal return", title=title, ylim=(-0.05, 1.1))
     ax.set_xlim(0.5, max(results["episodes"], len(results.get("source_normalized_return_per_episode", []))) + 0.5)
