@@ -159,7 +159,8 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     goal_free = task is None
     for j in range(1 if goal_free else cfg["n_learners"]):
         thunk = make_env(spec, **({"goal": None} if goal_free else task))
-        vec = DummyVecEnv([(lambda: ObserveKey(thunk())) if cfg["observe_key"] else thunk for _ in range(n)])
+        make = (lambda t=thunk: ObserveKey(t())) if cfg["observe_key"] else thunk  # the learner also sees the key flag
+        vec = DummyVecEnv([make] * n)
         if cfg["novelty_bonus"] > 0:
             vec = _novelty_bonus_wrapper()(vec, cfg["novelty_bonus"], spec)  # visits counted per learner
         rec = Recorder()
