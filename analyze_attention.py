@@ -153,6 +153,11 @@ def _metric_rows(s: dict, cfg: dict, across: dict | None = None) -> list[tuple[s
     else:
         shares = f"{_pct(s['reward_context_share'])} of context, {_pct(s['reward_attention_share'])}{pm('reward_attention_share')} of attention"
         rows.append(("rewarding transitions", f"{shares} ({s['reward_enrichment']:.1f}x their share)"))
+    for kind in ("key", "door"):  # Dark Key-to-Door: the two kinds of reward, and the episodes they are drawn from
+        if s.get(f"{kind}_context_share") is not None:
+            back = ", ".join(f"{-i}: {_pct(v)}" for i, v in enumerate(s[f"{kind}_episode_share"] or []) if v is not None)
+            rows.append((f"  {kind} events", f"{_pct(s[f'{kind}_context_share'])} of context, {_pct(s[f'{kind}_attention_share'])} of attention"))
+            rows.append((f"  attention on {kind} events per episode", back))
     episodes = ", ".join(f"{-i}: {_pct(v)}" for i, v in enumerate(s["episode_share"]) if v is not None)
     rows.append(("attention per episode (0 = current)", episodes))
     return rows
@@ -355,6 +360,7 @@ def analyze(capture: dict, out_dir: str | Path, config: dict | None = None, mani
             top_title=f"Query attention over time, task {view} {view_name}, steps 0-{S - 1} (mean over layers and heads)",
             tokens=view_tokens,
             horizon=s["horizon"],
+            events={k: (s[f"{k}_context_share"], s[f"{k}_attention_share"]) for k in ("key", "door") if f"{k}_context_share" in s} or None,
         )
         P.save_figure(fig, stage / names["comprehensive"], dpi)
         for k, fname in heatmaps.items():

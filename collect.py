@@ -8,7 +8,8 @@ One compressed file per task, `task_XXXX.npz`, is written under a temporary name
 complete, so an interrupted run resumes with the tasks still missing and never leaves half a file.
 Ctrl-C stops the workers at once (exit code 130); one run at a time writes into a folder.
 
-`--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each):
+`--tasks none` collects `goal_free_learners` learners in a Darkroom without a goal (one file each;
+Key-to-Door trains on them too: config/key_to_door_explore.yaml, the empty room with 50-step episodes):
 histories of pure exploration. Never rewarded, PPO alone drifts into mostly repeating one path
 within a few dozen episodes; with `--novelty-bonus B` each learner is also paid B/sqrt(n) for
 reaching a cell its streams have entered n times so far, and keeps heading for parts of the room it
@@ -57,6 +58,7 @@ COLLECT_CONFIG = {
     "first_tasks": 0,  # collect only the first N of the chosen tasks (0 = all): a quick per-task cost before a full run
     "goal_free_learners": 10,  # learners (files) collected with tasks none
     "novelty_bonus": 0.0,  # B: PPO is also paid B/sqrt(visits of the cell reached so far); stored rewards stay the env's
+    "observe_key": False,  # key_to_door: PPO also observes whether it holds the key; stored states stay (row, col)
     "n_streams": 100,  # parallel environments per PPO learner
     "n_learners": 1,  # independent PPO learners per task (histories per task = n_learners * n_streams)
     "timesteps": 100_000,  # PPO timesteps per learner, all its streams together
@@ -125,7 +127,7 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from env import make_env
+    from env import ObserveKey, make_env
 
     torch.set_num_threads(1)
     resolve_device(cfg["device"])  # on a Ray node, too: stable-baselines3 would fall back to the CPU silently
@@ -145,18 +147,20 @@ def _collect_task(spec_dict: dict, task_idx: int, task: dict, cfg: dict) -> tupl
             for i, done in enumerate(loc["dones"]):
                 if done:  # auto-reset replaced the final observation
                     nxt[i] = loc["infos"][i]["terminal_observation"]
-            self.rows["states"].append(np.array(self.model._last_obs, copy=True))
+            self.rows["states"].append(np.array(self.model._last_obs[:, :2], copy=True))  # without the key flag
             self.rows["actions"].append(np.array(loc["actions"], copy=True).reshape(n))
             rewards = [info.get("env_reward", r) for info, r in zip(loc["infos"], loc["rewards"])]
             self.rows["rewards"].append(np.array(rewards, dtype=np.float32))
-            self.rows["next_states"].append(nxt)
+            self.rows["next_states"].append(nxt[:, :2])
             self.rows["dones"].append(np.array(loc["dones"], dtype=bool, copy=True))
             return True
 
     learners = []
     goal_free = task is None
     for j in range(1 if goal_free else cfg["n_learners"]):
-        vec = DummyVecEnv([make_env(spec, **({"goal": None} if goal_free else task)) for _ in range(n)])
+        thunk = make_env(spec, **({"goal": None} if goal_free else task))
+        make = (lambda t=thunk: ObserveKey(t())) if cfg["observe_key"] else thunk  # the learner also sees the key flag
+        vec = DummyVecEnv([make] * n)
         if cfg["novelty_bonus"] > 0:
             vec = _novelty_bonus_wrapper()(vec, cfg["novelty_bonus"], spec)  # visits counted per learner
         rec = Recorder()
@@ -193,7 +197,7 @@ BOUNDS = {
 }  # fmt: skip
 # Settings that shape the histories: a rerun into a folder collected with other values would mix
 # two datasets, so it is refused (the rest, e.g. workers or backend, may differ between runs).
-HISTORY_KEYS = ("env", "size", "goal_free_learners", "novelty_bonus", "n_streams", "n_learners", "timesteps", "seed",
+HISTORY_KEYS = ("env", "size", "goal_free_learners", "novelty_bonus", "observe_key", "n_streams", "n_learners", "timesteps", "seed",
                 "learning_rate", "n_epochs", "batch_size", "ent_coef")  # fmt: skip
 TIMESTEPS_PER_S = 5000  # PPO timesteps per second per worker on one CPU core, Darkroom (rough, measured)
 BYTES_PER_TIMESTEP = 1.2  # compressed history on disk, Darkroom (84 KB per 100k timesteps)
@@ -242,6 +246,8 @@ def main(argv=None) -> list[dict]:
         check_address(cfg["ray_address"])
         if cfg["device"] == "cuda" and cfg["gpus_per_task"] == 0:
             raise UserError("--device cuda on Ray needs --gpus-per-task (the share of a GPU each task holds, e.g. 0.25)")
+    if cfg["observe_key"] and spec.name != "key_to_door":
+        raise UserError(f"--observe-key needs env key_to_door (the flag is whether the key is held), got {spec.name!r}")
     if cfg["timesteps"] < cfg["n_streams"] * spec.horizon:
         raise UserError(f"--timesteps must cover at least one episode per stream ({cfg['n_streams'] * spec.horizon})")
     per_task = cfg["timesteps"] * cfg["n_learners"]
@@ -256,11 +262,14 @@ def main(argv=None) -> list[dict]:
             raise UserError(f"--tasks none (a room without a goal) needs env darkroom, got {spec.name!r}")
         all_tasks = [None] * cfg["goal_free_learners"]
         wanted = list(range(len(all_tasks)))
-    elif cfg["tasks"] == "all":
-        wanted = list(range(len(all_tasks)))
+    elif cfg["tasks"] == "all":  # the training tasks (a subset with env train_tasks) and the held-out ones
+        train, held = spec.split()
+        index = {json.dumps(t): i for i, t in enumerate(all_tasks)}
+        wanted = sorted(index[json.dumps(t)] for t in train + held)
     else:
         chosen = spec.tasks_for(cfg["tasks"])
-        wanted = [all_tasks.index(t) for t in chosen]
+        index = {json.dumps(t): i for i, t in enumerate(all_tasks)}
+        wanted = [index[json.dumps(t)] for t in chosen]
 
     wanted = wanted[: cfg["first_tasks"] or None]
     todo = [i for i in wanted if not (out / f"task_{i:04d}.npz").exists()]

@@ -5,7 +5,8 @@
 
 The model starts with an empty context in every task and acts for `episodes` episodes, its own
 growing history as context: any improvement across episodes is learned in context (no weights change).
-Writes OUT/eval_results.json and OUT/in_context_curve.png, and prints a per-task table.
+Writes OUT/eval_results.json and OUT/in_context_curve.png, and prints a per-task table. On Dark
+Key-to-Door the results also split each episode's return into its key part and its door part.
 
 Seeds can run in parallel: `--workers 4` (processes on this machine) or `--backend ray` (one Ray
 task per seed, `--ray-address auto` or HOST:PORT for a cluster); the returns are the same as one
@@ -125,12 +126,32 @@ def evaluate(
             }
             for i, t in enumerate(tasks)
         ],
+        **key_door_parts(spec, returns),
         "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
         "time_s": float(sum(r["time_s"] for r in runs)),
         "mean_context_length": float(np.mean([r["mean_context_length"] for r in runs])),
         "timing": "one seed at a time" if who is None else "shared-load (seeds in parallel)",
         **({} if who is None else {"workers_per_seed": who}),
     }
+
+
+def key_door_parts(spec, returns: np.ndarray, prefix: str = "") -> dict:
+    """Dark Key-to-Door: an episode's return is 1 for the key plus 1 for the door, which pays only
+    after the key, so the parts are min(return, 1) and max(return - 1, 0). (..., episodes) returns ->
+    {"key_return_per_episode", "door_return_per_episode"} averaged over the leading axes ({} for
+    other families)."""
+    if spec.name != "key_to_door":
+        return {}
+    flat = np.asarray(returns).reshape(-1, np.shape(returns)[-1])
+    return {f"{prefix}key_return_per_episode": np.minimum(flat, 1).mean(0).tolist(),
+            f"{prefix}door_return_per_episode": np.maximum(flat - 1, 0).mean(0).tolist()}  # fmt: skip
+
+
+def source_key_door(data_dir, spec, tasks: list[dict]) -> dict:
+    """key_door_parts of the source learner's own episodes on `tasks` (every stream), keys prefixed source_."""
+    returns = [episode_returns(HistoryData.from_dir(data_dir, spec, [t], context=1, goal_free=False).rewards, spec.horizon) for t in tasks]
+    n = min(r.shape[1] for r in returns)
+    return key_door_parts(spec, np.concatenate([r[:, :n] for r in returns]), prefix="source_")
 
 
 def first_reward_after_learner(
@@ -171,6 +192,9 @@ def plot_curve(results: dict, path: Path, title: str = "In-context learning on h
     for pt in results["per_task"]:
         ax.plot(ep, np.array(pt["returns"]) / pt["optimal_return"], color="tab:blue", alpha=0.25, lw=1)
     ax.plot(ep, results["normalized_return_per_episode"], color="tab:blue", lw=2.5, label=f"mean over {len(results['tasks'])} tasks")
+    for part, color in (("key", "tab:orange"), ("door", "tab:green")):  # Key-to-Door: each part of at most 1
+        if f"{part}_return_per_episode" in results:
+            ax.plot(ep, results[f"{part}_return_per_episode"], color=color, lw=1.5, ls="--", label=f"{part} part (of 1)")
     ax.axhline(1.0, color="k", ls="--", lw=1, label="optimal")
     ax.set(xlabel="episode (AD: in context, no weight updates)", ylabel="return / optimal return", title=title, ylim=(-0.05, 1.1))
     ax.set_xlim(0.5, max(results["episodes"], len(results.get("source_normalized_return_per_episode", []))) + 0.5)
@@ -190,6 +214,11 @@ def print_table(results: dict) -> None:
     norm = np.array(results["normalized_return_per_episode"])
     print(f"mean normalised return: episode 1 {norm[0]:.3f}, last 10 episodes {norm[-10:].mean():.3f}; "
           f"{results['env_steps_per_second']:.0f} env steps/s")  # fmt: skip
+    for who in ("", "source_"):
+        if f"{who}key_return_per_episode" in results:
+            key, door = (np.array(results[f"{who}{part}_return_per_episode"]) for part in ("key", "door"))
+            print(f"{'source PPO' if who else 'AD'}: key part episode 1 {key[0]:.3f}, last 10 {key[-10:].mean():.3f}; "
+                  f"door part episode 1 {door[0]:.3f}, last 10 {door[-10:].mean():.3f} (each of at most 1)")  # fmt: skip
 
 
 BOUNDS = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": set(VEC_ENVS),
@@ -221,6 +250,7 @@ def main(argv=None) -> dict:
         results["source_normalized_return_per_episode"] = src.tolist()
         results["source_final_normalized_return"] = float(src[-10:].mean())
         results["source_first_reward_after_learner"] = late
+        results.update(source_key_door(cfg["source_data"], spec, tasks))
     results = stamp("ad-eval-results", results)
     write_json_atomic(out / "eval_results.json", results)
     plot_curve(results, out / "in_context_curve.png")

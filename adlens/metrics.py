@@ -212,6 +212,24 @@ def reward_attention(attn, context_len, ctx_step, reward) -> tuple[np.ndarray, n
     return attn_share, context_share
 
 
+def key_door_events(reward, episode, reward_of_token: str = "r_t-1") -> np.ndarray:
+    """Dark Key-to-Door: the kind of reward each step's token carries, (S,) int: 0 none, 1 the key
+    (the first reward of its episode), 2 the door (the second; the door pays only after the key).
+
+    reward, episode : (S,). With the project's tokens ("r_t-1") step s carries the reward earned on
+    step s-1, so it is counted in the episode of step s-1 (a reward on an episode's last step sits on
+    the next episode's first token); an adapter's "r_t" tokens count in their own episode.
+    """
+    r = np.asarray(to_numpy(reward), dtype=np.float64) > 0
+    ep = np.asarray(to_numpy(episode), dtype=np.int64)
+    if reward_of_token == "r_t-1" and len(ep):
+        ep = np.concatenate([ep[:1], ep[:-1]])
+    cum = np.cumsum(r)
+    starts = np.concatenate([[True], ep[1:] != ep[:-1]])
+    before = np.maximum.accumulate(np.where(starts, cum - r, 0))  # rewards before the episode began
+    return np.where(r, np.minimum(cum - before, 2), 0)
+
+
 def grid_attention(attn_row, ctx_step_row, state, n_states: int) -> tuple[np.ndarray, np.ndarray]:
     """Project one query's attention onto environment states.
 
@@ -459,4 +477,25 @@ def summarize(cap: dict, recent_window: int = 5, sink_positions: int = 4, covera
     }
     share, ctx = out["reward_attention_share"], out["reward_context_share"]
     out["reward_enrichment"] = share / ctx if share is not None and ctx else None
+    env = meta.get("env")
+    if isinstance(env, dict) and env.get("name") == "key_to_door":
+        out.update(_key_door_summary(rows.mean(2), mean_rows, n, steps, cap, info, n_back))
+    return out
+
+
+def _key_door_summary(layer_rows, mean_rows, n, steps, cap: dict, info, n_back: int) -> dict:
+    """summarize's Key-to-Door part: for the key and the door events (key_door_events), their share of
+    the context and of the attention (as for all rewarding tokens), and the attention they draw from
+    each episode back (0 = the current one): does the model look back to where it found the door?"""
+    kind = key_door_events(cap["reward"], cap["episode"], cap["meta"].get("reward_of_token", "r_t-1"))
+    out = {}
+    for code, name in ((1, "key"), (2, "door")):
+        event = (kind == code).astype(np.float64)
+        a, c = reward_attention(layer_rows, n, steps, event)  # (S, L), (S,)
+        has = c > 0
+        out[f"{name}_attention_share"] = float(a.mean(1)[has].mean()) if has.any() else None
+        out[f"{name}_context_share"] = float(c[has].mean()) if has.any() else None
+        held = event[np.clip(steps, 0, len(event) - 1)] * (steps >= 0)  # (S, T) positions holding the event
+        ep = episode_attention(mean_rows * held, n, steps, cap["episode"], n_back)  # (S, E)
+        out[f"{name}_episode_share"] = _nanmean_list(ep[info & has]) if (info & has).any() else None
     return out

@@ -269,8 +269,10 @@ def plot_episode_attention(episode_share, layer_names, ax=None) -> Figure:
     return fig
 
 
-def plot_reward_attention(attn_share, context_share, layer_names, ax=None) -> Figure:
-    """Panel 6b. attn_share (S, L) on rewarding tokens vs context_share (S,) of rewarding tokens."""
+def plot_reward_attention(attn_share, context_share, layer_names, ax=None, events: dict | None = None) -> Figure:
+    """Panel 6b. attn_share (S, L) on rewarding tokens vs context_share (S,) of rewarding tokens.
+    events: optional {name: (context share, attention share)} means of kinds of reward (Key-to-Door's
+    key and door), drawn as large labelled markers."""
     fig, ax = _ax(ax)
     a, c = np.asarray(attn_share, dtype=np.float64), np.asarray(context_share, dtype=np.float64)
     has = c > 0
@@ -287,6 +289,10 @@ def plot_reward_attention(attn_share, context_share, layer_names, ax=None) -> Fi
                 color=colors[li],
                 label=f"{layer_names[li]} (mean {a[has, li].mean():.0%} vs {c[has].mean():.0%})",
             )
+    for (name, (ctx, att)), marker in zip((events or {}).items(), "Ds"):
+        if ctx is not None and att is not None:
+            ax.scatter([ctx * 100], [att * 100], s=120, marker=marker, color="black", zorder=5,
+                       label=f"{name} events, all layers (mean {att:.0%} vs {ctx:.0%})")  # fmt: skip
     ax.plot([0, 100], [0, 100], color="grey", ls="--", lw=1, label="attention = share of context")
     top = max(5.0, float(np.nanmax(a[has]) * 100 * 1.05) if has.any() else 5.0)
     ax.set(
@@ -325,6 +331,7 @@ def comprehensive_figure(
     top_title: str | None = None,
     tokens: dict | None = None,
     horizon: int | None = None,
+    events: dict | None = None,
 ) -> Figure:
     """The six-panel overview (21 x 14 inches: 2100 x 1400 px at 100 dpi). Arrays as in the panel functions;
     `recent_window` positions make the recent share of panel 2."""
@@ -340,7 +347,7 @@ def comprehensive_figure(
     plot_relative_position(layer_aligned, layer_names, ax=fig.add_subplot(gs[1, 2]), horizon=horizon)
     plot_compression_curve(fractions, curves, positions_80, positions_90, fraction_80, fraction_90, ax=fig.add_subplot(gs[2, 0]))
     plot_episode_attention(episode_share, layer_names, ax=fig.add_subplot(gs[2, 1]))
-    plot_reward_attention(reward_attn, reward_context, layer_names, ax=fig.add_subplot(gs[2, 2]))
+    plot_reward_attention(reward_attn, reward_context, layer_names, ax=fig.add_subplot(gs[2, 2]), events=events)
     if title:
         fig.suptitle(title, fontsize=14)
     return fig

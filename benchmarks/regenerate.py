@@ -126,6 +126,23 @@ def eval_numbers(doc: dict) -> dict:
     return out
 
 
+def key_to_door_numbers(doc: dict) -> dict:
+    """A Key-to-Door eval_results.json -> the evaluation numbers (eval_numbers, without the source's
+    episodes 31-50: its streams hold 20 episodes) and the key and door parts of the return (each at
+    most 1) in episode 1 and over the last 10 episodes, for AD and for the source PPO."""
+    src = doc.get("source_normalized_return_per_episode")
+    out = eval_numbers({k: v for k, v in doc.items() if k != "source_normalized_return_per_episode"})
+    parts = {}
+    for who in ("", "source_"):
+        for part in ("key", "door"):
+            x = doc.get(f"{who}{part}_return_per_episode")
+            if x is not None:
+                parts[f"{who}{part}_first_episode"], parts[f"{who}{part}_last_10"] = float(x[0]), float(np.mean(x[-10:]))
+    if src is not None:
+        out["source"] = {"first_episode": float(src[0]), "last_10": float(np.mean(src[-10:])), "episodes": len(src)}
+    return out | {"parts": parts}
+
+
 def speed_numbers(doc: dict) -> dict:
     """benchmarks/inference_speed.py --out -> per (context, envs): ms per step of (a) and (b), (b) vs (a),
     and every compressed (c) against (b) with its per-round range."""
@@ -248,6 +265,18 @@ REGISTRY = {
             ("checkpoints/darkroom_ad_ctx1000/eval_results.json",),
             eval_numbers,
             minutes=0.5,
+            takes_threads=False,
+        ),
+        Result(
+            "key_to_door_evaluation",
+            "the Dark Key-to-Door AD model on its 50 held-out pairs, 3 unseen seeds, key and door parts, with the source PPO (needs data/key_to_door)",
+            "evaluate.py",
+            ("--checkpoint", "runs/k2d_ad/model.pt", "--num-seeds", "3", "--seed", "100", "--episodes", "50",
+             "--source-data", "data/key_to_door", "--out", "runs/results/key_to_door_evaluation"),  # fmt: skip
+            (100, 101, 102),
+            ("runs/results/key_to_door_evaluation/eval_results.json",),
+            key_to_door_numbers,
+            minutes=2,
             takes_threads=False,
         ),
         Result(
@@ -492,6 +521,22 @@ def _by_ratio(rows: list[dict]) -> dict:
     return out
 
 
+def table_key_to_door(r: dict) -> str:
+    n = r["key_to_door_evaluation"]["numbers"]
+    p, s = n["parts"], n.get("source")
+    lines = [
+        "| | normalised return, episode 1 | last 10 episodes | key part, episode 1 / last 10 | door part, episode 1 / last 10 |",
+        "|---|---|---|---|---|",
+        f"| AD, in context ({n['n_tasks']} held-out pairs, seeds {n['seeds'][0]}-{n['seeds'][-1]}) | {n['first_episode']:.3f} | "
+        f"**{n['last_10']:.3f}** | {p['key_first_episode']:.2f} / {p['key_last_10']:.2f} | {p['door_first_episode']:.2f} / {p['door_last_10']:.2f} |",
+    ]  # fmt: skip
+    if s is not None:
+        lines.append(f"| source PPO, its own {s['episodes']} episodes per stream (weights updated) | {s['first_episode']:.3f} | {s['last_10']:.3f} | "
+                     f"{p['source_key_first_episode']:.2f} / {p['source_key_last_10']:.2f} | "
+                     f"{p['source_door_first_episode']:.2f} / {p['source_door_last_10']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table_adapter_sweep(r: dict) -> str:
     rows = r["adapter_sweep"]["numbers"]["rows"]
     by = _by_ratio(rows)
@@ -563,6 +608,7 @@ TABLES = {
     "compression_headline": (("compression_headline",), table_compression_headline),
     "oneclick": (("oneclick",), table_oneclick),
     "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
+    "key_to_door": (("key_to_door_evaluation",), table_key_to_door),
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),

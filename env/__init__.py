@@ -6,7 +6,7 @@ Importing the package registers the gymnasium ids `Darkroom-v0`, `DarkroomPermut
 
 import gymnasium as gym
 
-from env.darkroom import MOVES, N_ACTIONS, Darkroom, DarkroomPermuted, KeyToDoor
+from env.darkroom import MOVES, N_ACTIONS, Darkroom, DarkroomPermuted, KeyToDoor, ObserveKey
 from env.tasks import VEC_ENVS, EnvSpec, env_section, get_spec, make_env, make_vec_env
 
 for _id, _entry in [
@@ -17,4 +17,4 @@ for _id, _entry in [
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_entry, disable_env_checker=True)
 
-__all__ = ["MOVES", "N_ACTIONS", "Darkroom", "DarkroomPermuted", "KeyToDoor", "EnvSpec", "VEC_ENVS", "env_section", "get_spec", "make_env", "make_vec_env"]
+__all__ = ["MOVES", "N_ACTIONS", "Darkroom", "DarkroomPermuted", "KeyToDoor", "ObserveKey", "EnvSpec", "VEC_ENVS", "env_section", "get_spec", "make_env", "make_vec_env"]

@@ -106,3 +106,16 @@ class KeyToDoor(_Grid):
         elif self.has_key and not self.opened and (self.pos == self.door).all():
             self.opened, reward = True, 1.0
         return self.pos.copy(), reward, False, self.t >= self.horizon, {}
+
+
+class ObserveKey(gym.ObservationWrapper):
+    """Key-to-Door for a memoryless source learner: (row, col, holds key). Where the way to the key
+    and the way to the door cross, a policy of the position alone cannot tell which way to go; the
+    flag lets PPO solve the task. Only the learner sees it: collect.py stores (row, col)."""
+
+    def __init__(self, env: KeyToDoor):
+        super().__init__(env)
+        self.observation_space = spaces.MultiDiscrete([env.size, env.size, 2])
+
+    def observation(self, obs):
+        return np.append(obs, int(self.env.unwrapped.has_key))

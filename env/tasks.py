@@ -33,6 +33,9 @@ class EnvSpec:
     horizon    : steps per episode (None = the family's default: 20, 20, 50)
     n_holdout  : tasks held out of training (None = the family's default: 8, 20, 50)
     split_seed : seed of the deterministic train/held-out permutation
+    train_tasks: train on only this many of the training tasks (0 = all): a seeded subset, drawn
+                 after the held-out tasks are set aside, so the held-out set does not depend on it
+                 (Key-to-Door has 6,430 training pairs; collecting them all takes about 60 CPU-hours)
     """
 
     name: str = "darkroom"
@@ -40,6 +43,7 @@ class EnvSpec:
     horizon: int | None = None
     n_holdout: int | None = None
     split_seed: int = 0
+    train_tasks: int = 0
 
     def __post_init__(self):
         if self.name not in _DEFAULT_HORIZON:
@@ -54,6 +58,8 @@ class EnvSpec:
             raise ConfigError(f"env horizon must be >= 1, got {self.horizon}")
         if not 0 < self.n_holdout < len(self.tasks()):
             raise ConfigError(f"n_holdout must be in [1, {len(self.tasks()) - 1}] for {self.name}, got {self.n_holdout}")
+        if not 0 <= self.train_tasks <= len(self.tasks()) - self.n_holdout:
+            raise ConfigError(f"train_tasks must be in [0, {len(self.tasks()) - self.n_holdout}] for {self.name}, got {self.train_tasks}")
 
     # ---- task family -------------------------------------------------------------------------
     @property
@@ -73,11 +79,15 @@ class EnvSpec:
         return [{"key": k, "door": d} for k in cells for d in cells if k != d]
 
     def split(self) -> tuple[list[dict], list[dict]]:
-        """(training tasks, held-out tasks): a seeded permutation, disjoint, the same on every machine."""
+        """(training tasks, held-out tasks): a seeded permutation, disjoint, the same on every machine.
+        With `train_tasks` N the training tasks are the first N of the rest in a second seeded order."""
         tasks = self.tasks()
         order = np.random.default_rng(self.split_seed).permutation(len(tasks))
         held = sorted(order[: self.n_holdout].tolist())
-        train = sorted(order[self.n_holdout :].tolist())
+        rest = order[self.n_holdout :]
+        if self.train_tasks:
+            rest = np.random.default_rng([self.split_seed, 1]).permutation(rest)[: self.train_tasks]
+        train = sorted(rest.tolist())
         return [tasks[i] for i in train], [tasks[i] for i in held]
 
     def tasks_for(self, which: str) -> list[dict]:
@@ -113,7 +123,8 @@ class EnvSpec:
         return obs[..., 0] * self.size + obs[..., 1]
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The spec as a plain dict; train_tasks only when set, so specs saved before it existed compare equal."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "train_tasks" or self.train_tasks}
 
 
 def get_spec(config: dict | EnvSpec) -> EnvSpec:
@@ -144,12 +155,12 @@ def make_env(config: dict | EnvSpec, **task) -> _EnvThunk:
     return _EnvThunk(spec, task)
 
 
-ENV_KEYS = ("name", "size", "horizon", "n_holdout", "split_seed")
+ENV_KEYS = ("name", "size", "horizon", "n_holdout", "split_seed", "train_tasks")
 
 
 def env_section(cfg: dict) -> tuple[dict, dict]:
     """A YAML 'env' section split into the scripts' own keys ({"env": name, "size": n}, to resolve
-    with the script's dict) and the rest (horizon, n_holdout, split_seed) for the EnvSpec."""
+    with the script's dict) and the rest (horizon, n_holdout, split_seed, train_tasks) for the EnvSpec."""
     sec = section(cfg, "env", ENV_KEYS)
     own = {"env": sec.pop("name")} if "name" in sec else {}
     if "size" in sec:

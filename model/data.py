@@ -9,11 +9,13 @@ context (AD, arXiv 2210.14215, subsamples its histories for the same reason).
 
 With `augment="dihedral"` each window is also drawn under one of the 8 symmetries of the square
 grid about its centre (where every episode starts): states, actions and the task's cells are mapped
-together, and only images that are again one of the given tasks are used, so a held-out task's cells
-never become a training goal.
+together, and only images that are not held-out tasks are used, so a held-out task never becomes a
+training task. (With env `train_tasks`, a subset, the images reach training tasks that were not
+collected: Key-to-Door's 8 images of a (key, door) pair are 8 pairs.)
 
 A folder collected with `collect.py --tasks none` (a room without a goal) adds all of its
-histories to those of the tasks: pure exploration, never rewarded, under all 8 symmetries.
+histories to those of the tasks: pure exploration, never rewarded, under all 8 symmetries. Such a
+Darkroom folder serves Key-to-Door as well, when its grid and horizon are Key-to-Door's.
 
 With `loss_mask="sibling_taught"` the loss skips the steps whose action the window cannot explain:
 taken before any reward is visible in the window while the stream's PPO learner already reached the
@@ -122,7 +124,10 @@ def check_folder_env(data_dir, spec) -> None:
         return  # no record: the files are checked one by one
     if not isinstance(env, dict):
         return
-    diff = [k for k in ("name", "size") if k in env and env[k] != getattr(spec, k)]
+    keys = ("name", "size")
+    if spec.name == "key_to_door" and env.get("name") == "darkroom" and is_goal_free(data_dir):
+        keys = ("size",)  # an empty Darkroom is the Key-to-Door grid without key and door (the horizon is checked per file)
+    diff = [k for k in keys if k in env and env[k] != getattr(spec, k)]
     if diff:
         raise UserError(f"{data_dir} was collected for env {', '.join(f'{k} {env[k]!r}' for k in diff)}; "
                         f"the config says {', '.join(f'{k} {getattr(spec, k)!r}' for k in diff)}")  # fmt: skip
@@ -232,7 +237,8 @@ class HistoryData:
             from env.darkroom import MOVES
 
             sym_states, sym_actions, cell_maps = grid_symmetries(spec.size, MOVES)
-            per_file = [[t is None or _map_task(t, f) in tasks for f in cell_maps] for t in file_tasks]
+            held = {json.dumps(t) for t in spec.split()[1]}
+            per_file = [[t is None or json.dumps(_map_task(t, f)) not in held for f in cell_maps] for t in file_tasks]
             allowed = np.repeat(np.array(per_file), [len(r) for r in rewards], axis=0)  # (streams, 8)
             symmetries = (sym_states, sym_actions, allowed)
         taught = np.concatenate([r[:, : n // spec.horizon] for r in rates]) > SIBLING_SHARE if rates else None
