@@ -28,6 +28,7 @@ import train
 from adlens.config import load_yaml, section
 from adlens.errors import UserError
 from env import MOVES, get_spec
+from env.tasks import ENV_KEYS
 from model.ad import ADTransformer
 from model.checkpoint import load_model, read_checkpoint
 from model.data import HistoryData
@@ -38,7 +39,6 @@ CONFIG_DIR = ROOT / "config"
 TINY = CONFIG_DIR / "tiny.yaml"
 TINY_ENV = {"name": "darkroom", "size": 3, "horizon": 6, "n_holdout": 2, "split_seed": 0}
 N_STREAMS, N_EPISODES = 4, 4
-ENV_KEYS = ["name", "size", "horizon", "n_holdout", "split_seed"]
 EVAL_KEYS = {
     "tasks", "episodes", "seed", "seeds", "greedy", "engine", "return_per_episode", "normalized_return_per_episode",
     "per_task", "env_steps_per_second", "time_s", "mean_context_length", "checkpoint",
