@@ -8,6 +8,7 @@ toolkit must not shadow); the unit tests use adapters whose model is defined inl
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -437,7 +438,8 @@ print(json.dumps({"err": err, "full_err": full_err, "identity": bool((a == b).al
 
 def test_captured_weights_are_the_models_own_and_ratio_one_is_the_identity(codebase):
     script = CHECK.replace("TOOLKIT", repr(str(ROOT))).replace("CODEBASE", repr(str(codebase)))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=codebase, timeout=600)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=codebase, timeout=600,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})  # one thread, as run_script: no spinning on a busy machine
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["n"] == 30 and res["err"] < 1e-3 and res["full_err"] < 1e-5  # query rows are stored in float16
