@@ -499,18 +499,35 @@ def table_readme(r: dict) -> str:
     ])  # fmt: skip
 
 
+def _target_met(row: dict) -> bool:
+    """>= 4x at <= 2% loss, with a standard error under 2/3% (the measurement rule for "within 2%")."""
+    return row["speedup"] >= 4 and row["performance_loss"] <= 0.02 and row["performance_loss_stderr"] < 0.02 / 3
+
+
 def _rl_claim(r: dict) -> str:
-    """The README's line on the RL-aware strategies: the best of them (least loss) against fixed_window,
-    re-run engine, and whether the target (>= 4x at <= 2% loss, its standard error under 2/3%) was met."""
+    """The README's line on the RL-aware strategies: reward_recent on the 60 seeds of the target run
+    against fixed_window on the 10-seed comparison, re-run engine, and whether the target was met."""
     rows = r["rl_compression_rerun"]["numbers"]["rows"]
-    rl = [x for x in rows if x["strategy"] in ("reward_anchor", "episode_pool", "reward_recent")]
-    best = min(rl, key=lambda x: x["performance_loss"])
     fw = next(x for x in rows if x["strategy"] == "fixed_window")
-    met = best["speedup"] >= 4 and best["performance_loss"] <= 0.02 and best["performance_loss_stderr"] < 0.02 / 3
-    return (f"keeping {_pct(best['ratio'], 0)}, re-run engine: {best['speedup']:.1f}x at {_pct(best['performance_loss'])} "
-            f"(+- {_pct(best['performance_loss_stderr'])}) loss ({best['strategy']}), fixed_window {fw['speedup']:.1f}x at "
-            f"{_pct(fw['performance_loss'])} (+- {_pct(fw['performance_loss_stderr'])}); the 4x at 2% target is "
-            f"{'met' if met else 'not shown'}, {len(r['rl_compression_rerun']['seeds'])} unseen seeds")  # fmt: skip
+    best = r["rl_compression_target"]["numbers"]["rows"][0]
+    n_best, n_fw = len(r["rl_compression_target"]["seeds"]), len(r["rl_compression_rerun"]["seeds"])
+    return (f"keeping {_pct(best['ratio'], 0)}, re-run engine: **{best['speedup']:.1f}x at {_pct(best['performance_loss'])} "
+            f"(+- {_pct(best['performance_loss_stderr'])}) loss** ({best['strategy']}, {n_best} unseen seeds), fixed_window "
+            f"{fw['speedup']:.1f}x at {_pct(fw['performance_loss'])} (+- {_pct(fw['performance_loss_stderr'])}, {n_fw} seeds); "
+            f"the 4x at 2% target is {'met' if _target_met(best) else 'not shown'}")  # fmt: skip
+
+
+def table_rl_compression_target(r: dict) -> str:
+    doc = r["rl_compression_target"]
+    lines = ["| strategy, ratio | parameters | seeds | mean context | speedup (per-seed range) | loss (+- se) | >= 4x at <= 2%, se < 0.67% |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for x in doc["numbers"]["rows"]:
+        params = ", ".join(f"{k} {v}" for k, v in x["params"].items() if k not in ("ratio", "interval"))
+        lines.append(f"| {x['strategy']}, {x['ratio']} | {params} | {doc['seeds'][0]}-{doc['seeds'][-1]} ({len(doc['seeds'])}) | "
+                     f"{x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {x['speedup']:.2f}x "
+                     f"({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}) | {_pct(x['performance_loss'])} "
+                     f"(+- {_pct(x['performance_loss_stderr'])}) | {'met' if _target_met(x) else 'not shown'} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _by_ratio(rows: list[dict]) -> dict:
@@ -601,7 +618,8 @@ def table_oneclick(r: dict) -> str:
 # table name (the NAME in <!-- results:NAME -->) -> (the results it reads, how it is drawn)
 TABLES = {
     "readme": (
-        ("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun"),
+        ("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
+         "rl_compression_target"),
         table_readme,
     ),
     "evaluation": (("evaluation",), table_evaluation),
@@ -612,6 +630,7 @@ TABLES = {
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),
+    "rl_compression_target": (("rl_compression_target",), table_rl_compression_target),
 }
 
 MARKED = re.compile(r"(<!-- results:([a-z0-9_]+) -->\n)(.*?)(<!-- /results -->)", re.S)
