@@ -412,9 +412,8 @@ def table_compression_headline(r: dict) -> str:
     lines = [f"| strategy, ratio {ratio} | mean context | speedup (per-seed range) | return (uncompressed {rows[0]['return_full']:.2f}) | loss (+- se) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for x in rows:
-        lines.append(f"| {x['strategy']} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {x['speedup']:.2f}x "
-                     f"({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}) | {x['return_compressed']:.2f} | "
-                     f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])}) |")  # fmt: skip
+        lines.append(f"| {x['strategy']} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {_speedup_cell(x)} | "
+                     f"{x['return_compressed']:.2f} | {_loss_cell(x)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -422,6 +421,18 @@ def _paired_vs(row: dict, ref: dict) -> str:
     """Mean per-seed loss difference row - ref (the same seeds) +- its standard error."""
     d = np.asarray(row["loss_per_seed"]) - np.asarray(ref["loss_per_seed"])
     return f"{100 * d.mean():+.1f} (+- {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f})"
+
+
+def _speedup_cell(x: dict) -> str:
+    return f"{x['speedup']:.2f}x ({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f})"
+
+
+def _loss_cell(x: dict) -> str:
+    return f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])})"
+
+
+def _params_cell(x: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in x["params"].items() if k not in ("ratio", "interval"))
 
 
 def table_rl_compression(r: dict) -> str:
@@ -433,12 +444,8 @@ def table_rl_compression(r: dict) -> str:
              f"| rerun: loss - fixed_window's, points (paired) | kv: speedup (per-seed range) | kv: loss (+- se) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for a, b in zip(rr, kv, strict=True):
-        params = ", ".join(f"{k} {v}" for k, v in a["params"].items() if k not in ("ratio", "interval"))
-        lines.append(f"| {a['strategy']} | {params} | {a['mean_context_length']:.1f} of {a['full_context_length']:.1f} | "
-                     f"{a['speedup']:.2f}x ({a['speedup_pair_min']:.2f}-{a['speedup_pair_max']:.2f}) | "
-                     f"{_pct(a['performance_loss'])} (+- {_pct(a['performance_loss_stderr'])}) | "
-                     f"{'' if a is fw else _paired_vs(a, fw)} | {b['speedup']:.2f}x ({b['speedup_pair_min']:.2f}-{b['speedup_pair_max']:.2f}) | "
-                     f"{_pct(b['performance_loss'])} (+- {_pct(b['performance_loss_stderr'])}) |")  # fmt: skip
+        lines.append(f"| {a['strategy']} | {_params_cell(a)} | {a['mean_context_length']:.1f} of {a['full_context_length']:.1f} | "
+                     f"{_speedup_cell(a)} | {_loss_cell(a)} | {'' if a is fw else _paired_vs(a, fw)} | {_speedup_cell(b)} | {_loss_cell(b)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -448,9 +455,8 @@ def table_rl_compression_ctx1000(r: dict) -> str:
     lines = [f"| strategy, ratio {rows[0]['ratio']} | mean context | speedup (per-seed range) | return (uncompressed {rows[0]['return_full']:.2f}) | loss (+- se) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for x in rows:
-        lines.append(f"| {x['strategy']} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {x['speedup']:.2f}x "
-                     f"({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}) | {x['return_compressed']:.2f} | "
-                     f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])}) |")  # fmt: skip
+        lines.append(f"| {x['strategy']} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {_speedup_cell(x)} | "
+                     f"{x['return_compressed']:.2f} | {_loss_cell(x)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -522,11 +528,9 @@ def table_rl_compression_target(r: dict) -> str:
     lines = ["| strategy, ratio | parameters | seeds | mean context | speedup (per-seed range) | loss (+- se) | >= 4x at <= 2%, se < 0.67% |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for x in doc["numbers"]["rows"]:
-        params = ", ".join(f"{k} {v}" for k, v in x["params"].items() if k not in ("ratio", "interval"))
-        lines.append(f"| {x['strategy']}, {x['ratio']} | {params} | {doc['seeds'][0]}-{doc['seeds'][-1]} ({len(doc['seeds'])}) | "
-                     f"{x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {x['speedup']:.2f}x "
-                     f"({x['speedup_pair_min']:.2f}-{x['speedup_pair_max']:.2f}) | {_pct(x['performance_loss'])} "
-                     f"(+- {_pct(x['performance_loss_stderr'])}) | {'met' if _target_met(x) else 'not shown'} |")  # fmt: skip
+        lines.append(f"| {x['strategy']}, {x['ratio']} | {_params_cell(x)} | {doc['seeds'][0]}-{doc['seeds'][-1]} ({len(doc['seeds'])}) | "
+                     f"{x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {_speedup_cell(x)} | {_loss_cell(x)} | "
+                     f"{'met' if _target_met(x) else 'not shown'} |")  # fmt: skip
     return "\n".join(lines)
 
 
