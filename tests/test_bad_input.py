@@ -31,6 +31,7 @@ import training_progression
 import visualize_attention
 from adlens.config import COMMON_BOUNDS, run_cli
 from adlens.errors import ConfigError, UserError
+from conftest import refused as refused_by
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "config" / "tiny.yaml"
@@ -66,17 +67,8 @@ def _numeric_keys(cfg: dict):
 
 
 def refused(capsys, name: str, argv: list[str], out: Path) -> str:
-    """Run script `name` in-process; assert exit code 2, one 'error:' line, nothing written to `out`."""
-    module, _ = SCRIPTS[name]
-    with pytest.raises(SystemExit) as e:
-        run_cli(module.main, argv + ["--out", str(out)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert not out.exists(), f"{name} wrote {out} before refusing its input"
-    return lines[0]
+    """Script `name` refuses `argv` in-process: exit code 2, one 'error:' line, nothing written to `out`."""
+    return refused_by(capsys, SCRIPTS[name][0].main, argv, out)
 
 
 def test_every_numeric_key_of_every_script_is_bounded():
