@@ -297,6 +297,18 @@ REGISTRY = {
         _rl_entry("kv", 6),
         _rl_entry("kv", 8, ctx1000=True),
         Result(
+            "rl_compression_key_to_door",
+            "RL-aware vs fixed_window compression on the Key-to-Door run, keeping 20% (one episode), kv engine, 10 unseen seeds",
+            "benchmarks/rl_compression.py",
+            ("--engine", "kv", "--checkpoint", "runs/k2d_ad/model.pt", "--episodes", "50", "--seeds", *map(str, HEADLINE_SEEDS),
+             "--configs", "fixed_window:0.2:keep_recent=20", "reward_recent:0.2:keep_recent=16:n_reward=8",
+             "--out", "runs/rl_compression_key_to_door"),  # fmt: skip
+            HEADLINE_SEEDS,
+            ("runs/rl_compression_key_to_door/compression_results.json",),
+            rl_compression_numbers,
+            minutes=10,
+        ),
+        Result(
             "rl_compression_target",
             "the 4x-at-2%-loss target: reward_recent keeping 10%, re-run engine, 60 unseen seeds (a 2% claim needs an SE under 0.67%)",
             "benchmarks/rl_compression.py",
@@ -450,8 +462,15 @@ def table_rl_compression(r: dict) -> str:
 
 
 def table_rl_compression_ctx1000(r: dict) -> str:
-    n = r["rl_compression_kv_ctx1000"]["numbers"]
-    rows = n["rows"]
+    return _rl_return_table(r["rl_compression_kv_ctx1000"]["numbers"]["rows"])
+
+
+def table_rl_compression_key_to_door(r: dict) -> str:
+    return _rl_return_table(r["rl_compression_key_to_door"]["numbers"]["rows"])
+
+
+def _rl_return_table(rows: list[dict]) -> str:
+    """One row per configuration: context, speedup, return and loss against the shared baseline."""
     lines = [f"| strategy, ratio {rows[0]['ratio']} | mean context | speedup (per-seed range) | return (uncompressed {rows[0]['return_full']:.2f}) | loss (+- se) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for x in rows:
@@ -635,6 +654,7 @@ TABLES = {
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),
     "rl_compression_target": (("rl_compression_target",), table_rl_compression_target),
+    "rl_compression_key_to_door": (("rl_compression_key_to_door",), table_rl_compression_key_to_door),
 }
 
 MARKED = re.compile(r"(<!-- results:([a-z0-9_]+) -->\n)(.*?)(<!-- /results -->)", re.S)
