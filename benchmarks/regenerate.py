@@ -191,20 +191,20 @@ RL_CONFIGS = (
 )  # fmt: skip
 
 
+def _rl_result(name: str, what: str, args: tuple, seeds: tuple, minutes: float) -> Result:
+    """A benchmarks/rl_compression.py entry writing to runs/NAME."""
+    out = f"runs/{name}"
+    return Result(name, what, "benchmarks/rl_compression.py", (*args, "--out", out), seeds, (f"{out}/compression_results.json",),
+                  rl_compression_numbers, minutes=minutes)  # fmt: skip
+
+
 def _rl_entry(engine: str, minutes: float, ctx1000: bool = False) -> Result:
     name = f"rl_compression_{engine}" + ("_ctx1000" if ctx1000 else "")
     model = ("--checkpoint", "checkpoints/darkroom_ad_ctx1000/model.pt", "--episodes", "100") if ctx1000 else ("--episodes", "50")
-    return Result(
-        name,
-        f"RL-aware compression against the existing strategies, keeping 10%, {engine} engine, 10 unseen seeds"
-        + (", the 1,000-transition model" if ctx1000 else ""),
-        "benchmarks/rl_compression.py",
-        ("--engine", engine, *model, "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *RL_CONFIGS, "--out", f"runs/{name}"),
-        HEADLINE_SEEDS,
-        (f"runs/{name}/compression_results.json",),
-        rl_compression_numbers,
-        minutes=minutes,
-    )
+    what = f"RL-aware compression against the existing strategies, keeping 10%, {engine} engine, 10 unseen seeds" + (
+        ", the 1,000-transition model" if ctx1000 else "")
+    return _rl_result(name, what, ("--engine", engine, *model, "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *RL_CONFIGS),
+                      HEADLINE_SEEDS, minutes)  # fmt: skip
 
 
 REGISTRY = {
@@ -296,27 +296,19 @@ REGISTRY = {
         _rl_entry("rerun", 30),
         _rl_entry("kv", 6),
         _rl_entry("kv", 8, ctx1000=True),
-        Result(
+        _rl_result(
             "rl_compression_key_to_door",
             "RL-aware vs fixed_window compression on the Key-to-Door run, keeping 20% (one episode), kv engine, 10 unseen seeds",
-            "benchmarks/rl_compression.py",
             ("--engine", "kv", "--checkpoint", "runs/k2d_ad/model.pt", "--episodes", "50", "--seeds", *map(str, HEADLINE_SEEDS),
-             "--configs", "fixed_window:0.2:keep_recent=20", "reward_recent:0.2:keep_recent=16:n_reward=8",
-             "--out", "runs/rl_compression_key_to_door"),  # fmt: skip
+             "--configs", "fixed_window:0.2:keep_recent=20", "reward_recent:0.2:keep_recent=16:n_reward=8"),  # fmt: skip
             HEADLINE_SEEDS,
-            ("runs/rl_compression_key_to_door/compression_results.json",),
-            rl_compression_numbers,
             minutes=10,
         ),
-        Result(
+        _rl_result(
             "rl_compression_target",
             "the 4x-at-2%-loss target: reward_recent keeping 10%, re-run engine, 60 unseen seeds (a 2% claim needs an SE under 0.67%)",
-            "benchmarks/rl_compression.py",
-            ("--engine", "rerun", "--episodes", "50", "--seeds", *map(str, TARGET_SEEDS), "--configs", RL_CONFIGS[-1],
-             "--out", "runs/rl_compression_target"),  # fmt: skip
+            ("--engine", "rerun", "--episodes", "50", "--seeds", *map(str, TARGET_SEEDS), "--configs", RL_CONFIGS[-1]),
             TARGET_SEEDS,
-            ("runs/rl_compression_target/compression_results.json",),
-            rl_compression_numbers,
             minutes=35,
         ),
         Result(
