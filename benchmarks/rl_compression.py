@@ -13,11 +13,15 @@ summed baseline time / its summed time over the same seeds (with the lowest and 
 ratio), loss = mean per-seed relative loss of mean return, with its standard error.
 Writes OUT/compression_results.json with compression_template.py's rows (so the results harness and
 the trade-off figure read it as a sweep; `label` tells configurations of one strategy apart) and
-OUT/compression_tradeoff.png.
+OUT/compression_tradeoff.png. Each finished seed is appended to OUT/seeds.jsonl (its runs' times and
+returns), so a long run that stops can go on with --resume: the seeds already there are reused, the
+rest measured (the settings, thread count included, must be the same).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adlens.compression import STRATEGIES, make_compression  # noqa: E402
 from adlens.config import COMMON_BOUNDS, add_config_flags, check_out, make_parser, pin_threads, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import provenance, stamp, write_json_atomic  # noqa: E402
+from adlens.io import atomic_path, provenance, stamp, write_json_atomic  # noqa: E402
 from adlens.plots import plot_compression_tradeoff, save_figure  # noqa: E402
 from compression_template import CheckpointRunner, print_table  # noqa: E402
 
@@ -46,7 +50,10 @@ CONFIG = {
     "vec_env": "dummy",  # dummy | batched
     "threads": 1,  # torch CPU threads (0 = half the cores, at least 1)
     "out": "runs/rl_compression",
+    "resume": False,  # reuse the seeds OUT/seeds.jsonl already holds (same settings), measure the rest
 }
+SEEDS_FILE = "seeds.jsonl"  # one line per finished seed: the baseline's and each configuration's run
+SETTINGS = ("configs", "interval", "engine", "episodes", "tasks", "checkpoint", "device", "vec_env")  # what a resumed run must share
 BOUNDS = {"interval": (1, 10**6), "engine": {"kv", "rerun"}, "episodes": (1, 10**5), "seeds": COMMON_BOUNDS["seed"],
           "tasks": {"test", "train"}, "device": {"auto", "cpu", "cuda"}, "vec_env": {"dummy", "batched"}}  # fmt: skip
 
@@ -64,6 +71,42 @@ def parse_config(text: str, interval: int, context: int):
     except ValueError:
         raise UserError(f"configuration {text!r}: ratio and parameters must be numbers, as param=value") from None
     return text, parts[0], make_compression(parts[0], context=context, **params)  # ConfigError (a UserError) if out of range
+
+
+def _record(run: dict) -> dict:
+    return {"time_s": run["time_s"], "context": run["context"], "returns": np.asarray(run["returns"]).tolist()}
+
+
+def _unrecord(rec: dict, seed: int) -> dict:
+    return {"time_s": float(rec["time_s"]), "context": float(rec["context"]), "returns": np.asarray(rec["returns"], dtype=float), "seed": seed}
+
+
+def read_done(path: Path, settings: dict, n_configs: int) -> dict[int, tuple[dict, list[dict]]]:
+    """{seed: (baseline run, configuration runs)} of the finished seeds in OUT/seeds.jsonl; a run of
+    other settings, or a damaged line other than the last (which a kill may have cut short), is refused.
+    The file is rewritten without a cut-short last line, so that new seeds start on a line of their own."""
+    done: dict = {}
+    if not path.is_file():
+        return done
+    good = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            seed, base, runs = int(rec["seed"]), rec["base"], rec["runs"]
+            if len(runs) != n_configs or rec.get("settings", settings) != settings:
+                raise UserError(f"{path} holds a run of other settings ({rec.get('settings')}); drop --resume or give another --out")
+            done[seed] = (_unrecord(base, seed), [_unrecord(r, seed) for r in runs])
+            good.append(line + "\n")
+        except UserError:
+            raise
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines):
+                raise UserError(f"{path} line {n} is damaged; delete the file to measure afresh") from None
+    if len(good) < len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(good))
+    return done
 
 
 def row_for(label, strategy, comp, engine, base: list[dict], runs: list[dict]) -> dict:
@@ -99,25 +142,41 @@ def main(argv=None) -> dict:
     if not cfg["configs"]:
         raise UserError("--configs needs at least one strategy:ratio")
     threads = pin_threads(cfg["threads"])
+    out = Path(cfg["out"])
+    settings = {k: cfg[k] for k in SETTINGS} | {"threads": threads}
+    done = read_done(out / SEEDS_FILE, settings, len(cfg["configs"])) if cfg["resume"] else {}
     runner = CheckpointRunner(cfg)
     configs = [parse_config(c, cfg["interval"], runner.context) for c in cfg["configs"]]
     print(f"{runner.engine} engine, {len(runner.tasks)} {cfg['tasks']} tasks, {cfg['episodes']} episodes, seeds {cfg['seeds']}, "
           f"{threads} torch thread(s), {len(configs)} configuration(s) + the baseline per seed, order reversed every other seed", flush=True)  # fmt: skip
+    reused = [s for s in cfg["seeds"] if s in done]
+    if reused:
+        print(f"reusing {len(reused)} seed(s) from {out / SEEDS_FILE}", flush=True)
     t0 = time.perf_counter()
-    try:
-        runner.run(None, cfg["seeds"][0])  # warm-up, untimed
-        base, runs = [], [[] for _ in configs]
-        for i, seed in enumerate(cfg["seeds"]):
-            order = [None, *range(len(configs))]
-            for j in order if i % 2 == 0 else order[::-1]:
-                out = runner.run(configs[j][2] if j is not None else None, seed) | {"seed": seed}
-                (base if j is None else runs[j]).append(out)
-            print(f"seed {seed} done ({i + 1}/{len(cfg['seeds'])}, {time.perf_counter() - t0:.0f} s)", flush=True)
-    finally:
-        runner.close()
-    rows = [row_for(label, s, comp, runner.engine, base, r) for (label, s, comp), r in zip(configs, runs)]
-    out = Path(cfg["out"])
+    base, runs = [], [[] for _ in configs]
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / SEEDS_FILE, "a" if cfg["resume"] else "w") as log:
+        try:
+            if len(reused) < len(cfg["seeds"]):
+                runner.run(None, next(s for s in cfg["seeds"] if s not in done))  # warm-up, untimed
+            for i, seed in enumerate(cfg["seeds"]):
+                if seed in done:
+                    b, rs = done[seed]
+                else:
+                    order, got = [None, *range(len(configs))], {}
+                    for j in order if i % 2 == 0 else order[::-1]:
+                        got[j] = runner.run(configs[j][2] if j is not None else None, seed) | {"seed": seed}
+                    b, rs = got[None], [got[j] for j in range(len(configs))]
+                    log.write(json.dumps({"seed": seed, "settings": settings, "base": _record(b), "runs": [_record(r) for r in rs]}) + "\n")
+                    log.flush()
+                    os.fsync(log.fileno())
+                    print(f"seed {seed} done ({i + 1}/{len(cfg['seeds'])}, {time.perf_counter() - t0:.0f} s)", flush=True)
+                base.append(b)
+                for j, r in enumerate(rs):
+                    runs[j].append(r)
+        finally:
+            runner.close()
+    rows = [row_for(label, s, comp, runner.engine, base, r) for (label, s, comp), r in zip(configs, runs)]
     result = stamp("ad-compression-results", {"provenance": provenance(), "rows": rows, "config": cfg, "model_context": runner.context,
                                               "device": str(runner.device), "torch_threads": threads})  # fmt: skip
     write_json_atomic(out / "compression_results.json", result)

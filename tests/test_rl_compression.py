@@ -232,3 +232,68 @@ def test_compressed_rollout_end_to_end(engine, name):
     out = run_episodes(model, venv, spec, 8, engine=engine, compression=comp, seed=1)
     assert out["returns"].shape == (2, 8)
     assert out["mean_context_length"] <= comp.budget(20) + comp.interval
+
+
+# ---- benchmarks/rl_compression.py: resuming a long run, and pooling runs on disjoint seeds ----------
+
+
+def _bench(ckpt, out, seeds, *extra):
+    from benchmarks.rl_compression import main
+
+    argv = ["--checkpoint", str(ckpt), "--engine", "kv", "--episodes", "2", "--configs", "reward_recent:0.5:keep_recent=3:n_reward=2",
+            "--seeds", *map(str, seeds), "--out", str(out), *extra]  # fmt: skip
+    return main(argv)["rows"][0]
+
+
+def test_benchmark_resume_reuses_finished_seeds_and_refuses_other_settings(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from adlens.config import run_cli
+
+    out = tmp_path / "bench"
+    first = _bench(tiny_checkpoint, out, [0, 1])
+    log = out / "seeds.jsonl"
+    assert [json.loads(x)["seed"] for x in log.read_text().splitlines()] == [0, 1]
+    log.write_text(log.read_text() + '{"seed": 2, "ba')  # a line cut short by a kill is measured again
+    resumed = _bench(tiny_checkpoint, out, [0, 1, 2], "--resume")
+    assert resumed["seeds"] == [0, 1, 2]
+    assert resumed["time_full_s"][:2] == first["time_full_s"] and resumed["loss_per_seed"][:2] == first["loss_per_seed"]
+    assert [json.loads(x)["seed"] for x in log.read_text().splitlines()[-1:]] == [2]
+    fresh = _bench(tiny_checkpoint, out, [2])  # without --resume the log starts afresh
+    assert fresh["loss_per_seed"] == resumed["loss_per_seed"][2:] and len(log.read_text().splitlines()) == 1
+    before = log.read_text()
+    from benchmarks.rl_compression import main
+
+    for change, damage in ((["--episodes", "3"], None), ([], "not json\n")):
+        if damage:
+            log.write_text(damage + before)
+        with pytest.raises(SystemExit) as e:
+            run_cli(main, ["--checkpoint", str(tiny_checkpoint), "--engine", "kv", "--episodes", "2", "--seeds", "2", "3", "--configs",
+                           "reward_recent:0.5:keep_recent=3:n_reward=2", "--out", str(out), "--resume", *change])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "seeds.jsonl" in err[0]
+    assert log.read_text() == damage + before  # refused before anything was appended
+
+
+def test_pooled_rows_equal_one_run_over_all_seeds():
+    from benchmarks.regenerate import pool_rows
+    from benchmarks.rl_compression import row_for
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    comp = make_compression("reward_recent", context=20, ratio=0.5, interval=1, keep_recent=3, n_reward=2)
+
+    def runs(n):
+        return [{"time_s": float(rng.uniform(1, 2)), "context": float(rng.uniform(5, 20)), "returns": rng.uniform(0, 5, (2, 4)), "seed": i}
+                for i in range(n)]  # fmt: skip
+
+    base, comp_runs = runs(7), runs(7)
+    whole = row_for("x", "reward_recent", comp, "kv", base, comp_runs)
+    a = row_for("x", "reward_recent", comp, "kv", base[:3], comp_runs[:3])
+    b = row_for("x", "reward_recent", comp, "kv", base[3:], comp_runs[3:])
+    pooled = pool_rows([(a, 3), (b, 4)])
+    for key in ("speedup", "speedup_pair_min", "speedup_pair_max", "performance_loss", "performance_loss_stderr", "mean_context_length",
+                "full_context_length", "return_full", "return_compressed"):  # fmt: skip
+        assert pooled[key] == pytest.approx(whole[key], rel=1e-12), key
+    with pytest.raises(ValueError):
+        pool_rows([(a, 4), (b, 4)])
