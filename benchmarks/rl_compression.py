@@ -37,6 +37,7 @@ from adlens.errors import UserError  # noqa: E402
 from adlens.io import atomic_path, provenance, stamp, write_json_atomic  # noqa: E402
 from adlens.plots import plot_compression_tradeoff, save_figure  # noqa: E402
 from compression_template import CheckpointRunner, print_table  # noqa: E402
+from evaluate import key_door_parts  # noqa: E402
 
 CONFIG = {
     "configs": ["fixed_window:0.1", "reward_anchor:0.1"],  # strategy:ratio[:param=value...] each
@@ -109,8 +110,9 @@ def read_done(path: Path, settings: dict, n_configs: int) -> dict[int, tuple[dic
     return done
 
 
-def row_for(label, strategy, comp, engine, base: list[dict], runs: list[dict]) -> dict:
-    """compression_template.measure's row, from runs paired per seed with the shared baseline runs."""
+def row_for(label, strategy, comp, engine, base: list[dict], runs: list[dict], spec=None) -> dict:
+    """compression_template.measure's row, from runs paired per seed with the shared baseline runs; on
+    Dark Key-to-Door (`spec`) also the key and door parts of the return, uncompressed and compressed."""
     t_full = np.array([b["time_s"] for b in base])
     t_comp = np.array([r["time_s"] for r in runs])
     r_full = np.array([b["returns"].mean() for b in base])
@@ -118,7 +120,7 @@ def row_for(label, strategy, comp, engine, base: list[dict], runs: list[dict]) -
     loss = np.where(r_full != 0, (r_full - r_comp) / np.where(r_full != 0, r_full, 1), 0.0)
     ctx_full, ctx_comp = float(np.mean([b["context"] for b in base])), float(np.mean([r["context"] for r in runs]))
     n = len(runs)
-    return {
+    row = {
         "label": label, "engine": engine, "strategy": strategy, "ratio": comp.ratio, "interval": comp.interval,
         "params": {f.name: getattr(comp, f.name) for f in fields(comp)},
         "mean_context_length": ctx_comp, "full_context_length": ctx_full, "shortens_context": ctx_comp < ctx_full,
@@ -132,6 +134,11 @@ def row_for(label, strategy, comp, engine, base: list[dict], runs: list[dict]) -
         "loss_per_seed": loss.tolist(), "time_full_s": t_full.tolist(), "time_compressed_s": t_comp.tolist(),
         "seeds": [b["seed"] for b in base], "episodes": int(base[0]["returns"].shape[1]), "n_tasks": int(base[0]["returns"].shape[0]),
     }  # fmt: skip
+    if spec is not None and spec.name == "key_to_door":
+        for name, rs in (("full", base), ("compressed", runs)):
+            parts = key_door_parts(spec, np.stack([r["returns"] for r in rs]))
+            row |= {f"key_{name}": float(np.mean(parts["key_return_per_episode"])), f"door_{name}": float(np.mean(parts["door_return_per_episode"]))}
+    return row
 
 
 def main(argv=None) -> dict:
@@ -176,7 +183,7 @@ def main(argv=None) -> dict:
                     runs[j].append(r)
         finally:
             runner.close()
-    rows = [row_for(label, s, comp, runner.engine, base, r) for (label, s, comp), r in zip(configs, runs)]
+    rows = [row_for(label, s, comp, runner.engine, base, r, runner.spec) for (label, s, comp), r in zip(configs, runs)]
     result = stamp("ad-compression-results", {"provenance": provenance(), "rows": rows, "config": cfg, "model_context": runner.context,
                                               "device": str(runner.device), "torch_threads": threads})  # fmt: skip
     write_json_atomic(out / "compression_results.json", result)

@@ -13,7 +13,8 @@ from model.checkpoint import DEFAULT_CHECKPOINT, load_model
 
 RESULTS = DEFAULT_CHECKPOINT.parent / "eval_results.json"
 CTX1000 = DEFAULT_CHECKPOINT.parent.parent / "darkroom_ad_ctx1000" / "model.pt"  # for compression at a long context
-SHIPPED = [DEFAULT_CHECKPOINT, CTX1000]
+KEY_TO_DOOR = DEFAULT_CHECKPOINT.parent.parent / "key_to_door_ad" / "model.pt"  # the second task family
+SHIPPED = [DEFAULT_CHECKPOINT, CTX1000, KEY_TO_DOOR]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
@@ -31,6 +32,21 @@ def test_default_model_trained_on_training_tasks_only():
     train, held = spec.split()
     assert len(train) == 73 and len(held) == 8
     assert meta["model"]["max_context"] >= 240
+
+
+def test_key_to_door_model_trained_on_its_training_pairs_only():
+    """150 seeded training pairs, the 50 held-out pairs disjoint from them, a context of 5 episodes;
+    its recorded evaluation is on those held-out pairs with key and door parts."""
+    _, meta = load_model(KEY_TO_DOOR)
+    spec = get_spec(meta["env"])
+    train, held = spec.split()
+    assert spec.name == "key_to_door" and len(train) == 150 and len(held) == 50
+    pairs = lambda tasks: {(tuple(t["key"]), tuple(t["door"])) for t in tasks}  # noqa: E731
+    assert not pairs(train) & pairs(held)
+    assert meta["model"]["max_context"] == 5 * spec.horizon
+    recorded = json.loads((KEY_TO_DOOR.parent / "eval_results.json").read_text())
+    assert recorded["tasks"] == held and len(recorded["seeds"]) >= 3 and not recorded["greedy"]
+    assert {"key_return_per_episode", "door_return_per_episode"} <= set(recorded)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
