@@ -228,6 +228,12 @@ def _rl_result(name: str, what: str, args: tuple, seeds: tuple, minutes: float) 
                   rl_compression_numbers, minutes=minutes)  # fmt: skip
 
 
+def _k2d_entry(suffix: str, what: str, engine: str, episodes: int, configs: tuple, minutes: float) -> Result:
+    """A benchmarks/rl_compression.py entry on the shipped Key-to-Door model, the 10 headline seeds."""
+    args = ("--engine", engine, "--checkpoint", K2D_CHECKPOINT, "--episodes", str(episodes), "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *configs)
+    return _rl_result(f"rl_compression_key_to_door{suffix}", f"{what}, 10 unseen seeds", args, HEADLINE_SEEDS, minutes)
+
+
 def _rl_entry(engine: str, minutes: float, ctx1000: bool = False) -> Result:
     name = f"rl_compression_{engine}" + ("_ctx1000" if ctx1000 else "")
     model = ("--checkpoint", "checkpoints/darkroom_ad_ctx1000/model.pt", "--episodes", "100") if ctx1000 else ("--episodes", "50")
@@ -326,22 +332,9 @@ REGISTRY = {
         _rl_entry("rerun", 30),
         _rl_entry("kv", 6),
         _rl_entry("kv", 8, ctx1000=True),
-        _rl_result(
-            "rl_compression_key_to_door",
-            "every strategy on the shipped Key-to-Door model, keeping 20% (one episode) and 50%, kv engine, 10 unseen seeds",
-            ("--engine", "kv", "--checkpoint", K2D_CHECKPOINT, "--episodes", "50", "--seeds", *map(str, HEADLINE_SEEDS), "--configs",
-             *K2D_CONFIGS),  # fmt: skip
-            HEADLINE_SEEDS,
-            minutes=30,
-        ),
-        _rl_result(
-            "rl_compression_key_to_door_rerun",
-            "fixed_window against reward_recent on the shipped Key-to-Door model, keeping 20%, re-run engine, 20 episodes, 10 unseen seeds",
-            ("--engine", "rerun", "--checkpoint", K2D_CHECKPOINT, "--episodes", "20", "--seeds", *map(str, HEADLINE_SEEDS), "--configs",
-             *K2D_CONFIGS[:1], K2D_CONFIGS[6], "--resume"),  # fmt: skip
-            HEADLINE_SEEDS,
-            minutes=70,
-        ),
+        _k2d_entry("", "every strategy on the shipped Key-to-Door model, keeping 20% (one episode) and 50%, kv engine", "kv", 50, K2D_CONFIGS, 30),
+        _k2d_entry("_rerun", "fixed_window against reward_recent on the shipped Key-to-Door model, keeping 20%, re-run engine, 20 episodes",
+                   "rerun", 20, (K2D_CONFIGS[0], K2D_CONFIGS[6], "--resume"), 70),  # fmt: skip
         _rl_result(
             "rl_compression_target",
             "the 4x-at-2%-loss target: reward_recent keeping 10%, re-run engine, 60 unseen seeds (a 2% claim needs an SE under 0.67%)",
