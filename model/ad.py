@@ -42,6 +42,9 @@ class ADConfig:
     max_context : transitions the model attends over (the window length T)
     n_layer, n_head, d_model : transformer size; d_model / n_head must be even (rotary pairs)
     dropout     : dropout on embeddings, attention and residual branches (training only)
+    attn_dropout: dropout on the attention weights if not None (else `dropout`); 0 keeps the fused
+                  attention kernel in training, which on a CPU is 5-10x faster than the
+                  explicit weights that attention dropout needs
     rope_base   : rotary frequency base
     grid_size   : > 0: states are cells of a grid_size x grid_size grid and are embedded as
                   row + column embeddings (shared across cells of a row or column, which lets
@@ -57,6 +60,7 @@ class ADConfig:
     n_head: int = 4
     d_model: int = 64
     dropout: float = 0.1
+    attn_dropout: float | None = None
     rope_base: float = 10000.0
     grid_size: int = 0
 
@@ -72,6 +76,8 @@ class ADConfig:
             raise ConfigError(f"grid_size**2 must equal n_states, got {self.grid_size}**2 != {self.n_states}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            raise ConfigError(f"attn_dropout must be in [0, 1) or None, got {self.attn_dropout}")
 
     @property
     def head_size(self) -> int:
@@ -112,7 +118,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ADConfig):
         super().__init__()
-        self.n_head, self.head_size, self.dropout = cfg.n_head, cfg.head_size, cfg.dropout
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.hook_weights = HookPoint()

@@ -69,13 +69,18 @@ def read_checkpoint(path: str | Path | None, need: tuple[str, ...] = ()) -> dict
     return ckpt
 
 
+OPTIONAL_MODEL_KEYS = {"attn_dropout"}  # added later; checkpoints written before lack them (None when absent)
+
+
 def _model_config(d: dict, path: Path) -> ADConfig:
     """The ADConfig of a checkpoint: every field present, of its type, finite and in range."""
     want = {f.name: f.type for f in fields(ADConfig)}
-    missing, unknown = sorted(set(want) - set(d)), sorted(set(d) - set(want))
+    missing, unknown = sorted(set(want) - set(d) - OPTIONAL_MODEL_KEYS), sorted(set(d) - set(want))
     if missing or unknown:
         raise UserError(f"checkpoint {path}: model config " + (f"lacks {missing}" if missing else f"has unknown key(s) {unknown}"))
     for key, value in d.items():
+        if value is None and key in OPTIONAL_MODEL_KEYS:
+            continue
         ok = type(value) is int if want[key] == "int" else type(value) in (int, float) and math.isfinite(value)
         if not ok:
             raise UserError(f"checkpoint {path}: model {key} must be a finite {want[key]}, got {value!r}")

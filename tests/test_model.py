@@ -78,6 +78,25 @@ def test_config_validation_and_round_trip():
         ADConfig.from_dict(cfg.to_dict() | {"bogus": 1})
 
 
+def test_attention_dropout_follows_dropout_unless_set():
+    base = ADConfig(n_states=9, max_context=16, n_layer=2, n_head=2, d_model=16, dropout=0.2)
+    assert [b.attn.dropout for b in ADTransformer(base).blocks] == [0.2, 0.2]
+    fused = ADConfig(**(base.to_dict() | {"attn_dropout": 0.0}))
+    model = ADTransformer(fused).train()
+    assert [b.attn.dropout for b in model.blocks] == [0.0, 0.0] and model.blocks[0].drop.p == 0.2
+    with pytest.raises(ValueError, match="attn_dropout"):
+        ADConfig(attn_dropout=1.0)
+    # in training, attention dropout 0 leaves only the residual and embedding dropout: with those off
+    # too, training-mode outputs are the evaluation outputs
+    quiet = ADTransformer(ADConfig(**(base.to_dict() | {"dropout": 0.0, "attn_dropout": 0.0})))
+    tok = random_tokens(quiet.cfg, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(quiet.train()(tok), quiet.eval()(tok), atol=0, rtol=0)
+    noisy = ADTransformer(ADConfig(**(base.to_dict() | {"dropout": 0.0, "attn_dropout": 0.5})))
+    with torch.no_grad():
+        assert not torch.equal(noisy.train()(tok), noisy.eval()(tok))
+
+
 def test_logits_shape_and_context_limit(make_model):
     model = make_model()
     tok = random_tokens(model.cfg, 3, 16)

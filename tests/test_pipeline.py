@@ -248,6 +248,22 @@ def test_bad_checkpoints_raise_user_errors(trained, tmp_path):
         load_model(misfit)
 
 
+def test_checkpoints_without_attn_dropout_load_and_new_ones_record_it(trained, collected, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    old = tmp_path / "old.pt"  # written before the key existed
+    torch.save(ckpt | {"config": ckpt["config"] | {"model": {k: v for k, v in ckpt["config"]["model"].items() if k != "attn_dropout"}}}, old)
+    assert load_model(old)[0].cfg.attn_dropout is None
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt | {"config": ckpt["config"] | {"model": ckpt["config"]["model"] | {"attn_dropout": "x"}}}, bad)
+    with pytest.raises(UserError, match="attn_dropout"):
+        load_model(bad)
+    path = train.main(["--config", str(TINY), "--data", str(collected[0]), "--out", str(tmp_path / "fused"), "--steps", "1",
+                       "--dropout", "0.1", "--attn-dropout", "0"])  # fmt: skip
+    model, cfg = load_model(path)
+    assert cfg["model"]["attn_dropout"] == 0.0 and cfg["model"]["dropout"] == 0.1
+    assert model.blocks[0].attn.dropout == 0.0
+
+
 def test_train_resumes_from_its_state(trained, collected, tmp_path):
     out = tmp_path / "ckpt"
     shutil.copytree(trained.parent, out)
