@@ -64,6 +64,7 @@ COMPRESSION_CONFIG = {
     "n_anchor": 4,  # reward_anchor: episodes whose first rewarded step is kept (the newest ones)
     "per_episode": 2,  # episode_pool: slots each finished episode keeps (its first rewarded step + pooled rest)
     "n_reward": 8,  # reward_recent: newest rewarded tokens kept
+    "score_queries": 0,  # topk / pooling / reward_anchor: score from the last K queries of each interval (0 = every query, H2O; fewer is cheaper)
     "engine": "kv",  # kv (KV-cached incremental rollout) | rerun (whole window re-run every step)
     "compare_rerun": False,  # also time the uncompressed rerun engine (combined gain of compressed kv)
     "episodes": 50,  # in-context episodes per task
@@ -91,7 +92,8 @@ def build_compression(cfg: dict, strategy: str, ratio: float, context: int):
         raise UserError(f"unknown compression strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     valid = {f.name for f in fields(STRATEGIES[strategy])}
     params = {"ratio": ratio, "interval": cfg["compression_interval"], "keep_recent": cfg["keep_recent"], "n_sink": cfg["n_sink"],
-              "lead": cfg["lead"], "n_anchor": cfg["n_anchor"], "per_episode": cfg["per_episode"], "n_reward": cfg["n_reward"]}  # fmt: skip
+              "lead": cfg["lead"], "n_anchor": cfg["n_anchor"], "per_episode": cfg["per_episode"], "n_reward": cfg["n_reward"],
+              "score_queries": cfg["score_queries"]}  # fmt: skip
     params["window_size"] = cfg["window_size"] or None
     return make_compression(strategy, context=context, **{k: v for k, v in params.items() if k in valid})  # ConfigError if out of range
 
@@ -250,7 +252,7 @@ def timed_row(cfg: dict, strategy: str, ratio: float) -> dict:
 
 BOUNDS = {
     "compression_interval": (1, 10**6), "compression_ratio": (1e-6, 1.0), "sweep_ratios": (1e-6, 1.0), "keep_recent": (0, 10**6), "window_size": (0, 10**6),
-    "n_sink": (0, 10**6), "lead": (0, 10**6), "n_anchor": (0, 10**6), "per_episode": (1, 10**6), "n_reward": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
+    "n_sink": (0, 10**6), "lead": (0, 10**6), "n_anchor": (0, 10**6), "per_episode": (1, 10**6), "n_reward": (0, 10**6), "score_queries": (0, 10**6), "engine": set(ENGINES), "seeds": COMMON_BOUNDS["seed"], "tasks": {"test", "train"},
     "device": {"auto", "cpu", "cuda"}, "vec_env": {"dummy", "batched"}, "backend": set(BACKENDS),
 }  # fmt: skip
 

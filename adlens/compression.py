@@ -153,6 +153,14 @@ class NoCompression(Compression):
         return identity_plan(n, batch)
 
 
+def _check_score_queries(comp) -> None:
+    """score_queries (strategies that read attention scores): how many of the newest queries before
+    each compaction the scores count; 0 = all since the last one (H2O). Fewer is cheaper: only those
+    queries' attention rows are ever computed (SnapKV's observation window; 1 is TOVA's last query)."""
+    if comp.score_queries < 0:
+        raise ConfigError(f"score_queries must be >= 0 (0 = every query), got {comp.score_queries}")
+
+
 @dataclass
 class _RecentPlusMerged(Compression):
     """Keep the last `keep_recent` tokens; merge the older ones into the rest of the budget."""
@@ -200,10 +208,12 @@ class Pooling(_RecentPlusMerged):
 
     keep_recent: int = 20
     window_size: int | None = None
+    score_queries: int = 0
     needs_scores: ClassVar[bool] = True
 
     def check(self, context: int) -> None:
         super().check(context)
+        _check_score_queries(self)
         if self.window_size is not None and self.window_size < 1:
             raise ConfigError(f"window_size must be >= 1, got {self.window_size}")
 
@@ -226,11 +236,13 @@ class TopK(Compression):
     """H2O-style: keep the tokens with the most accumulated attention, plus the newest `keep_recent`."""
 
     keep_recent: int = 4
+    score_queries: int = 0
     needs_scores: ClassVar[bool] = True
 
     def check(self, context: int) -> None:
         if not 1 <= self.keep_recent <= context:
             raise ConfigError(f"keep_recent must be in [1, {context}] (the model's context), got {self.keep_recent}")
+        _check_score_queries(self)
 
     def keep_mask(self, n, budget, scores, batch):
         if scores is None:
@@ -332,11 +344,13 @@ class RewardAnchor(Compression):
     n_sink: int = 0
     lead: int = 0
     n_anchor: int = 4
+    score_queries: int = 0
     needs_scores: ClassVar[bool] = True
     needs_meta: ClassVar[bool] = True
 
     def check(self, context: int) -> None:
         _check_common(self, context)
+        _check_score_queries(self)
         if not 0 <= self.n_sink <= context:
             raise ConfigError(f"n_sink must be in [0, {context}] (the model's context), got {self.n_sink}")
         if self.lead < 0:

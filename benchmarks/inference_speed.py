@@ -53,6 +53,7 @@ CONFIG = {
     "ratios": [0.5, 0.3, 0.1],
     "interval": 20,
     "keep_recent": 20,  # fixed_window / topk / pooling
+    "score_queries": [0],  # topk / pooling: each value a configuration; score from the last K queries of each interval (0 = every query)
     "n_sink": 4,  # sink_window
     "dynamic": False,  # also time (c) attending over the valid prefix instead of the static masked cache
     "threads": 1,  # torch CPU threads (0 = torch's default)
@@ -147,9 +148,13 @@ def validate(cfg: dict) -> None:
         raise UserError(f"--vec-env must be batched or dummy, got {cfg['vec_env']!r}")
 
 
-def build_comp(cfg, name, ratio, T):
+SCORED = ("topk", "pooling")  # strategies that read attention scores (score_queries applies)
+
+
+def build_comp(cfg, name, ratio, T, score_queries=0):
     kw = {"keep_recent": cfg["keep_recent"]} if name in ("fixed_window", "topk", "pooling") else {}
     kw |= {"n_sink": cfg["n_sink"]} if name == "sink_window" else {}
+    kw |= {"score_queries": score_queries} if name in SCORED else {}
     try:
         return make_compression(name, context=T, ratio=ratio, interval=cfg["interval"], **kw)
     except ValueError as e:
@@ -163,10 +168,12 @@ def measure(model, spec, tasks, cfg, T, B, device) -> list[dict]:
         variants.insert(0, ("(a) rerun", "rerun", None, True))
     for name in cfg["strategies"]:
         for ratio in cfg["ratios"]:
-            comp = build_comp(cfg, name, ratio, T)
-            variants.append((f"(c) {name} {ratio:g}", "kv", comp, True))
-            if cfg["dynamic"]:
-                variants.append((f"(c) {name} {ratio:g} dynamic", "kv", comp, False))
+            for sq in cfg["score_queries"] if name in SCORED else [0]:
+                comp = build_comp(cfg, name, ratio, T, sq)
+                label = f"(c) {name} {ratio:g}" + (f" q{sq}" if sq else "")
+                variants.append((label, "kv", comp, True))
+                if cfg["dynamic"]:
+                    variants.append((f"{label} dynamic", "kv", comp, False))
     runners = {label: Runner(model, spec, tasks, eng, comp, B, device, cfg["vec_env"], static) for label, eng, comp, static in variants}
     steps = {label: cfg["rerun_steps"] if label.startswith("(a)") else cfg["steps"] for label in runners}
     for label, r in runners.items():
@@ -208,7 +215,8 @@ def main(argv=None) -> dict:
     for T in cfg["contexts"]:  # validate every configuration before measuring
         for name in cfg["strategies"]:
             for ratio in cfg["ratios"]:
-                build_comp(cfg, name, ratio, T)
+                for sq in cfg["score_queries"]:
+                    build_comp(cfg, name, ratio, T, sq)
     hw = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
         if device.type == "cpu"

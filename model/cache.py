@@ -49,6 +49,9 @@ class KVCache:
 
     static       : attend over all slots with a validity mask (fixed shapes) instead of the valid prefix
     score_window : queries kept for lazy scores before they are folded into `scores`
+    note_queries : (attribute, set before a step) whether this step's query counts towards the scores;
+                   a caller that scores from only some queries clears it for the others, which then
+                   cost nothing
     track_meta   : also keep, per slot, what its token is in the learning history (`meta`: reward,
                    episode, step within the episode; set by `set_meta`, merged by `merge_meta`), for
                    the strategies that read it (`Compression.needs_meta`)
@@ -88,6 +91,8 @@ class KVCache:
         else:
             self._q = self._q_step = None
         self._n_q = 0
+        self.note_queries = True
+        self._q_now = False  # the current step's query is stored
         self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
         self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
 
@@ -137,8 +142,10 @@ class KVCache:
         self.n_added += 1
         self.pos[:, self._slot] = pos
         self.src_step[:, self._slot] = pos
+        self._q_now = self.scores is not None and self.note_queries
         if self.scores is not None:
             self.scores[:, self._slot] = 0.0
+        if self._q_now:
             if self._n_q == len(self._q_step):
                 self._flush_scores()
             self._q_step[self._n_q] = pos
@@ -161,7 +168,7 @@ class KVCache:
 
     def note_query(self, layer: int, q: torch.Tensor) -> None:
         """Keep the new token's rotated query (B, H, 1, Dh) for lazy attention scores."""
-        if self._q is not None:
+        if self._q_now:
             self._q[layer, :, :, self._n_q - 1] = q[:, :, 0]
 
     def _flush_scores(self) -> None:

@@ -53,6 +53,13 @@ def _plan(comp: Compression, n: int, context: int, batch: int, scores=None, meta
     return comp.plan(n, context, scores=scores, batch=batch, **extra)
 
 
+def score_queries(comp: Compression) -> int:
+    """How many of the newest queries before each compaction a scoring strategy counts (0 = all of them
+    since the last compaction; below the interval the others are never scored, which is cheaper)."""
+    k = getattr(comp, "score_queries", 0) if comp.needs_scores else 0
+    return k if k < comp.interval else 0
+
+
 class KVEngine:
     """Incremental rollout over a key/value cache; compression acts on the cache.
 
@@ -68,14 +75,16 @@ class KVEngine:
         self.model, self.T = model, model.cfg.max_context
         budget = compression.budget(self.T) if compression is not None else self.T
         self.comp = compression if budget < self.T else None  # a budget of the whole context never compresses
+        self._score_last = 0
         if self.comp is None:
             self.cache = model.new_cache(batch)
         elif self.comp.streaming:
             self.cache = model.new_cache(batch, capacity=budget, n_sink=getattr(self.comp, "n_sink", 0), static=static)
         else:
             capacity = min(self.T, budget + self.comp.interval)
+            self._score_last = score_queries(self.comp)
             self.cache = model.new_cache(batch, capacity=capacity, track_scores=self.comp.needs_scores, static=static,
-                                         score_window=self.comp.interval, track_meta=self.comp.needs_meta)  # fmt: skip
+                                         score_window=self._score_last or self.comp.interval, track_meta=self.comp.needs_meta)  # fmt: skip
         self._count = EpisodeCounter(batch, next(model.parameters()).device) if self.comp is not None and self.comp.needs_meta else None
         self._since = 0
 
@@ -83,6 +92,8 @@ class KVEngine:
         return len(self.cache)
 
     def step(self, tok: Tokens) -> torch.Tensor:
+        if self.comp is not None and self._score_last:  # only the last queries of each interval count
+            self.cache.note_queries = self._since % self.comp.interval >= self.comp.interval - self._score_last
         logits = self.model.step(tok, self.cache)  # (B, A)
         if self._count is not None:
             self.cache.set_meta(*self._count(tok))
@@ -142,7 +153,7 @@ class RerunEngine:
             with capture_attention(self.model) as rec:
                 logits = self.model.forward_embeddings(self.x[:, : self.n])[:, -1]
             # H2O-style scores: attention received from the queries since the last compression
-            attn = rec.stacked()[:, :, :, -self._since :]  # (L, B, H, q, n)
+            attn = rec.stacked()[:, :, :, -min(self._since, score_queries(self.comp) or self._since) :]  # (L, B, H, q, n)
             scores = attn.sum(3).mean((0, 2)).cpu()  # (B, n); plans are built on the CPU
         else:
             logits = self.model.forward_embeddings(self.x[:, : self.n])[:, -1]

@@ -160,6 +160,59 @@ def test_lazy_scores_equal_per_step_accumulation(capacity):
                 torch.testing.assert_close(cache.ordered_scores(), ref[:, : len(cache)].gather(1, cache.order()), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name, params", [("topk", {"keep_recent": 2}), ("pooling", {"keep_recent": 3})])
+def test_score_queries_count_only_the_last_queries_of_each_interval(name, params):
+    # With score_queries k, the scores a compaction reads are the attention paid by the last k queries
+    # of each interval (accumulated over the token's life, as H2O's), and only those queries are stored.
+    model = _model(n_layer=2, max_context=16)
+    interval, k = 5, 2
+    comp = make_compression(name, context=16, ratio=0.5, interval=interval, score_queries=k, **params)
+    engine = KVEngine(model, 2, comp)
+    assert engine.cache._q.shape[3] == k  # the query store holds k, not the interval
+    tok = _tokens(model.cfg, 2, 40, seed=8)
+    ref = torch.zeros(2, engine.cache.capacity)  # per slot
+    seen, state = [], {}
+    orig_plan = comp.plan
+
+    def fold_in():  # the new token starts at 0; add the attention the step's query paid, if it counts
+        if state["folded"]:
+            return
+        state["folded"] = True
+        ref[:, engine.cache.newest_slot] = 0.0
+        if state["counts"]:
+            for layer in rec.names:
+                attn = rec.weights[layer][-1]  # (B, H, 1, n) over slots
+                ref[:, : attn.shape[-1]] += attn[:, :, 0].mean(1) / model.cfg.n_layer
+
+    def plan(n, context, scores=None, batch=None):
+        fold_in()
+        seen.append((scores.clone(), ref[:, :n].gather(1, engine.cache.order()).clone()))
+        state["compacted"] = True
+        return orig_plan(n, context, scores=scores, batch=batch)
+
+    comp.plan = plan
+    with capture_attention(model) as rec, torch.inference_mode():
+        for t in range(40):
+            state.update(counts=engine._since % interval >= interval - k, folded=False, compacted=False)
+            engine.step(_at(tok, slice(t, t + 1)))
+            if state["compacted"]:  # the scores moved with the plan (tested in apply_plan's tests): follow them
+                ref.zero_()
+                ref[:, : len(engine.cache)] = engine.cache.scores[:, : len(engine.cache)]
+            else:
+                fold_in()
+    assert len(seen) >= 4
+    for got, want in seen:
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # k at least the interval is every query: the same engine as the default
+    full = KVEngine(model, 2, make_compression(name, context=16, ratio=0.5, interval=interval, score_queries=interval, **params))
+    plain = KVEngine(model, 2, make_compression(name, context=16, ratio=0.5, interval=interval, **params))
+    with torch.inference_mode():
+        for t in range(40):
+            assert torch.equal(full.step(_at(tok, slice(t, t + 1))), plain.step(_at(tok, slice(t, t + 1))))
+    with pytest.raises(ValueError, match="score_queries must be >= 0"):
+        make_compression(name, context=16, ratio=0.5, score_queries=-1, **params)
+
+
 def test_ratio_one_and_none_build_the_uncompressed_engine():
     model = _model(n_layer=2, max_context=16)
     tok = _tokens(model.cfg, 2, 30, seed=6)
