@@ -218,6 +218,8 @@ RL_CONFIGS = (
 K2D_CHECKPOINT = "checkpoints/key_to_door_ad/model.pt"
 # Darkroom's parameters at 20% (one of Key-to-Door's five episodes), nothing tuned on this task, and
 # the two simplest at 50%, where a window reaches back two and a half episodes
+SCORE_QUERY_CONFIGS = ("topk:0.5:keep_recent=20", "topk:0.5:keep_recent=20:score_queries=4", "pooling:0.5:keep_recent=20",
+                       "pooling:0.5:keep_recent=20:score_queries=4")  # fmt: skip
 K2D_CONFIGS = (*(c.replace(":0.1", ":0.2") for c in RL_CONFIGS), "fixed_window:0.5:keep_recent=20", "reward_recent:0.5:keep_recent=16:n_reward=8")
 
 
@@ -335,6 +337,13 @@ REGISTRY = {
         _k2d_entry("", "every strategy on the shipped Key-to-Door model, keeping 20% (one episode) and 50%, kv engine", "kv", 50, K2D_CONFIGS, 30),
         _k2d_entry("_rerun", "fixed_window against reward_recent on the shipped Key-to-Door model, keeping 20%, re-run engine, 20 episodes",
                    "rerun", 20, (K2D_CONFIGS[0], K2D_CONFIGS[6], "--resume"), 70),  # fmt: skip
+        _rl_result(
+            "rl_compression_score_queries",
+            "topk and pooling keeping 50%, scored from every query against the last 4 of each interval, kv engine, 10 unseen seeds",
+            ("--engine", "kv", "--episodes", "50", "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *SCORE_QUERY_CONFIGS),
+            HEADLINE_SEEDS,
+            minutes=4,
+        ),
         _rl_result(
             "rl_compression_target",
             "the 4x-at-2%-loss target: reward_recent keeping 10%, re-run engine, 60 unseen seeds (a 2% claim needs an SE under 0.67%)",
@@ -500,19 +509,25 @@ def table_rl_compression_key_to_door(r: dict) -> str:
 
 
 
-def _rl_return_table(rows: list[dict]) -> str:
+def _rl_return_table(rows: list[dict], show: tuple = ()) -> str:
     """One row per configuration: context, speedup, return and loss against the shared baseline, and
-    on Dark Key-to-Door the key and door parts of the return (each of at most 1 per episode)."""
+    on Dark Key-to-Door the key and door parts of the return (each of at most 1 per episode);
+    `show`: parameters named beside the strategy (those that tell its configurations apart)."""
     parts = "key_full" in rows[0]
     head = f"| strategy, ratio | mean context | speedup (per-seed range) | return (uncompressed {rows[0]['return_full']:.2f}) | loss (+- se) |"
     if parts:
         head += f" key part (uncompressed {rows[0]['key_full']:.2f}) | door part (uncompressed {rows[0]['door_full']:.2f}) |"
     lines = [head, "|---" * (7 if parts else 5) + "|"]
     for x in rows:
-        line = (f"| {x['strategy']}, {x['ratio']} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {_speedup_cell(x)} | "
+        named = "".join(f", {k} {x['params'].get(k, 0)}" for k in show)
+        line = (f"| {x['strategy']}, {x['ratio']}{named} | {x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {_speedup_cell(x)} | "
                 f"{x['return_compressed']:.2f} | {_loss_cell(x)} |")  # fmt: skip
         lines.append(line + (f" {x['key_compressed']:.2f} | {x['door_compressed']:.2f} |" if parts else ""))
     return "\n".join(lines)
+
+
+def table_rl_compression_score_queries(r: dict) -> str:
+    return _rl_return_table(r["rl_compression_score_queries"]["numbers"]["rows"], show=("score_queries",))
 
 
 def table_evaluation(r: dict) -> str:
@@ -717,6 +732,7 @@ TABLES = {
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),
+    "rl_compression_score_queries": (("rl_compression_score_queries",), table_rl_compression_score_queries),
     "rl_compression_target": (TARGET_RUNS, table_rl_compression_target),
     "rl_compression_key_to_door": (("rl_compression_key_to_door",), table_rl_compression_key_to_door),
 }

@@ -267,3 +267,38 @@ def test_inference_speed_benchmark_smoke(tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
     r = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--rounds must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_score_queries_configurations_in_the_speed_benchmark():
+    res = benchmark_main(["--contexts", "24", "--envs", "2", "--steps", "2", "--rounds", "1", "--no-rerun", "--ratios", "0.5",
+                          "--interval", "4", "--keep-recent", "2", "--strategies", "topk", "sink_window", "--score-queries", "0", "2"])  # fmt: skip
+    assert [r["engine"] for r in res["rows"]] == ["(b) kv", "(c) topk 0.5", "(c) topk 0.5 q2", "(c) sink_window 0.5"]
+
+
+def test_compaction_cost_benchmark_times_every_compaction(tmp_path):
+    from benchmarks.compaction_cost import main as cost_main
+
+    out = tmp_path / "cost.json"
+    rows = cost_main(["--envs", "2", "--steps", "40", "--configs", "topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20",
+                      "--out", str(out)])  # fmt: skip
+    assert [r["config"] for r in rows] == ["topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"]
+    for r in rows:
+        assert r["compactions"] == 2 and 120 <= r["mean_context"] <= 140  # every 20 steps, between budget and budget + interval
+        assert 0 < r["apply_ms_per_compaction"] and 0 < r["apply_share"] < 1
+    assert rows[0]["scores_ms_per_compaction"] > 0 and rows[1]["scores_ms_per_compaction"] == 0  # fixed_window reads no scores
+    assert json.loads(out.read_text())["schema"] == "ad-benchmark-compaction-cost"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compaction_cost.py"
+    r = subprocess.run([sys.executable, str(script), "--configs", "topk:2.0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "ratio" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_step_benchmark_compares_attention_dropout_with_the_fused_kernel(tmp_path):
+    from benchmarks.train_step import main as train_step_main
+
+    res = train_step_main(["--context", "16", "--batch-size", "2", "--steps", "1", "--rounds", "2", "--out", str(tmp_path / "t.json")])
+    ms = res["ms_per_step"]
+    assert set(ms) == {"attn_dropout", "fused"} and res["speedup_min"] <= res["speedup"] <= res["speedup_max"]
+    assert res["schema"] == "ad-benchmark-train-step"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_step.py"
+    r = subprocess.run([sys.executable, str(script), "--attn-dropout", "1.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--attn-dropout must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr

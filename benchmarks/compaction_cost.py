@@ -1,0 +1,140 @@
+"""Where a compressed KV rollout's time goes: the step, and each compaction's scores, plan and apply.
+
+    python benchmarks/compaction_cost.py                                   # shipped model, 8 and 256 envs
+    python benchmarks/compaction_cost.py --envs 256 --configs topk:0.5 topk:0.5:score_queries=4
+
+For each configuration (`strategy:ratio[:param=value...]`, as in benchmarks/rl_compression.py, with
+keep_recent 20 and interval 20 unless given) a KV engine is filled past its first compactions
+(untimed), then `steps` steps run with the cache's score computation, the strategy's plan and the
+cache's apply timed separately (wall time, one process). Reported per configuration: ms per step
+(all of it), and per compaction the ms spent on scores, plan and apply, with their share of the
+step time they amortise to. Also times the fused attention of one layer at the model's full
+context and at each configuration's mean context, the most compression can save per step.
+Inputs are random tokens (the cost does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import model.rollout as rollout  # noqa: E402
+from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.io import stamp, write_json_atomic  # noqa: E402
+from benchmarks.rl_compression import parse_config  # noqa: E402
+from model.ad import Tokens  # noqa: E402
+from model.checkpoint import load_model  # noqa: E402
+
+CONFIG = {
+    "checkpoint": "default",  # model.pt (default: the shipped model)
+    "envs": [8, 256],  # parallel sequences (batch)
+    "configs": ["topk:0.5:keep_recent=20", "topk:0.5:keep_recent=20:score_queries=4", "pooling:0.5:keep_recent=20",
+                "pooling:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"],  # strategy:ratio[:param=value...]
+    "interval": 20,  # steps between compactions, unless a configuration sets its own
+    "steps": 400,  # timed steps per configuration (a multiple of the interval)
+    "threads": 1,  # torch CPU threads
+    "out": "",  # write the rows as JSON here
+}
+BOUNDS = {"envs": (1, 65_536), "steps": (1, 10**6), "threads": (1, 1024), "interval": (1, 10**6)}
+
+
+def _tokens(cfg, B: int, t: int) -> Tokens:
+    g = torch.Generator().manual_seed(t)
+    return Tokens(torch.randint(0, cfg.n_states, (B, 1), generator=g), torch.randint(0, cfg.n_actions + 1, (B, 1), generator=g),
+                  torch.randint(0, 2, (B, 1), generator=g).float(), torch.full((B, 1), t % cfg.horizon))  # fmt: skip
+
+
+def _attention_us(model, B: int, n: int, reps: int = 300) -> float:
+    """Microseconds of one layer's fused single-query attention over n keys."""
+    H, Dh = model.cfg.n_head, model.cfg.head_size
+    q, k, v = torch.randn(B, H, 1, Dh), torch.randn(B, H, n, Dh), torch.randn(B, H, n, Dh)
+    for _ in range(20):
+        F.scaled_dot_product_attention(q, k, v)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        F.scaled_dot_product_attention(q, k, v)
+    return 1e6 * (time.perf_counter() - t0) / reps
+
+
+def measure(model, B: int, spec: str, comp, steps: int) -> dict:
+    engine = rollout.KVEngine(model, B, comp)
+    cache = engine.cache
+    spent = {"scores": 0.0, "plan": 0.0, "apply": 0.0}
+    count = {"compactions": 0}
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key] += time.perf_counter() - t0
+            if key == "apply":
+                count["compactions"] += 1
+            return out
+
+        return wrapper
+
+    cache._flush_scores = timed("scores", cache._flush_scores)
+    cache.apply_plan = timed("apply", cache.apply_plan)
+    plan = rollout._plan
+    rollout._plan = timed("plan", plan)
+    try:
+        with torch.inference_mode():
+            warm = model.cfg.max_context + 3 * comp.interval
+            for t in range(warm):
+                engine.step(_tokens(model.cfg, B, t))
+            for key in spent:
+                spent[key] = 0.0
+            count["compactions"], lengths = 0, []
+            t0 = time.perf_counter()
+            for t in range(warm, warm + steps):
+                engine.step(_tokens(model.cfg, B, t))
+                lengths.append(len(engine))
+            total = time.perf_counter() - t0
+    finally:
+        rollout._plan = plan
+    n = max(1, count["compactions"])
+    row = {"envs": B, "config": spec, "ms_per_step": 1000 * total / steps, "compactions": count["compactions"],
+           "mean_context": float(np.mean(lengths))}  # fmt: skip
+    for key, s in spent.items():
+        row[f"{key}_ms_per_compaction"] = 1000 * s / n
+        row[f"{key}_share"] = s / total
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, CONFIG)
+    cfg = resolve(CONFIG, p.parse_args(argv), bounds=BOUNDS)
+    torch.set_num_threads(cfg["threads"])
+    model, _ = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"])
+    T = model.cfg.max_context
+    comps = {spec: parse_config(spec, cfg["interval"], T)[2] for spec in cfg["configs"]}  # validated before measuring
+    rows = []
+    print(f"{T} transitions, {cfg['threads']} thread(s), {cfg['steps']} timed steps per configuration")
+    print(f"{'envs':>5}  {'configuration':<44}{'ms/step':>9}{'ctx':>7}  per compaction: {'scores':>8}{'plan':>8}{'apply':>8} ms  (share of time)")
+    for B in cfg["envs"]:
+        full = _attention_us(model, B, T)
+        for spec in cfg["configs"]:
+            row = measure(model, B, spec, comps[spec], cfg["steps"])
+            row["attention_us_full"], row["attention_us_mean_context"] = full, _attention_us(model, B, max(1, round(row["mean_context"])))
+            rows.append(row)
+            shares = "/".join(f"{100 * row[f'{k}_share']:.0f}%" for k in ("scores", "plan", "apply"))
+            print(f"{B:>5}  {spec:<44}{row['ms_per_step']:>9.2f}{row['mean_context']:>7.0f}  {'':16}"
+                  f"{row['scores_ms_per_compaction']:>8.2f}{row['plan_ms_per_compaction']:>8.2f}{row['apply_ms_per_compaction']:>8.2f} ms  ({shares})")  # fmt: skip
+        saved = model.cfg.n_layer * (full - min(r["attention_us_mean_context"] for r in rows if r["envs"] == B)) / 1000
+        print(f"{B:>5}  one layer's attention: {full:.0f} us at {T} slots; compression saves at most ~{saved:.2f} ms per step over {model.cfg.n_layer} layers")
+    if cfg["out"]:
+        write_json_atomic(cfg["out"], stamp("ad-benchmark-compaction-cost", {"config": cfg, "torch": torch.__version__, "rows": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)
