@@ -39,7 +39,7 @@ from adlens.config import run_cli
 from conftest import build_capture
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
-from model.checkpoint import read_checkpoint, save_atomic
+from model.checkpoint import OPTIONAL_MODEL_KEYS, read_checkpoint, save_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "config" / "tiny.yaml"
@@ -144,7 +144,8 @@ def _drop(d: dict, key: str) -> dict:
 
 def _corrupt_checkpoint(ckpt: dict, kind: str, pick: int) -> dict:
     model_cfg, env, weights = dict(ckpt["config"]["model"]), dict(ckpt["config"]["env"]), dict(ckpt["model"])
-    mkey = sorted(model_cfg)[pick % len(model_cfg)]
+    required = sorted(set(model_cfg) - OPTIONAL_MODEL_KEYS)  # an optional field may be absent (older checkpoints)
+    mkey = required[pick % len(required)]
     ekey = sorted(env)[pick % len(env)]
     wkey = sorted(weights)[pick % len(weights)]
     if kind == "drop top-level key":
