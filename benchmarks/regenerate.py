@@ -615,7 +615,7 @@ def table_readme(r: dict) -> str:
 def _ctx1000_claim(r: dict) -> str:
     """The 1,000-transition target's pooled row and its speed at 256 environments, for the README."""
     x, seeds = _target_pooled(r, CTX1000_TARGET_RUNS)
-    fast = next(y for y in r["rollout_speed_ctx1000"]["numbers"]["rows"] if y["envs"] == 256 and y["engine"] == f"(c) {x['strategy']} {x['ratio']:g}")
+    fast = _ctx1000_fast(r, x)
     return (f"at 1,000 transitions, {x['strategy']} keeping {_pct(x['ratio'], 0)}: **{fast['speedup_vs_kv']:.1f}x at {fast['envs']} environments, "
             f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])}) loss** ({len(seeds)} unseen seeds)")  # fmt: skip
 
@@ -668,13 +668,23 @@ def _target_pooled(r: dict, runs: tuple = TARGET_RUNS) -> tuple[dict, list[int]]
     return pool_rows([(d["numbers"]["rows"][0], len(d["seeds"])) for d in docs]), [s for d in docs for s in d["seeds"]]
 
 
+def _runs_then_pooled(r: dict, runs: tuple) -> list[tuple[dict, list[int], str]]:
+    """(row, seeds, tag) of each run of one configuration on disjoint seeds, then of all pooled."""
+    pooled, seeds = _target_pooled(r, runs)
+    return [(r[n]["numbers"]["rows"][0], r[n]["seeds"], "") for n in runs] + [(pooled, seeds, "**pooled** ")]
+
+
+def _ctx1000_fast(r: dict, row: dict, envs: int = 256) -> dict:
+    """The speed run's row for the configuration of `row` at `envs` environments."""
+    name = f"(c) {row['strategy']} {row['ratio']:g}"
+    return next(x for x in r["rollout_speed_ctx1000"]["numbers"]["rows"] if x["envs"] == envs and x["engine"] == name)
+
+
 def table_rl_compression_target(r: dict) -> str:
     """Each target run, then both pooled: the pooled row is the claim."""
     lines = ["| strategy, ratio | parameters | seeds | mean context | speedup (per-seed range) | loss (+- se) | >= 4x at <= 2%, se < 0.67% |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    pooled, seeds = _target_pooled(r)
-    rows = [(r[name]["numbers"]["rows"][0], r[name]["seeds"], "") for name in TARGET_RUNS] + [(pooled, seeds, "**pooled** ")]
-    for x, sd, tag in rows:
+    for x, sd, tag in _runs_then_pooled(r, TARGET_RUNS):
         lines.append(f"| {tag}{x['strategy']}, {x['ratio']} | {_params_cell(x)} | {sd[0]}-{sd[-1]} ({len(sd)}) | "
                      f"{x['mean_context_length']:.1f} of {x['full_context_length']:.1f} | {_speedup_cell(x)} | {_loss_cell(x)} | "
                      f"{'met' if _target_met(x) else 'not shown'} |")  # fmt: skip
@@ -684,14 +694,11 @@ def table_rl_compression_target(r: dict) -> str:
 def table_ctx1000_target(r: dict) -> str:
     """The 1,000-transition target: loss on the held-out goals (each run, then pooled) beside the cached
     step's speedup at 256 environments from the side-by-side speed run."""
-    pooled, seeds = _target_pooled(r, CTX1000_TARGET_RUNS)
-    name = f"(c) {pooled['strategy']} {pooled['ratio']:g}"
-    fast = next(x for x in r["rollout_speed_ctx1000"]["numbers"]["rows"] if x["envs"] == 256 and x["engine"] == name)
+    fast = _ctx1000_fast(r, _target_pooled(r, CTX1000_TARGET_RUNS)[0])
     met = lambda x: fast["speedup_vs_kv"] >= 2 and x["performance_loss"] <= 0.02 and x["performance_loss_stderr"] < 0.02 / 3  # noqa: E731
     lines = ["| strategy, ratio | seeds | mean context | rollout speedup, 8 goals (per-seed range) | loss (+- se) | step at 256 envs [rounds] | >= 2x within 2%, se < 0.67% |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    rows = [(r[n]["numbers"]["rows"][0], r[n]["seeds"], "") for n in CTX1000_TARGET_RUNS] + [(pooled, seeds, "**pooled** ")]
-    for x, sd, tag in rows:
+    for x, sd, tag in _runs_then_pooled(r, CTX1000_TARGET_RUNS):
         lines.append(f"| {tag}{x['strategy']}, {x['ratio']} | {sd[0]}-{sd[-1]} ({len(sd)}) | {x['mean_context_length']:.1f} of "
                      f"{x['full_context_length']:.1f} | {_speedup_cell(x)} | {_loss_cell(x)} | {fast['speedup_vs_kv']:.2f}x "
                      f"[{fast['speedup_vs_kv_min']:.2f}-{fast['speedup_vs_kv_max']:.2f}] | {'met' if met(x) else 'not shown'} |")  # fmt: skip
