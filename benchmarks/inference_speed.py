@@ -7,11 +7,12 @@ incremental rollout, (c) (b) with compression; same weights, measured side by si
 
 For each (context, number of environments) every engine is built once and its context filled
 (untimed): (a) and (b) to the full context, (c) until its compressed context cycles (budget +
-2 intervals). Then `rounds` rounds time `steps` rollout steps of every engine in turn (model, action
-sampling and environment step), the order reversed every other round (ABBA), so that load on a
-shared machine hits all alike. Reported: ms per step (summed time / summed steps), environment steps
-per second, (b) against (a), and every (c) against (b) as the ratio of summed times with the lowest
-and highest per-round ratio. The shipped model is used where its context allows; longer contexts use a
+2 intervals). Then, in each of `rounds` rounds, every other engine is timed for `steps` rollout steps
+(model, action sampling and environment step) in a pair with (b), back to back, the order within
+each pair alternating (ABBA), so that load on a shared machine hits both of a pair alike. Reported:
+ms per step, environment steps per second, every (c) against (b) as the ratio of the summed times of
+its pairs with the lowest and highest per-pair ratio, and (b) against (a) the same way ((c) against
+(a) through (b)). The shipped model is used where its context allows; longer contexts use a
 model of the same size with random weights (speed does not depend on the weights). Also checks that
 (a) and (b) pick the same greedy actions while the context is within the model's window.
 """
@@ -47,7 +48,7 @@ CONFIG = {
     "envs": [8, 256],  # parallel environments (batch)
     "steps": 40,  # timed kv steps per engine per round (a multiple of the interval: same compactions per round)
     "rerun_steps": 4,  # timed steps of (a) per round (re-running 1,000 transitions x 256 envs takes seconds)
-    "rounds": 3,  # interleaved rounds
+    "rounds": 4,  # rounds of pairs with (b) (an even number: each order of a pair equally often)
     "rerun": True,  # time (a) at all
     "strategies": ["fixed_window", "topk", "pooling", "sink_window"],  # compression for (c)
     "ratios": [0.5, 0.3, 0.1],
@@ -178,24 +179,33 @@ def measure(model, spec, tasks, cfg, T, B, device) -> list[dict]:
     steps = {label: cfg["rerun_steps"] if label.startswith("(a)") else cfg["steps"] for label in runners}
     for label, r in runners.items():
         r.run(min(3, steps[label]))  # warm-up
-    times = {label: [] for label in runners}
-    labels = list(runners)
+    # every other engine is timed in a pair with (b), back to back, the pair's order alternating
+    # (ABBA ...): a ratio compares two runs a few hundred ms apart, whatever the machine does meanwhile
+    others = [label for label in runners if label != "(b) kv"]
+    own = {label: [] for label in others}  # (rounds,) seconds per step of the engine
+    base = {label: [] for label in others}  # (rounds,) seconds per step of (b) in its pairs
     for rnd in range(cfg["rounds"]):
-        for label in labels if rnd % 2 == 0 else labels[::-1]:
-            times[label].append(runners[label].run(steps[label]))
+        for i, label in enumerate(others):
+            pair = ("(b) kv", label) if (rnd + i) % 2 == 0 else (label, "(b) kv")
+            for x in pair:
+                t = runners[x].run(steps[x]) / steps[x]
+                (base if x == "(b) kv" else own)[label].append(t)
     for r in runners.values():
         r.close()
-    per_step = {label: np.array(t) / steps[label] for label, t in times.items()}  # (rounds,) seconds per step
+    if not others:  # (b) alone
+        base["(b) kv"] = [runners["(b) kv"].run(steps["(b) kv"]) / steps["(b) kv"] for _ in range(cfg["rounds"])]
+    per_step = {label: np.array(t) for label, t in own.items()} | {"(b) kv": np.concatenate([np.array(t) for t in base.values()])}
+    vs_b = {label: sum(base[label]) / sum(own[label]) for label in others} | {"(b) kv": 1.0}  # paired: (b)'s time / the engine's
     rows = []
-    for label in labels:
-        ms = 1000 * per_step[label].sum() / cfg["rounds"]
+    for label in runners:
+        ms = 1000 * per_step[label].mean()
         row = {"context": T, "envs": B, "engine": label, "ms_per_step": ms, "env_steps_per_s": 1000 * B / ms}
-        if "(a) rerun" in per_step:
-            row["speedup_vs_rerun"] = float(per_step["(a) rerun"].sum() / per_step[label].sum())
+        if "(a) rerun" in own:  # through the pairs: (a) against (b), (b) against this engine
+            row["speedup_vs_rerun"] = float(vs_b[label] / vs_b["(a) rerun"])
         if label.startswith("(c)"):
-            ratios = per_step["(b) kv"] / per_step[label]
-            row |= {"speedup_vs_kv": float(per_step["(b) kv"].sum() / per_step[label].sum()),
-                    "speedup_vs_kv_min": float(ratios.min()), "speedup_vs_kv_max": float(ratios.max())}  # fmt: skip
+            b, c = np.array(base[label]), per_step[label]
+            row |= {"speedup_vs_kv": float(vs_b[label]), "speedup_vs_kv_min": float((b / c).min()), "speedup_vs_kv_max": float((b / c).max()),
+                    "kv_ms_per_step_paired": 1000 * float(b.mean())}  # fmt: skip
         rows.append(row)
     return rows
 

@@ -164,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         if self.record:
             attn = (q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H, 1, n)
             if mask is not None:
-                attn = attn.masked_fill(~mask, float("-inf"))
+                attn = attn + mask  # additive: -inf on empty slots
             attn = self.hook_weights(attn.softmax(-1))
             y = attn @ values
         else:

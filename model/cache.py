@@ -77,7 +77,9 @@ class KVCache:
                          "step": torch.zeros(batch_size, capacity, dtype=torch.long, device=device)}  # fmt: skip
         self.n_layer, self.capacity, self.head_size, self.rope_base = n_layer, capacity, head_size, rope_base
         self.static = static
-        self.valid = torch.zeros(1, 1, 1, capacity, dtype=torch.bool, device=device) if static else None  # (1, 1, 1, C)
+        # additive mask (1, 1, 1, C): 0 on valid slots, -inf on empty ones (a float mask spares the fused
+        # attention kernel converting a boolean one in every layer of every step)
+        self.valid = torch.full((1, 1, 1, capacity), float("-inf"), device=device, dtype=dtype) if static else None
         self.n = 0  # valid slots
         self.n_added = 0  # tokens ever added (= next rotary position, = rollout step)
         self._oldest = 0  # slot overwritten next once full
@@ -95,6 +97,9 @@ class KVCache:
         self._q_now = False  # the current step's query is stored
         self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
         self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
+        self._score_group = 1  # layers scored at once
+        self._rot_full: tuple[torch.Tensor, torch.Tensor] | None = None  # rotation factors per integer angle (P, Dh)
+        self._row_base: torch.Tensor | None = None  # flat row offsets of one token, for `_move`
 
     def __len__(self) -> int:
         return self.n
@@ -127,7 +132,7 @@ class KVCache:
         if self.n < self.capacity:
             self.n += 1
             if self.valid is not None:
-                self.valid[..., self.n - 1] = True
+                self.valid[..., self.n - 1] = 0.0
             return self.n - 1
         if self._n_q:
             self._flush_scores()  # the slide drops a key that pending queries saw
@@ -158,7 +163,7 @@ class KVCache:
 
     def write_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store the new token's key and value, kv (B, 2, H, 1, Dh); return the keys/values to attend over
-        (B, H, n or C, Dh) and a boolean mask (1, 1, 1, C) of valid slots, or None when all are valid."""
+        (B, H, n or C, Dh) and an additive mask (1, 1, 1, C) of valid slots, or None when all are valid."""
         self.kv[layer].select(3, self._slot).copy_(kv[:, :, :, 0].transpose(0, 1))
         if self.n == self.capacity:
             return self.k[layer], self.v[layer], None
@@ -172,8 +177,9 @@ class KVCache:
             self._q[layer, :, :, self._n_q - 1] = q[:, :, 0]
 
     def _flush_scores(self) -> None:
-        """Add the attention the pending queries paid to every valid slot: per layer one batched product
-        into reused memory, masked and normalised in place (no large temporaries).
+        """Add the attention the pending queries paid to every valid slot: one batched product per layer
+        into reused memory, masked, normalised and summed in place for several layers at once (few
+        operator calls when the cache is small, at most ~8 MB of work memory when it is large).
 
         Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
         since it ran (compaction and slides flush first)."""
@@ -183,15 +189,19 @@ class KVCache:
             return
         L, B, H, _, Dh = self.k.shape
         unseen = (self.src_step[:, None, :n] > self._q_step[:m, None])[:, None]  # (B, 1, m, n)
-        if self._score_buf is None or self._score_buf.numel() < B * H * m * n:
-            self._score_buf = torch.empty(B * H * len(self._q_step) * self.capacity, device=self.k.device, dtype=self.k.dtype)
-        attn = self._score_buf[: B * H * m * n].view(B, H, m, n)
-        for layer in range(L):
-            torch.matmul(self._q[layer, :, :, :m], self.k[layer, :, :, :n].transpose(-2, -1), out=attn)  # (B, H, m, n)
+        if self._score_buf is None:
+            most = B * H * len(self._q_step) * self.capacity  # one layer's scores at the most queries and slots
+            self._score_group = max(1, min(L, 2**21 // most))
+            self._score_buf = torch.empty(self._score_group * most, device=self.k.device, dtype=self.k.dtype)
+        for first in range(0, L, self._score_group):
+            layers = range(first, min(L, first + self._score_group))
+            attn = self._score_buf[: len(layers) * B * H * m * n].view(len(layers), B, H, m, n)
+            for i, layer in enumerate(layers):
+                torch.matmul(self._q[layer, :, :, :m], self.k[layer, :, :, :n].transpose(-2, -1), out=attn[i])  # (B, H, m, n)
             attn.mul_(1.0 / math.sqrt(Dh)).masked_fill_(unseen, float("-inf"))
             attn.sub_(attn.amax(-1, keepdim=True)).exp_()
             attn.div_(attn.sum(-1, keepdim=True))  # softmax over the keys each query saw
-            self.scores[:, :n] += attn.sum((1, 2)) / (H * L)
+            self.scores[:, :n] += attn.view(len(layers), B, H * m, n).sum(2).sum(0) / (H * L)
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Accumulate attention (B, H, 1, n) that a caller computed itself into per-slot scores."""
@@ -282,23 +292,58 @@ class KVCache:
         else:
             self._apply_merge(assign, weight, keep, n_out)
 
-    def _work(self, m: int) -> torch.Tensor:
-        """Contiguous (L, B, H, m, Dh) work memory, reused: compaction allocates no large tensor (on a
-        busy machine a fresh 10 MB tensor costs more in page faults than the arithmetic on it)."""
+    def _work(self, m: int, both: bool = False) -> torch.Tensor:
+        """Contiguous (L, B, H, m, Dh) work memory, or (L, 2, B, H, m, Dh) for keys and values `both`,
+        reused: compaction allocates no large tensor (on a busy machine a fresh 10 MB tensor costs more
+        in page faults than the arithmetic on it)."""
         L, B, H, C, Dh = self.k.shape
         if self._scratch is None:
-            self._scratch = torch.empty(L * B * H * C * Dh, device=self.k.device, dtype=self.k.dtype)
+            self._scratch = torch.empty(2 * L * B * H * C * Dh, device=self.k.device, dtype=self.k.dtype)
+        if both:
+            return self._scratch[: 2 * L * B * H * m * Dh].view(L, 2, B, H, m, Dh)
         return self._scratch[: L * B * H * m * Dh].view(L, B, H, m, Dh)
 
-    def _rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """`apply_rope` in place on x (L, B, H, m, Dh), a view of the cache, by cos/sin broadcastable to
-        (..., m, Dh/2): the same arithmetic (x1*c - x2*s, x1*s + x2*c) over full rows of Dh."""
+    def _rotation(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width rotation factors (..., Dh) for integer rotations `delta` (...,): [cos, cos] and
+        [-sin, sin], looked up in a table of the same float64 angles as `rope_cos_sin` (one indexing
+        call instead of computing angles; a negative delta is computed directly)."""
+        if int(delta.min()) < 0:
+            cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)
+            return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        top = int(delta.max())
+        if self._rot_full is None or top >= len(self._rot_full[0]):
+            self.rope_at(top)  # grows the angle table
+            cos, sin = self._rope
+            self._rot_full = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))  # (P, Dh)
+        return self._rot_full[0][delta], self._rot_full[1][delta]
+
+    def _rotate_(self, x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> None:
+        """`apply_rope` in place on x (L, B, H, m, Dh), a view of the cache, by full-width factors from
+        `_rotation` broadcastable to (..., m, Dh): the same arithmetic (x1*c - x2*s, x1*s + x2*c) over
+        full rows of Dh."""
         half = x.shape[-1] // 2
         swapped = self._work(x.shape[3])
         swapped[..., :half].copy_(x[..., half:])
         swapped[..., half:].copy_(x[..., :half])
-        x.mul_(torch.cat([cos, cos], dim=-1))
-        x.add_(swapped.mul_(torch.cat([-sin, sin], dim=-1)))
+        x.mul_(cos2)
+        x.add_(swapped.mul_(sin2))
+
+    def _move(self, rows: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy the token in slot `src` to slot `dst` of sequence `rows` (each (m,), dst and src disjoint):
+        its keys and values in every layer and head, and every per-slot buffer. Whole rows of Dh are
+        copied through flat row indices (two calls for the whole cache; advanced indexing over the
+        non-adjacent batch and slot dimensions is ~10x slower on CPU)."""
+        L, two, B, H, C, Dh = self.kv.shape
+        if self._row_base is None:  # (L*2, 1, H): row of (layer, k/v, batch 0, head, slot 0) in units of C
+            self._row_base = (torch.arange(L * two, device=rows.device)[:, None, None] * B * H + torch.arange(H, device=rows.device)) * C
+        base = self._row_base + (rows * H * C)[:, None]  # (L*2, m, H)
+        flat = self.kv.view(-1, Dh)
+        flat.index_copy_(0, (base + dst[:, None]).view(-1), flat.index_select(0, (base + src[:, None]).view(-1)))
+        extra = ((self.scores,) if self.scores is not None else ()) + (tuple(self.meta.values()) if self.meta is not None else ())
+        d, s_ = rows * C + dst, rows * C + src
+        for buf in (self.pos, self.src_step) + extra:
+            fb = buf.view(-1)
+            fb.index_copy_(0, d, fb.index_select(0, s_))
 
     def _new_positions(self, n_out: int) -> torch.Tensor:
         """Rotary positions of n_out compacted tokens: contiguous, ending at the newest token's."""
@@ -312,7 +357,7 @@ class KVCache:
         if self.scores is not None:
             self.scores[:, n_out:] = 0.0
         if self.valid is not None:
-            self.valid[..., n_out:] = False
+            self.valid[..., n_out:] = float("-inf")
         self.n, self._oldest, self._in_order = n_out, 0, in_order
 
     def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
@@ -361,28 +406,24 @@ class KVCache:
         first members gathered to the front once; no large temporary tensors."""
         B, n = keep.shape
         keep0 = keep[0]
-        k, v = self.k[:, :, :, :n], self.v[:, :, :, :n]  # (L, B, H, n, Dh) views, temporal order
+        kv = self.kv[:, :, :, :, :n]  # (L, 2, B, H, n, Dh) view, temporal order: keys and values moved together
         tgt = a.clamp(min=0)
         new_pos = self._new_positions(n_out)
-        cos, sin = rope_cos_sin(new_pos[tgt] - self.pos[0, :n], self.head_size, self.rope_base)  # (n, Dh/2)
-        self._rotate_(k, cos, sin)
+        self._rotate_(self.k[:, :, :, :n], *self._rotation(new_pos[tgt] - self.pos[0, :n]))  # by (n, Dh)
         w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
         if not bool((w[keep] == 1).all()):
-            k.mul_(w.view(1, B, 1, n, 1))
-            v.mul_(w.view(1, B, 1, n, 1))
+            kv.mul_(w.view(1, 1, B, 1, n, 1))
         first = keep0.clone()
         first[1:] &= a[1:] != a[:-1]  # slots are contiguous runs of kept tokens
         first_idx = first.nonzero()[:, 0]  # (n_out,)
         rest = (keep0 & ~first).nonzero()[:, 0]
         if len(rest):
             lead = first_idx[a[rest]]  # the first member of each extra member's slot
-            k.index_add_(3, lead, k.index_select(3, rest))
-            v.index_add_(3, lead, v.index_select(3, rest))
-        den = self._denominator(tgt.expand(B, n), w, n_out)
-        for buf in (self.k, self.v):
-            out = self._work(n_out)
-            torch.index_select(buf[:, :, :, :n], 3, first_idx, out=out)
-            buf[:, :, :, :n_out].copy_(out).div_(den)
+            kv.index_add_(4, lead, kv.index_select(4, rest))
+        den = self._denominator(tgt.expand(B, n), w, n_out)  # (1, B, 1, n_out, 1)
+        out = self._work(n_out, both=True)
+        torch.index_select(kv, 4, first_idx, out=out)
+        self.kv[:, :, :, :, :n_out].copy_(out).div_(den.unsqueeze(0))
         src = torch.where(keep, self.src_step[:, :n], torch.full_like(self.src_step[:, :n], -1))
         self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(
             1, tgt.expand(B, n), src, "amax"
@@ -398,19 +439,18 @@ class KVCache:
         were dropped), then the kept keys are rotated in place to their new positions. Slots are then
         no longer in temporal order (`order()` sorts them)."""
         B, n = assign.shape
-        keep_slot = torch.zeros(B, n, dtype=torch.bool, device=keep.device).scatter_(1, self.order(), keep)  # (B, n) per slot
+        rank = (keep.cumsum(1) - 1).masked_fill_(~keep, -1)  # (B, n) temporal rank among the kept, -1 dropped
+        rank_slot = torch.empty_like(rank).scatter_(1, self.order(), rank)  # (B, n) the same, per slot
+        keep_slot = rank_slot >= 0
         holes = (~keep_slot[:, :n_out]).nonzero()  # (m, 2) row, slot: dropped below n_out, row-major
         movers = keep_slot[:, n_out:].nonzero()  # (m, 2) row, slot - n_out: kept at or past n_out
         if len(holes):
             rows, dst, src = holes[:, 0], holes[:, 1], movers[:, 1] + n_out  # each row has as many of both
-            self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
-            extra = ((self.scores,) if self.scores is not None else ()) + (tuple(self.meta.values()) if self.meta is not None else ())
-            for buf in (self.pos, self.src_step) + extra:
-                buf[rows, dst] = buf[rows, src]
-        rank = self.pos[:, :n_out].argsort(1).argsort(1)  # (B, n_out) temporal rank of each slot's token
-        new_pos = self.n_added - n_out + rank
-        cos, sin = rope_cos_sin(new_pos - self.pos[:, :n_out], self.head_size, self.rope_base)  # (B, n_out, Dh/2)
-        self._rotate_(self.k[:, :, :, :n_out], cos[:, None], sin[:, None])
+            self._move(rows, dst, src)
+            rank_slot[rows, dst] = rank_slot[rows, src]
+        new_pos = self.n_added - n_out + rank_slot[:, :n_out]  # (B, n_out)
+        cos2, sin2 = self._rotation(new_pos - self.pos[:, :n_out])  # (B, n_out, Dh)
+        self._rotate_(self.k[:, :, :, :n_out], cos2[:, None], sin2[:, None])
         self.pos[:, :n_out] = new_pos
         self._finish(n_out, in_order=not len(holes))
 
