@@ -100,6 +100,7 @@ class KVCache:
         self._score_group = 1  # layers scored at once
         self._rot_full: tuple[torch.Tensor, torch.Tensor] | None = None  # rotation factors per integer angle (P, Dh)
         self._row_base: torch.Tensor | None = None  # flat row offsets of one token, for `_move`
+        self._all_rows: torch.Tensor | None = None  # flat row offset of every (layer, k/v, sequence, head), for `_slot_rows`
 
     def __len__(self) -> int:
         return self.n
@@ -328,6 +329,13 @@ class KVCache:
         x.mul_(cos2)
         x.add_(swapped.mul_(sin2))
 
+    def _slot_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Flat row indices into `kv.view(-1, Dh)` of slots (m,) in every layer, key/value, sequence and
+        head, in that order ((L*2*B*H*m,): a (L, 2, B, H, m, Dh) block once gathered)."""
+        if self._all_rows is None:
+            self._all_rows = torch.arange(self.kv[..., 0, 0].numel(), device=slots.device)[:, None] * self.capacity
+        return (self._all_rows + slots).view(-1)
+
     def _move(self, rows: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy the token in slot `src` to slot `dst` of sequence `rows` (each (m,), dst and src disjoint):
         its keys and values in every layer and head, and every per-slot buffer. Whole rows of Dh are
@@ -420,9 +428,10 @@ class KVCache:
         if len(rest):
             lead = first_idx[a[rest]]  # the first member of each extra member's slot
             kv.index_add_(4, lead, kv.index_select(4, rest))
+        flat = self.kv.view(-1, self.kv.shape[-1])  # whole rows of Dh, gathered through flat row indices (see `_move`)
         den = self._denominator(tgt.expand(B, n), w, n_out)  # (1, B, 1, n_out, 1)
         out = self._work(n_out, both=True)
-        torch.index_select(kv, 4, first_idx, out=out)
+        torch.index_select(flat, 0, self._slot_rows(first_idx), out=out.view(-1, out.shape[-1]))
         self.kv[:, :, :, :, :n_out].copy_(out).div_(den.unsqueeze(0))
         src = torch.where(keep, self.src_step[:, :n], torch.full_like(self.src_step[:, :n], -1))
         self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src.device).scatter_reduce_(
