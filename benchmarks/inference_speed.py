@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
         else torch.cuda.get_device_name(device)
     )
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  device {device} ({hw}), torch {torch.__version__}, env {cfg['vec_env']}, "
-          f"{cfg['rounds']} interleaved rounds of {cfg['steps']} steps ((a): {cfg['rerun_steps']})")  # fmt: skip
+          f"{cfg['rounds']} rounds of {cfg['steps']}-step pairs with (b) ((a): {cfg['rerun_steps']} steps)")  # fmt: skip
     print(f"{'context':>8}{'envs':>6}  {'engine':<32}{'ms/step':>9}{'env steps/s':>13}{'vs (a)':>9}{'vs (b) [min-max]':>22}")
     rows = []
     for T in cfg["contexts"]:

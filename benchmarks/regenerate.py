@@ -223,6 +223,12 @@ SCORE_QUERY_CONFIGS = ("topk:0.5:keep_recent=20", "topk:0.5:keep_recent=20:score
 CTX1000 = "checkpoints/darkroom_ad_ctx1000/model.pt"
 CTX1000_TARGET = "reward_recent:0.2:keep_recent=16:n_reward=8"  # chosen on seeds 0-9: the least loss among those >= 2x at 256 envs
 CTX1000_SEEDS = (tuple(range(100, 200)), tuple(range(200, 280)))  # per-seed spread about 8 points on seeds 0-9: 180 seeds for an SE near 0.6
+# after 20% lost 4.2% there: the same strategy keeping 30% (2.17x at 256 envs, chosen among those >= 2x on seeds 0-9 and
+# that speed probe), measured on seeds no earlier run used
+CTX1000_TARGET30 = "reward_recent:0.3:keep_recent=16:n_reward=8"
+CTX1000_CONFIGS30 = (CTX1000_TARGET30, "reward_recent:0.25:keep_recent=16:n_reward=8", "reward_recent:0.2:keep_recent=16:n_reward=40",
+                     "sink_window:0.4:n_sink=4")  # fmt: skip
+CTX1000_SEEDS30 = (tuple(range(300, 390)), tuple(range(390, 480)))
 CTX1000_CONFIGS = ("sink_window:0.3:n_sink=4", "sink_window:0.2:n_sink=4", "fixed_window:0.2:keep_recent=20",
                    "pooling:0.3:keep_recent=20:score_queries=4", "reward_recent:0.2:keep_recent=16:n_reward=8",
                    "reward_recent:0.1:keep_recent=16:n_reward=8")  # fmt: skip
@@ -249,6 +255,26 @@ def _rl_entry(engine: str, minutes: float, ctx1000: bool = False) -> Result:
         ", the 1,000-transition model" if ctx1000 else "")
     return _rl_result(name, what, ("--engine", engine, *model, "--seeds", *map(str, HEADLINE_SEEDS), "--configs", *RL_CONFIGS),
                       HEADLINE_SEEDS, minutes)  # fmt: skip
+
+
+def _ctx1000_tune(suffix: str, what: str, configs: tuple, minutes: float) -> Result:
+    """Candidates on the 1,000-transition model, kv engine, 100 episodes, tuning seeds 0-9."""
+    return _rl_result(f"rl_compression_ctx1000_tune{suffix}", f"the 1,000-transition model: {what}, kv engine, 100 episodes, tuning seeds 0-9",
+                      ("--engine", "kv", "--checkpoint", CTX1000, "--episodes", "100", "--seeds", *map(str, range(10)), "--configs", *configs),
+                      tuple(range(10)), minutes)  # fmt: skip
+
+
+def _ctx1000_targets(suffix: str, config: str, seed_sets: tuple) -> tuple[Result, Result]:
+    """One configuration on the 1,000-transition model measured in two resumable runs on disjoint unseen seeds."""
+    strategy, ratio = config.split(":")[:2]
+    return tuple(_rl_result(
+        f"rl_compression_ctx1000_target{suffix}{more}",
+        f"the 1,000-transition model: {strategy} keeping {float(ratio):.0%} for 2x within 2% loss, kv engine, 100 episodes, "
+        f"{len(seeds)} unseen seeds (resumable; pooled with its sibling on disjoint seeds)",
+        ("--engine", "kv", "--checkpoint", CTX1000, "--episodes", "100", "--seeds", *map(str, seeds), "--configs", config, "--resume"),
+        seeds,
+        minutes=len(seeds) * 0.3,
+    ) for more, seeds in zip(("", "_more"), seed_sets))  # fmt: skip
 
 
 REGISTRY = {
@@ -343,21 +369,10 @@ REGISTRY = {
         _k2d_entry("", "every strategy on the shipped Key-to-Door model, keeping 20% (one episode) and 50%, kv engine", "kv", 50, K2D_CONFIGS, 30),
         _k2d_entry("_rerun", "fixed_window against reward_recent on the shipped Key-to-Door model, keeping 20%, re-run engine, 20 episodes",
                    "rerun", 20, (K2D_CONFIGS[0], K2D_CONFIGS[6], "--resume"), 70),  # fmt: skip
-        _rl_result(
-            "rl_compression_ctx1000_tune",
-            "the 1,000-transition model: candidates for 2x within 2% loss, kv engine, 100 episodes, tuning seeds 0-9",
-            ("--engine", "kv", "--checkpoint", CTX1000, "--episodes", "100", "--seeds", *map(str, range(10)), "--configs", *CTX1000_CONFIGS),
-            tuple(range(10)),
-            minutes=15,
-        ),
-        *(_rl_result(
-            f"rl_compression_ctx1000_target{suffix}",
-            f"the 1,000-transition model: {CTX1000_TARGET.split(':')[0]} keeping 20% for 2x within 2% loss, kv engine, 100 episodes, "
-            f"{len(seeds)} unseen seeds (resumable; pooled with its sibling on disjoint seeds)",
-            ("--engine", "kv", "--checkpoint", CTX1000, "--episodes", "100", "--seeds", *map(str, seeds), "--configs", CTX1000_TARGET, "--resume"),
-            seeds,
-            minutes=len(seeds) * 0.3,
-        ) for suffix, seeds in zip(("", "_more"), CTX1000_SEEDS)),
+        _ctx1000_tune("", "candidates for 2x within 2% loss", CTX1000_CONFIGS, 15),
+        *_ctx1000_targets("", CTX1000_TARGET, CTX1000_SEEDS),
+        _ctx1000_tune("30", "candidates keeping 25-40% (and more rewarded tokens at 20%)", CTX1000_CONFIGS30, 8),
+        *_ctx1000_targets("30", CTX1000_TARGET30, CTX1000_SEEDS30),
         Result(
             "rollout_speed_ctx1000",
             "the 1,000-transition model's cached step, uncompressed vs compressed, 8 and 256 envs, side by side",
@@ -394,11 +409,21 @@ REGISTRY = {
             "rollout_speed",
             "rollout speed on this machine's CPU: re-run window vs KV cache vs compressed cache, 240 transitions, 8 and 256 envs",
             "benchmarks/inference_speed.py",
-            ("--contexts", "240", "--envs", "8", "256", "--out", "runs/results/rollout_speed.json"),
+            ("--contexts", "240", "--envs", "8", "256", "--score-queries", "0", "4", "--rounds", "10", "--out", "runs/results/rollout_speed.json"),
             (),
             ("runs/results/rollout_speed.json",),
             speed_numbers,
-            minutes=3,
+            minutes=13,
+        ),
+        Result(
+            "compaction_cost",
+            "where a compaction's time goes: scores, plan and apply per compaction, 240 transitions, 8 and 256 envs",
+            "benchmarks/compaction_cost.py",
+            ("--envs", "8", "256", "--out", "runs/results/compaction_cost.json"),
+            (),
+            ("runs/results/compaction_cost.json",),
+            lambda doc: {"rows": doc["rows"]},
+            minutes=4,
         ),
         Result(
             "oneclick",
@@ -613,11 +638,14 @@ def table_readme(r: dict) -> str:
 
 
 def _ctx1000_claim(r: dict) -> str:
-    """The 1,000-transition target's pooled row and its speed at 256 environments, for the README."""
-    x, seeds = _target_pooled(r, CTX1000_TARGET_RUNS)
+    """The latest 1,000-transition target's pooled row, its speed at 256 environments and whether
+    it meets 2x within 2% loss, for the README."""
+    x, seeds = _target_pooled(r, CTX1000_TARGET30_RUNS)
     fast = _ctx1000_fast(r, x)
-    return (f"at 1,000 transitions, {x['strategy']} keeping {_pct(x['ratio'], 0)}: **{fast['speedup_vs_kv']:.1f}x at {fast['envs']} environments, "
-            f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])}) loss** ({len(seeds)} unseen seeds)")  # fmt: skip
+    met = fast["speedup_vs_kv"] >= 2 and _within_2(x)
+    return (f"at 1,000 transitions, {x['strategy']} keeping {_pct(x['ratio'], 0)}: **{fast['speedup_vs_kv']:.2f}x at {fast['envs']} environments, "
+            f"{_pct(x['performance_loss'])} (+- {_pct(x['performance_loss_stderr'])}) loss** ({len(seeds)} unseen seeds; "
+            f"2x within 2%: {'met' if met else 'not shown'})")  # fmt: skip
 
 
 def _k2d_claim(r: dict) -> str:
@@ -662,6 +690,7 @@ TARGET_RUNS = ("rl_compression_target", "rl_compression_target_more")  # one con
 
 
 CTX1000_TARGET_RUNS = ("rl_compression_ctx1000_target", "rl_compression_ctx1000_target_more")
+CTX1000_TARGET30_RUNS = ("rl_compression_ctx1000_target30", "rl_compression_ctx1000_target30_more")
 
 
 def _target_pooled(r: dict, runs: tuple = TARGET_RUNS) -> tuple[dict, list[int]]:
@@ -699,10 +728,10 @@ def table_rl_compression_target(r: dict) -> str:
 def table_ctx1000_target(r: dict) -> str:
     """The 1,000-transition target: loss on the held-out goals (each run, then pooled) beside the cached
     step's speedup at 256 environments from the side-by-side speed run."""
-    fast = _ctx1000_fast(r, _target_pooled(r, CTX1000_TARGET_RUNS)[0])
-    lines = ["| strategy, ratio | seeds | mean context | rollout speedup, 8 goals (per-seed range) | loss (+- se) | step at 256 envs [rounds] | >= 2x within 2%, se < 0.67% |",
+    lines = ["| strategy, ratio | seeds | mean context | rollout speedup, 8 goals (per-seed range) | loss (+- se) | step at 256 envs [pairs] | >= 2x within 2%, se < 0.67% |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for x, sd, tag in _runs_then_pooled(r, CTX1000_TARGET_RUNS):
+    for x, sd, tag in (row for runs in (CTX1000_TARGET_RUNS, CTX1000_TARGET30_RUNS) for row in _runs_then_pooled(r, runs)):
+        fast = _ctx1000_fast(r, x)
         lines.append(f"| {tag}{x['strategy']}, {x['ratio']} | {sd[0]}-{sd[-1]} ({len(sd)}) | {x['mean_context_length']:.1f} of "
                      f"{x['full_context_length']:.1f} | {_speedup_cell(x)} | {_loss_cell(x)} | {fast['speedup_vs_kv']:.2f}x "
                      f"[{fast['speedup_vs_kv_min']:.2f}-{fast['speedup_vs_kv_max']:.2f}] | {'met' if fast['speedup_vs_kv'] >= 2 and _within_2(x) else 'not shown'} |")  # fmt: skip
@@ -711,6 +740,10 @@ def table_ctx1000_target(r: dict) -> str:
 
 def table_rl_compression_ctx1000_tune(r: dict) -> str:
     return _rl_return_table(r["rl_compression_ctx1000_tune"]["numbers"]["rows"])
+
+
+def table_rl_compression_ctx1000_tune30(r: dict) -> str:
+    return _rl_return_table(r["rl_compression_ctx1000_tune30"]["numbers"]["rows"])
 
 
 def _by_ratio(rows: list[dict]) -> dict:
@@ -773,7 +806,7 @@ def _best_compressed(rows: dict) -> dict:
 
 def table_rollout_speed(r: dict) -> str:
     lines = [
-        "| context | envs | (a) re-run the window | (b) KV cache | (b) vs (a) | fastest (c) | (c) vs (b) [rounds] |",
+        "| context | envs | (a) re-run the window | (b) KV cache | (b) vs (a) | fastest (c) | (c) vs (b) [pairs] |",
         "|---|---|---|---|---|---|---|",
     ]
     for envs, rows in _speed(r).items():
@@ -783,17 +816,36 @@ def table_rollout_speed(r: dict) -> str:
     return "\n".join(lines)
 
 
-def table_rollout_speed_ctx1000(r: dict) -> str:
-    """Every compressed cached step of the 1,000-transition model against its uncompressed one, per number of envs."""
-    rows = r["rollout_speed_ctx1000"]["numbers"]["rows"]
+def _speed_grid(rows: list[dict]) -> str:
+    """Every compressed cached step against the uncompressed one timed in its pairs, per number of envs."""
     envs = sorted({x["envs"] for x in rows})
     kv = {x["envs"]: x for x in rows if x["engine"] == "(b) kv"}
-    lines = ["| configuration | " + " | ".join(f"{e} envs: vs uncompressed ({kv[e]['ms_per_step']:.2f} ms/step) [rounds]" for e in envs) + " |",
+    lines = ["| configuration | " + " | ".join(f"{e} envs: vs uncompressed ({kv[e]['ms_per_step']:.2f} ms/step) [pairs]" for e in envs) + " |",
              "|---" * (len(envs) + 1) + "|"]  # fmt: skip
     for name in dict.fromkeys(x["engine"] for x in rows if x["engine"].startswith("(c)")):
         cells = [next(x for x in rows if x["envs"] == e and x["engine"] == name) for e in envs]
         lines.append(f"| {name.removeprefix('(c) ')} | " + " | ".join(
             f"{c['speedup_vs_kv']:.2f}x [{c['speedup_vs_kv_min']:.2f}-{c['speedup_vs_kv_max']:.2f}]" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def table_rollout_speed_ctx1000(r: dict) -> str:
+    return _speed_grid(r["rollout_speed_ctx1000"]["numbers"]["rows"])
+
+
+def table_rollout_speed_all(r: dict) -> str:
+    return _speed_grid([x for x in r["rollout_speed"]["numbers"]["rows"] if x["engine"] != "(a) rerun"])
+
+
+def table_compaction_cost(r: dict) -> str:
+    lines = ["| envs | configuration | ms/step | mean context | per compaction: scores | plan | apply | share of the time |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["compaction_cost"]["numbers"]["rows"]:
+        share = "/".join(f"{100 * x[f'{k}_share']:.0f}%" for k in ("scores", "plan", "apply"))
+        lines.append(f"| {x['envs']} | {x['config']} | {x['ms_per_step']:.2f} | {x['mean_context']:.0f} | {x['scores_ms_per_compaction']:.2f} ms | "
+                     f"{x['plan_ms_per_compaction']:.2f} ms | {x['apply_ms_per_compaction']:.2f} ms | {share} |")  # fmt: skip
+    envs = dict.fromkeys(x["envs"] for x in r["compaction_cost"]["numbers"]["rows"])
+    att = [next(x for x in r["compaction_cost"]["numbers"]["rows"] if x["envs"] == e) for e in envs]
+    lines += ["", "*One layer's fused attention over all 240 slots: " + ", ".join(f"{x['attention_us_full']:.0f} us at {x['envs']} envs" for x in att) + ".*"]
     return "\n".join(lines)
 
 
@@ -817,7 +869,7 @@ TABLES = {
     "readme": (
         ("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
          *TARGET_RUNS, "key_to_door_evaluation", "rl_compression_key_to_door", "rl_compression_key_to_door_rerun",
-         *CTX1000_TARGET_RUNS, "rollout_speed_ctx1000"),
+         *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"),
         table_readme,
     ),
     "evaluation": (("evaluation",), table_evaluation),
@@ -828,7 +880,10 @@ TABLES = {
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
     "rollout_speed_ctx1000": (("rollout_speed_ctx1000",), table_rollout_speed_ctx1000),
     "rl_compression_ctx1000_tune": (("rl_compression_ctx1000_tune",), table_rl_compression_ctx1000_tune),
-    "ctx1000_target": ((*CTX1000_TARGET_RUNS, "rollout_speed_ctx1000"), table_ctx1000_target),
+    "rl_compression_ctx1000_tune30": (("rl_compression_ctx1000_tune30",), table_rl_compression_ctx1000_tune30),
+    "ctx1000_target": ((*CTX1000_TARGET_RUNS, *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"), table_ctx1000_target),
+    "rollout_speed_all": (("rollout_speed",), table_rollout_speed_all),
+    "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),
     "rl_compression_score_queries": (("rl_compression_score_queries",), table_rl_compression_score_queries),
