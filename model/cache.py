@@ -99,8 +99,7 @@ class KVCache:
         self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
         self._score_group = 1  # layers scored at once
         self._rot_full: tuple[torch.Tensor, torch.Tensor] | None = None  # rotation factors per integer angle (P, Dh)
-        self._row_base: torch.Tensor | None = None  # flat row offsets of one token, for `_move`
-        self._all_rows: torch.Tensor | None = None  # flat row offset of every (layer, k/v, sequence, head), for `_slot_rows`
+        self._rows: torch.Tensor | None = None  # flat row offsets, see `_row_offsets`
 
     def __len__(self) -> int:
         return self.n
@@ -298,8 +297,8 @@ class KVCache:
         reused: compaction allocates no large tensor (on a busy machine a fresh 10 MB tensor costs more
         in page faults than the arithmetic on it)."""
         L, B, H, C, Dh = self.k.shape
-        if self._scratch is None:
-            self._scratch = torch.empty(2 * L * B * H * C * Dh, device=self.k.device, dtype=self.k.dtype)
+        if self._scratch is None or self._scratch.numel() < (1 + both) * L * B * H * m * Dh:  # at most twice: the cache's size, then both
+            self._scratch = torch.empty((1 + both) * L * B * H * C * Dh, device=self.k.device, dtype=self.k.dtype)
         if both:
             return self._scratch[: 2 * L * B * H * m * Dh].view(L, 2, B, H, m, Dh)
         return self._scratch[: L * B * H * m * Dh].view(L, B, H, m, Dh)
@@ -329,25 +328,30 @@ class KVCache:
         x.mul_(cos2)
         x.add_(swapped.mul_(sin2))
 
+    def _row_offsets(self) -> torch.Tensor:
+        """(L*2, B, H): the row of slot 0 of each (layer, key/value, sequence, head) in `kv.view(-1, Dh)`.
+        Keys and values move as whole rows of Dh through such flat row indices: one `index_select` or
+        `index_copy_` for the whole cache, where advanced indexing over the non-adjacent sequence and
+        slot dimensions is ~10x slower on CPU."""
+        if self._rows is None:
+            L, two, B, H, C, _ = self.kv.shape
+            self._rows = (torch.arange(L * two * B * H, device=self.kv.device) * C).view(L * two, B, H)
+        return self._rows
+
     def _slot_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """Flat row indices into `kv.view(-1, Dh)` of slots (m,) in every layer, key/value, sequence and
-        head, in that order ((L*2*B*H*m,): a (L, 2, B, H, m, Dh) block once gathered)."""
-        if self._all_rows is None:
-            self._all_rows = torch.arange(self.kv[..., 0, 0].numel(), device=slots.device)[:, None] * self.capacity
-        return (self._all_rows + slots).view(-1)
+        """Flat row indices of slots (m,) in every layer, key/value, sequence and head, in that order
+        ((L*2*B*H*m,): a (L, 2, B, H, m, Dh) block once gathered)."""
+        return (self._row_offsets().view(-1, 1) + slots).view(-1)
 
     def _move(self, rows: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy the token in slot `src` to slot `dst` of sequence `rows` (each (m,), dst and src disjoint):
-        its keys and values in every layer and head, and every per-slot buffer. Whole rows of Dh are
-        copied through flat row indices (two calls for the whole cache; advanced indexing over the
-        non-adjacent batch and slot dimensions is ~10x slower on CPU)."""
-        L, two, B, H, C, Dh = self.kv.shape
-        if self._row_base is None:  # (L*2, 1, H): row of (layer, k/v, batch 0, head, slot 0) in units of C
-            self._row_base = (torch.arange(L * two, device=rows.device)[:, None, None] * B * H + torch.arange(H, device=rows.device)) * C
-        base = self._row_base + (rows * H * C)[:, None]  # (L*2, m, H)
-        flat = self.kv.view(-1, Dh)
+        its keys and values in every layer and head (as flat rows, see `_row_offsets`), and every
+        per-slot buffer."""
+        base = self._row_offsets()[:, rows]  # (L*2, m, H)
+        flat = self.kv.view(-1, self.kv.shape[-1])
         flat.index_copy_(0, (base + dst[:, None]).view(-1), flat.index_select(0, (base + src[:, None]).view(-1)))
         extra = ((self.scores,) if self.scores is not None else ()) + (tuple(self.meta.values()) if self.meta is not None else ())
+        C = self.capacity
         d, s_ = rows * C + dst, rows * C + src
         for buf in (self.pos, self.src_step) + extra:
             fb = buf.view(-1)
@@ -428,7 +432,7 @@ class KVCache:
         if len(rest):
             lead = first_idx[a[rest]]  # the first member of each extra member's slot
             kv.index_add_(4, lead, kv.index_select(4, rest))
-        flat = self.kv.view(-1, self.kv.shape[-1])  # whole rows of Dh, gathered through flat row indices (see `_move`)
+        flat = self.kv.view(-1, self.kv.shape[-1])  # whole rows of Dh, gathered through flat row indices (see `_row_offsets`)
         den = self._denominator(tgt.expand(B, n), w, n_out)  # (1, B, 1, n_out, 1)
         out = self._work(n_out, both=True)
         torch.index_select(flat, 0, self._slot_rows(first_idx), out=out.view(-1, out.shape[-1]))
