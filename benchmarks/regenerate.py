@@ -738,12 +738,9 @@ def table_ctx1000_target(r: dict) -> str:
     return "\n".join(lines)
 
 
-def table_rl_compression_ctx1000_tune(r: dict) -> str:
-    return _rl_return_table(r["rl_compression_ctx1000_tune"]["numbers"]["rows"])
-
-
-def table_rl_compression_ctx1000_tune30(r: dict) -> str:
-    return _rl_return_table(r["rl_compression_ctx1000_tune30"]["numbers"]["rows"])
+def _return_table_of(name: str) -> Callable[[dict], str]:
+    """The return table of one benchmarks/rl_compression.py result."""
+    return lambda r: _rl_return_table(r[name]["numbers"]["rows"])
 
 
 def _by_ratio(rows: list[dict]) -> dict:
@@ -834,7 +831,7 @@ def table_rollout_speed_ctx1000(r: dict) -> str:
 
 
 def table_rollout_speed_all(r: dict) -> str:
-    return _speed_grid([x for x in r["rollout_speed"]["numbers"]["rows"] if x["engine"] != "(a) rerun"])
+    return _speed_grid(r["rollout_speed"]["numbers"]["rows"])
 
 
 def table_compaction_cost(r: dict) -> str:
@@ -895,8 +892,8 @@ TABLES = {
     "key_to_door": (("key_to_door_evaluation",), table_key_to_door),
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
     "rollout_speed_ctx1000": (("rollout_speed_ctx1000",), table_rollout_speed_ctx1000),
-    "rl_compression_ctx1000_tune": (("rl_compression_ctx1000_tune",), table_rl_compression_ctx1000_tune),
-    "rl_compression_ctx1000_tune30": (("rl_compression_ctx1000_tune30",), table_rl_compression_ctx1000_tune30),
+    "rl_compression_ctx1000_tune": (("rl_compression_ctx1000_tune",), _return_table_of("rl_compression_ctx1000_tune")),
+    "rl_compression_ctx1000_tune30": (("rl_compression_ctx1000_tune30",), _return_table_of("rl_compression_ctx1000_tune30")),
     "ctx1000_target": ((*CTX1000_TARGET_RUNS, *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"), table_ctx1000_target),
     "rollout_speed_all": (("rollout_speed",), table_rollout_speed_all),
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
