@@ -416,6 +416,17 @@ REGISTRY = {
             minutes=13,
         ),
         Result(
+            "rollout_bound_ctx1000",
+            "the bound on compression at 8 envs: the 1,000-transition model's cached step keeping 10 tokens against uncompressed, in pairs",
+            "benchmarks/inference_speed.py",
+            ("--checkpoint", CTX1000, "--contexts", "1000", "--envs", "8", "--no-rerun", "--strategies", "sink_window", "--ratios", "0.01",
+             "--rounds", "10", "--out", "runs/results/rollout_bound_ctx1000.json"),
+            (),
+            ("runs/results/rollout_bound_ctx1000.json",),
+            speed_numbers,
+            minutes=1,
+        ),
+        Result(
             "compaction_cost",
             "where a compaction's time goes: scores, plan and apply per compaction, 240 transitions, 8 and 256 envs",
             "benchmarks/compaction_cost.py",
@@ -846,6 +857,18 @@ def table_compaction_cost(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table_ctx1000_bound(r: dict) -> str:
+    """The best compressed step at 8 environments against the bound: the step keeping almost nothing."""
+    bound = next(x for x in r["rollout_bound_ctx1000"]["numbers"]["rows"] if x["engine"].startswith("(c)"))
+    best = max((x for x in r["rollout_speed_ctx1000"]["numbers"]["rows"] if x["envs"] == 8 and x["engine"].startswith("(c)")),
+               key=lambda x: x["speedup_vs_kv"])  # fmt: skip
+    return (f"*The bound at 8 environments: keeping 10 tokens (sink_window 0.01; `--only rollout_bound_ctx1000`, 10 rounds of pairs) the "
+            f"step is {bound['speedup_vs_kv']:.2f}x [{bound['speedup_vs_kv_min']:.2f}-{bound['speedup_vs_kv_max']:.2f}] faster than "
+            f"uncompressed ({bound['ms_per_step']:.2f} ms per step is the context-independent cost); the best configuration above, "
+            f"{best['engine'].removeprefix('(c) ')}, reaches {best['speedup_vs_kv']:.2f}x, "
+            f"{best['speedup_vs_kv'] / bound['speedup_vs_kv']:.0%} of it.*")  # fmt: skip
+
+
 def table_readme_limits(r: dict) -> str:
     """The README's line on where compression with the KV cache still costs more than it saves."""
     rows = [x for x in r["rollout_speed"]["numbers"]["rows"] if x["envs"] == 8]
@@ -898,6 +921,7 @@ TABLES = {
     "rollout_speed_all": (("rollout_speed",), table_rollout_speed_all),
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "readme_limits": (("rollout_speed", "compaction_cost"), table_readme_limits),
+    "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),
     "rl_compression_score_queries": (("rl_compression_score_queries",), table_rl_compression_score_queries),
