@@ -568,18 +568,6 @@ def table_rl_compression(r: dict) -> str:
     return "\n".join(lines)
 
 
-def table_rl_compression_ctx1000(r: dict) -> str:
-    return _rl_return_table(r["rl_compression_kv_ctx1000"]["numbers"]["rows"])
-
-
-def table_rl_compression_key_to_door(r: dict) -> str:
-    return _rl_return_table(r["rl_compression_key_to_door"]["numbers"]["rows"])
-
-
-def table_rl_compression_key_to_door_rerun(r: dict) -> str:
-    return _rl_return_table(r["rl_compression_key_to_door_rerun"]["numbers"]["rows"])
-
-
 
 def _rl_return_table(rows: list[dict], show: tuple = ()) -> str:
     """One row per configuration: context, speedup, return and loss against the shared baseline, and
@@ -837,14 +825,6 @@ def _speed_grid(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def table_rollout_speed_ctx1000(r: dict) -> str:
-    return _speed_grid(r["rollout_speed_ctx1000"]["numbers"]["rows"])
-
-
-def table_rollout_speed_all(r: dict) -> str:
-    return _speed_grid(r["rollout_speed"]["numbers"]["rows"])
-
-
 def table_compaction_cost(r: dict) -> str:
     lines = ["| envs | configuration | ms/step | mean context | per compaction: scores | plan | apply | share of the time |", "|---|---|---|---|---|---|---|---|"]
     for x in r["compaction_cost"]["numbers"]["rows"]:
@@ -914,20 +894,20 @@ TABLES = {
     "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
     "key_to_door": (("key_to_door_evaluation",), table_key_to_door),
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
-    "rollout_speed_ctx1000": (("rollout_speed_ctx1000",), table_rollout_speed_ctx1000),
+    "rollout_speed_ctx1000": (("rollout_speed_ctx1000",), lambda r: _speed_grid(r["rollout_speed_ctx1000"]["numbers"]["rows"])),
     "rl_compression_ctx1000_tune": (("rl_compression_ctx1000_tune",), _return_table_of("rl_compression_ctx1000_tune")),
     "rl_compression_ctx1000_tune30": (("rl_compression_ctx1000_tune30",), _return_table_of("rl_compression_ctx1000_tune30")),
     "ctx1000_target": ((*CTX1000_TARGET_RUNS, *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"), table_ctx1000_target),
-    "rollout_speed_all": (("rollout_speed",), table_rollout_speed_all),
+    "rollout_speed_all": (("rollout_speed",), lambda r: _speed_grid(r["rollout_speed"]["numbers"]["rows"])),
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "readme_limits": (("rollout_speed", "compaction_cost"), table_readme_limits),
     "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
-    "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), table_rl_compression_ctx1000),
+    "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), _return_table_of("rl_compression_kv_ctx1000")),
     "rl_compression_score_queries": (("rl_compression_score_queries",), table_rl_compression_score_queries),
     "rl_compression_target": (TARGET_RUNS, table_rl_compression_target),
-    "rl_compression_key_to_door": (("rl_compression_key_to_door",), table_rl_compression_key_to_door),
-    "rl_compression_key_to_door_rerun": (("rl_compression_key_to_door_rerun",), table_rl_compression_key_to_door_rerun),
+    "rl_compression_key_to_door": (("rl_compression_key_to_door",), _return_table_of("rl_compression_key_to_door")),
+    "rl_compression_key_to_door_rerun": (("rl_compression_key_to_door_rerun",), _return_table_of("rl_compression_key_to_door_rerun")),
 }
 
 MARKED = re.compile(r"(<!-- results:([a-z0-9_]+) -->\n)(.*?)(<!-- /results -->)", re.S)
