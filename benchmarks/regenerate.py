@@ -662,6 +662,11 @@ def _k2d_claim(r: dict) -> str:
             f"({len(r['rl_compression_key_to_door']['seeds'])} unseen seeds)")  # fmt: skip
 
 
+def _pairs_cell(x: dict) -> str:
+    """A compressed step's speedup over the uncompressed one with its per-pair range."""
+    return f"{x['speedup_vs_kv']:.2f}x [{x['speedup_vs_kv_min']:.2f}-{x['speedup_vs_kv_max']:.2f}]"
+
+
 def _within_2(row: dict) -> bool:
     """<= 2% loss with a standard error under 2/3% (the measurement rule for "within 2%")."""
     return row["performance_loss"] <= 0.02 and row["performance_loss_stderr"] < 0.02 / 3
@@ -732,8 +737,8 @@ def table_ctx1000_target(r: dict) -> str:
     for x, sd, tag in (row for runs in (CTX1000_TARGET_RUNS, CTX1000_TARGET30_RUNS) for row in _runs_then_pooled(r, runs)):
         fast = _ctx1000_fast(r, x)
         lines.append(f"| {tag}{x['strategy']}, {x['ratio']} | {sd[0]}-{sd[-1]} ({len(sd)}) | {x['mean_context_length']:.1f} of "
-                     f"{x['full_context_length']:.1f} | {_speedup_cell(x)} | {_loss_cell(x)} | {fast['speedup_vs_kv']:.2f}x "
-                     f"[{fast['speedup_vs_kv_min']:.2f}-{fast['speedup_vs_kv_max']:.2f}] | {'met' if fast['speedup_vs_kv'] >= 2 and _within_2(x) else 'not shown'} |")  # fmt: skip
+                     f"{x['full_context_length']:.1f} | {_speedup_cell(x)} | {_loss_cell(x)} | {_pairs_cell(fast)} "
+                     f"| {'met' if fast['speedup_vs_kv'] >= 2 and _within_2(x) else 'not shown'} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -808,7 +813,7 @@ def table_rollout_speed(r: dict) -> str:
     for envs, rows in _speed(r).items():
         a, b, c = rows["(a) rerun"], rows["(b) kv"], _best_compressed(rows)
         lines.append(f"| {a['context']} | {envs} | {a['ms_per_step']:.2f} ms/step | {b['ms_per_step']:.2f} ms | {b['speedup_vs_rerun']:.1f}x "
-                     f"| {c['engine'].removeprefix('(c) ')} | {c['speedup_vs_kv']:.2f}x [{c['speedup_vs_kv_min']:.2f}-{c['speedup_vs_kv_max']:.2f}] |")  # fmt: skip
+                     f"| {c['engine'].removeprefix('(c) ')} | {_pairs_cell(c)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -821,7 +826,7 @@ def _speed_grid(rows: list[dict]) -> str:
     for name in dict.fromkeys(x["engine"] for x in rows if x["engine"].startswith("(c)")):
         cells = [next(x for x in rows if x["envs"] == e and x["engine"] == name) for e in envs]
         lines.append(f"| {name.removeprefix('(c) ')} | " + " | ".join(
-            f"{c['speedup_vs_kv']:.2f}x [{c['speedup_vs_kv_min']:.2f}-{c['speedup_vs_kv_max']:.2f}]" for c in cells) + " |")
+            _pairs_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -843,7 +848,7 @@ def table_ctx1000_bound(r: dict) -> str:
     best = max((x for x in r["rollout_speed_ctx1000"]["numbers"]["rows"] if x["envs"] == 8 and x["engine"].startswith("(c)")),
                key=lambda x: x["speedup_vs_kv"])  # fmt: skip
     return (f"*The bound at 8 environments: keeping 10 tokens (sink_window 0.01; `--only rollout_bound_ctx1000`, 10 rounds of pairs) the "
-            f"step is {bound['speedup_vs_kv']:.2f}x [{bound['speedup_vs_kv_min']:.2f}-{bound['speedup_vs_kv_max']:.2f}] faster than "
+            f"step is {_pairs_cell(bound)} faster than "
             f"uncompressed ({bound['ms_per_step']:.2f} ms per step is the context-independent cost); the best configuration above, "
             f"{best['engine'].removeprefix('(c) ')}, reaches {best['speedup_vs_kv']:.2f}x, "
             f"{best['speedup_vs_kv'] / bound['speedup_vs_kv']:.0%} of it.*")  # fmt: skip
