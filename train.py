@@ -11,6 +11,12 @@ scheduler of one step in one file, for --resume). A run killed at any moment res
 `train_state.pt`; metric rows it logged past that step are dropped, so each step is logged once.
 One run at a time writes into OUT: a second one is refused with a one-line error.
 
+Fine-tuning: `--init MODEL.pt` starts from another model's weights with a fresh optimizer and
+schedule. Rotary positions carry no weights, so the context may differ (a longer-context model from
+the default one); the network and the environment's task split must be the same:
+
+    python train.py --config config/darkroom_ctx1000.yaml --init checkpoints/darkroom_ad/model.pt --lr 0.0003 --steps 1500
+
 Snapshots for studying how in-context learning emerges (`training_progression.py`): copies of the
 weights at chosen steps, `OUT/snapshots/step_XXXXXX.pt`, each in the format of `model.pt`:
 
@@ -69,6 +75,7 @@ TRAIN_CONFIG = {
     "val_batches": 4,  # batches of held-out windows per validation
     "save_every": 500,  # checkpoint every K steps (and at the end)
     "seed": 0,  # training seed (model init and window sampling)
+    "init": "",  # model.pt whose weights start the run (fine-tuning, e.g. to a longer context); "" = random init
     "device": "auto",  # auto | cpu | cuda
     "threads": 0,  # torch CPU threads per process (0 = torch's default)
     "resume": False,  # continue from OUT/train_state.pt
@@ -185,6 +192,27 @@ def read_train_state(out: Path) -> dict:
     return state
 
 
+# what may differ between a run and the model it starts from (--init): nothing else shapes the weights
+INIT_MAY_DIFFER = ("max_context", "dropout", "attn_dropout")
+
+
+def read_init(path: str, mcfg: ADConfig, spec) -> dict:
+    """The weights of `path` to start a run from, checked: the same network (rotary positions have no
+    weights, so the context may differ) and the same environment and held-out split (a model that saw
+    the held-out tasks would leak them)."""
+    ckpt = read_checkpoint(path)
+    saved = ckpt["config"]["model"]
+    diff = sorted(k for k, v in mcfg.to_dict().items() if k not in INIT_MAY_DIFFER and saved.get(k, v) != v)
+    if diff:
+        shown = ", ".join(f"{k} {saved[k]!r} (this run {getattr(mcfg, k)!r})" for k in diff)
+        raise UserError(f"--init {path} is another network: {shown}; only {', '.join(INIT_MAY_DIFFER)} may differ")
+    env = spec.to_dict()
+    diff = sorted(k for k in set(env) | set(ckpt["config"]["env"]) if ckpt["config"]["env"].get(k) != env.get(k))
+    if diff:
+        raise UserError(f"--init {path} was trained on another environment or task split ({', '.join(diff)} differ)")
+    return ckpt["model"]
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """Keep the rows of metrics.jsonl up to `step` (a killed run may have logged past its last
     checkpoint, and its last line may be cut short), so a resumed run logs every step once."""
@@ -221,6 +249,8 @@ def main(argv=None) -> Path:
     if cfg["resume"]:  # the saved run is read and checked before the histories are
         state = read_train_state(out)
         check_same_run(state, mcfg.to_dict(), spec.to_dict(), out / "train_state.pt")
+    elif cfg["init"]:
+        state = {"model": read_init(cfg["init"], mcfg, spec)}
     data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
     val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
     with lock_folder(out, "train.py run") if rank == 0 else nullcontext():
@@ -249,7 +279,11 @@ def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, mcfg: A
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
     step = 0
-    if state is not None:
+    if state is not None and "optimizer" not in state:  # --init: weights only, a fresh optimizer and schedule
+        model.load_state_dict(state["model"])
+        if rank == 0:
+            print(f"starting from the weights of {cfg['init']}")
+    elif state is not None:
         model.load_state_dict(state["model"])
         try:
             opt.load_state_dict(state["optimizer"])
@@ -290,9 +324,9 @@ def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, mcfg: A
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg["steps"], initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    if rank == 0 and state is not None:
+    if rank == 0 and step:
         _trim_metrics(out / "metrics.jsonl", step)
-    log = open(out / "metrics.jsonl", "a" if state is not None else "w") if rank == 0 else None
+    log = open(out / "metrics.jsonl", "a" if step else "w") if rank == 0 else None
     while step < cfg["steps"]:
         tok, tgt = data.sample(rng, cfg["batch_size"])
         tok = type(tok)(*[t.to(device, non_blocking=True) for t in tok])

@@ -273,6 +273,27 @@ def test_train_resumes_from_its_state(trained, collected, tmp_path):
     assert torch.load(out / "model.pt", weights_only=True)["step"] == 4
 
 
+def test_train_starts_from_another_models_weights(trained, collected, tmp_path, capsys):
+    """--init: the weights of a checkpoint at another context start the run (a learning rate of ~0 keeps
+    them); another network or another task split is refused before anything is written."""
+    base = ["--config", str(TINY), "--data", str(collected[0]), "--steps", "1", "--lr", "1e-9", "--context", "18", "--episode-strides", "1"]
+    path = train.main(base + ["--out", str(tmp_path / "init"), "--init", str(trained)])
+    start, _ = load_model(trained)
+    tuned, cfg = load_model(path)
+    assert cfg["model"]["max_context"] == 18 and cfg["train"]["init"] == str(trained)
+    for (name, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    fresh, _ = load_model(train.main(base + ["--out", str(tmp_path / "fresh")]))
+    assert not torch.allclose(start.head.weight, fresh.head.weight, atol=1e-3)
+    capsys.readouterr()
+    line = refused(capsys, train.main, base + ["--init", str(trained), "--d-model", "8"], tmp_path / "wide")
+    assert "another network: d_model 16 (this run 8)" in line
+    other = tmp_path / "other.yaml"
+    other.write_text(f"include: {TINY}\nenv:\n  split_seed: 1\n")
+    line = refused(capsys, train.main, ["--config", str(other), *base[2:], "--init", str(trained)], tmp_path / "split")
+    assert "another environment or task split (split_seed differ)" in line
+
+
 def test_train_rejects_a_context_the_histories_cannot_fill(collected, tmp_path):
     with pytest.raises(UserError, match="too short"):
         train.main(["--config", str(TINY), "--data", str(collected[0]), "--out", str(tmp_path / "c"), "--context", "25"])
