@@ -63,6 +63,7 @@ TRAIN_CONFIG = {
     "attn_dropout": -1.0,  # dropout on attention weights (-1 = same as dropout); 0 keeps the fused kernel, several times faster on a CPU
     "grid_embedding": True,  # embed states as row + column of the grid (False: one embedding per state)
     "episode_strides": [1, 2, 4],  # keep every k-th episode of a stream; one k drawn per window
+    "min_context": 0,  # > 0: window lengths drawn from [min_context, context], short ones padded and masked (0 = all full)
     "augment": "none",  # none | dihedral (each window under a random grid symmetry that maps to a training task)
     "loss_mask": "none",  # none | sibling_taught: no loss on steps before any reward in the window while the stream's PPO learner had already found the goal through its other streams (in more than model.data.SIBLING_SHARE of them)
     "steps": 3000,  # optimizer steps
@@ -116,7 +117,7 @@ def _snapshot_steps(cfg: dict) -> list[int]:
 
 BOUNDS = {
     "size": (2, 1000), "context": (1, 100_000), "n_layer": (1, 64), "n_head": (1, 64), "d_model": (2, 16_384),
-    "dropout": (0.0, 0.99), "attn_dropout": (-1.0, 0.99), "episode_strides": (1, 1000), "augment": {"none", "dihedral"},
+    "dropout": (0.0, 0.99), "attn_dropout": (-1.0, 0.99), "episode_strides": (1, 1000), "min_context": (0, 100_000), "augment": {"none", "dihedral"},
     "loss_mask": {"none", "sibling_taught"}, "steps": (1, 10**8), "batch_size": (1, 65_536), "lr": (1e-9, 10.0),
     "weight_decay": (0.0, 100.0), "warmup_steps": (0, 10**8), "grad_clip": (1e-6, 1e6), "eval_every": (1, None),
     "val_batches": (1, 10_000), "save_every": (1, None), "device": {"auto", "cpu", "cuda"},
@@ -251,8 +252,10 @@ def main(argv=None) -> Path:
         check_same_run(state, mcfg.to_dict(), spec.to_dict(), out / "train_state.pt")
     elif cfg["init"]:
         state = {"model": read_init(cfg["init"], mcfg, spec)}
-    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"])
-    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False)
+    data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"],
+                                min_context=cfg["min_context"] or None)  # fmt: skip
+    val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False,
+                               min_context=cfg["min_context"] or None)  # the windows training sees, of the held-out tasks
     with lock_folder(out, "train.py run") if rank == 0 else nullcontext():
         if rank == 0:
             remove_stale_temps(out, TRAIN_FILES)

@@ -7,6 +7,12 @@ A window is `context` consecutive steps of one learning stream, after keeping ev
 episode of that stream: a stride above 1 packs more of the source learner's improvement into one
 context (AD, arXiv 2210.14215, subsamples its histories for the same reason).
 
+With `min_context` below `context`, each window's length is drawn uniformly from [min_context,
+context] and the rest of its row is padded with the loss masked: a causal model's positions never
+see what comes after them, so a short window trains exactly as it would alone. Each window draws its
+stride among those that fit its length. A long-context model then also sees short histories from
+any point of a stream (at 1,000 transitions a 50-episode stream holds a single full window).
+
 With `augment="dihedral"` each window is also drawn under one of the 8 symmetries of the square
 grid about its centre (where every episode starts): states, actions and the task's cells are mapped
 together, and only images that are not held-out tasks are used, so a held-out task never becomes a
@@ -164,9 +170,11 @@ def _map_task(task: dict, cell_map) -> dict:
 class HistoryData:
     """All streams of the given tasks: states/actions/rewards `(S, N)` with `N` a multiple of horizon."""
 
-    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,), symmetries=None, taught=None):
+    def __init__(self, states, actions, rewards, horizon: int, n_actions: int, context: int, strides=(1,), symmetries=None, taught=None,
+                 min_context: int | None = None):  # fmt: skip
         """symmetries: None, or (state maps (K, n_states), action maps (K, n_actions + 1), allowed (S, K) bool).
-        taught: None, or (S, episodes) bool: the stream's learner had already found the goal (loss_mask)."""
+        taught: None, or (S, episodes) bool: the stream's learner had already found the goal (loss_mask).
+        min_context: None (every window `context` long) or the shortest window length (see the module docstring)."""
         self.states, self.actions, self.rewards = states, actions, rewards
         self.symmetries, self.taught = symmetries, taught
         self.horizon, self.n_actions, self.context = horizon, n_actions, context
@@ -175,11 +183,16 @@ class HistoryData:
         self.n_episodes = n_steps // horizon
         if (self.strides < 1).any():
             raise UserError(f"episode strides must be >= 1, got {self.strides.tolist()}")
-        need = -(-context // horizon)  # episodes one window spans
-        shortest = (self.n_episodes - self.strides) // self.strides + 1  # kept episodes at the worst offset
-        if (shortest < need).any():
+        if min_context is not None and not 1 <= min_context <= context:
+            raise UserError(f"min_context must be in [1, {context}] (the context), got {min_context}")
+        self.min_context = min_context if min_context is not None and min_context < context else None
+        # steps each stride keeps at its worst offset: the longest window it can serve
+        self._stride_steps = ((self.n_episodes - self.strides) // self.strides + 1) * horizon
+        shortest = self.min_context or context
+        if (self._stride_steps < shortest).any() or self._stride_steps.max() < context:
+            need = f"windows of {self.min_context} to {context} transitions" if self.min_context else f"context {context}"
             raise UserError(
-                f"histories of {self.n_episodes} episodes are too short for context {context} at episode strides "
+                f"histories of {self.n_episodes} episodes are too short for {need} at episode strides "
                 f"{self.strides.tolist()}: collect more timesteps or lower the context/strides"
             )
 
@@ -194,6 +207,7 @@ class HistoryData:
         augment: str = "none",
         loss_mask: str = "none",
         goal_free: bool = True,
+        min_context: int | None = None,
     ) -> HistoryData:
         """Histories of `tasks` from one folder written by collect.py, or from several (a list); with
         `goal_free`, also every history of the goal-free folders among them (skipped otherwise)."""
@@ -242,19 +256,25 @@ class HistoryData:
             allowed = np.repeat(np.array(per_file), [len(r) for r in rewards], axis=0)  # (streams, 8)
             symmetries = (sym_states, sym_actions, allowed)
         taught = np.concatenate([r[:, : n // spec.horizon] for r in rates]) > SIBLING_SHARE if rates else None
-        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries, taught)
+        return cls(cat(states), cat(actions), cat(rewards), spec.horizon, spec.n_actions, context, strides, symmetries, taught, min_context)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Tokens, torch.Tensor]:
         """Random windows -> (Tokens with (B, T) fields, target actions (B, T); -100 where the loss is masked)."""
         B, T, H = batch_size, self.context, self.horizon
         stream = rng.integers(self.n_streams, size=B)
-        stride = self.strides[rng.integers(len(self.strides), size=B)]
+        if self.min_context is None:
+            length = np.full(B, T)
+            stride = self.strides[rng.integers(len(self.strides), size=B)]
+        else:  # a length per window, then a stride among those that fit it
+            length = rng.integers(self.min_context, T + 1, size=B)
+            fits = self._stride_steps[None] >= length[:, None]  # (B, strides)
+            stride = self.strides[np.where(fits, rng.random(fits.shape), -1.0).argmax(1)]
         offset = rng.integers(0, stride)  # first kept episode
         n_sub = (self.n_episodes - offset - 1) // stride + 1  # kept episodes
-        start = rng.integers(0, n_sub * H - T + 1)  # window start, in kept steps
+        start = rng.integers(0, n_sub * H - length + 1)  # window start, in kept steps
         j = start[:, None] + np.arange(-1, T)[None]  # (B, T+1), one step of look-back
         src = (offset[:, None] + (j // H) * stride[:, None]) * H + j % H  # step in the stream
-        src = np.maximum(src, 0)
+        src = np.clip(src, 0, self.states.shape[1] - 1)  # the padding of a short window reads any valid step
         states = self.states[stream[:, None], src[:, 1:]]
         acts = self.actions[stream[:, None], src].astype(np.int64)
         rews = self.rewards[stream[:, None], src]
@@ -269,6 +289,8 @@ class HistoryData:
         if self.taught is not None:  # no reward visible yet, but the learner already knew the goal
             unseen = np.maximum.accumulate(prev_r, axis=1) <= 0
             target = np.where(unseen & self.taught[stream[:, None], src[:, 1:] // H], -100, target)
+        if self.min_context is not None:
+            target = np.where(np.arange(T)[None] < length[:, None], target, -100)  # no loss on the padding
         tok = Tokens(
             torch.from_numpy(states.astype(np.int64)),
             torch.from_numpy(prev_a),

@@ -29,7 +29,7 @@ from adlens.config import load_yaml, section
 from adlens.errors import UserError
 from env import MOVES, get_spec
 from env.tasks import ENV_KEYS
-from model.ad import ADTransformer
+from model.ad import ADConfig, ADTransformer
 from model.checkpoint import load_model, read_checkpoint
 from model.data import HistoryData
 from conftest import refused
@@ -315,6 +315,50 @@ def test_a_damaged_history_is_a_user_error(collected, spec, tmp_path):
     f.write_bytes(f.read_bytes()[:500])
     with pytest.raises(UserError, match="corrupt"):
         HistoryData.from_dir(out, spec, spec.tasks(), 12)
+
+
+def test_windows_of_drawn_lengths_are_stream_prefixes_padded_and_masked(collected, spec):
+    """min_context: each window's length is drawn from [min_context, context]; its steps are consecutive
+    steps of a stream (a stride drawn among those that fit), the padding carries no loss, and a causal
+    model's logits on the window are those of the window alone. Without it, windows are as before."""
+    train_tasks = spec.split()[0]
+    full = HistoryData.from_dir(collected[0], spec, train_tasks, 24, (1,))  # 4 episodes of 6: one window per stream
+    mixed = HistoryData.from_dir(collected[0], spec, train_tasks, 24, (1, 2, 4), min_context=6)
+    same = HistoryData.from_dir(collected[0], spec, train_tasks, 24, (1,), min_context=24)
+    a, b = full.sample(np.random.default_rng(3), 16), same.sample(np.random.default_rng(3), 16)
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and torch.equal(a[1], b[1])
+    tok, target = mixed.sample(np.random.default_rng(0), 256)
+    length = (target >= 0).sum(1)
+    assert length.min() >= 6 and length.max() == 24 and len(set(length.tolist())) > 10
+    assert all((target[i, : length[i]] >= 0).all() for i in range(256))  # a prefix, the padding masked
+    H = spec.horizon
+    for i in range(256):
+        n, t = int(length[i]), tok.timesteps[i].numpy()
+        assert (np.diff(t[:n]) % H == 1).all()  # consecutive steps of kept episodes
+        assert torch.equal(tok.prev_actions[i, 1:n], target[i, : n - 1])  # each token carries the action before it
+    rc = lambda s: np.stack(np.divmod(s, spec.size), -1)  # noqa: E731
+    inner = (tok.timesteps[:, 1:] > 0).numpy() & (np.arange(23) < length[:, None].numpy() - 1)
+    moved = np.clip(rc(tok.states[:, :-1].numpy()) + MOVES[target[:, :-1].clamp(min=0).numpy()], 0, spec.size - 1)
+    assert (moved == rc(tok.states[:, 1:].numpy()))[inner].all()  # the actions move between the states
+    model = ADTransformer(ADConfig(n_states=spec.n_states, n_actions=spec.n_actions, horizon=H, max_context=24, dropout=0.0)).eval()
+    with torch.no_grad():
+        logits = model(tok)
+        i = int(length.argmin())
+        alone = model(type(tok)(*(f[i : i + 1, : length[i]] for f in tok)))
+    assert torch.allclose(logits[i : i + 1, : length[i]], alone, atol=1e-5)
+    with pytest.raises(UserError, match="min_context must be in"):
+        HistoryData.from_dir(collected[0], spec, train_tasks, 24, (1,), min_context=25)
+    with pytest.raises(UserError, match="windows of 12 to 24 transitions"):
+        HistoryData.from_dir(collected[0], spec, train_tasks, 24, (1, 4), min_context=12)
+
+
+def test_train_draws_window_lengths_with_min_context(collected, tmp_path):
+    """Strides that only fit short windows are allowed with min_context, refused without it."""
+    argv = ["--config", str(TINY), "--data", str(collected[0]), "--steps", "2", "--context", "24", "--episode-strides", "1", "2", "4"]
+    with pytest.raises(UserError, match="too short for context 24"):
+        train.main(argv + ["--out", str(tmp_path / "full")])
+    _, cfg = load_model(train.main(argv + ["--min-context", "6", "--out", str(tmp_path / "mixed")]))
+    assert cfg["train"]["min_context"] == 6 and cfg["model"]["max_context"] == 24
 
 
 def test_dihedral_windows_are_histories_of_training_tasks_only(collected, spec):
