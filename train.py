@@ -106,7 +106,7 @@ def _validate(model, val_batches, device) -> tuple[float, float]:
     for tok, tgt in val_batches:
         logits = model(type(tok)(*[t.to(device) for t in tok]))
         losses.append(F.cross_entropy(logits.flatten(0, 1), tgt.to(device).flatten()).item())
-        accs.append((logits.argmax(-1).cpu() == tgt).float().mean().item())
+        accs.append((logits.argmax(-1).cpu() == tgt)[tgt >= 0].float().mean().item())  # masked targets are -100
     model.train()
     return float(np.mean(losses)), float(np.mean(accs))
 
