@@ -46,7 +46,7 @@ from adlens.io import atomic_path, lock_folder, remove_stale_temps, write_json_a
 from env import env_section
 from env import get_spec
 from model.ad import ADConfig, ADTransformer
-from model.checkpoint import check_same_run, read_checkpoint, resolve_device, save_atomic
+from model.checkpoint import check_same_run, config_diff, read_checkpoint, resolve_device, save_atomic
 from model.data import HistoryData
 from model.snapshots import SNAPSHOT_DIR, snapshot_name, snapshot_schedule
 
@@ -202,15 +202,12 @@ def read_init(path: str, mcfg: ADConfig, spec) -> dict:
     weights, so the context may differ) and the same environment and held-out split (a model that saw
     the held-out tasks would leak them)."""
     ckpt = read_checkpoint(path)
-    saved = ckpt["config"]["model"]
-    diff = sorted(k for k, v in mcfg.to_dict().items() if k not in INIT_MAY_DIFFER and saved.get(k, v) != v)
+    diff = config_diff(ckpt["config"]["model"], mcfg.to_dict(), ignore=INIT_MAY_DIFFER)
     if diff:
-        shown = ", ".join(f"{k} {saved[k]!r} (this run {getattr(mcfg, k)!r})" for k in diff)
-        raise UserError(f"--init {path} is another network: {shown}; only {', '.join(INIT_MAY_DIFFER)} may differ")
-    env = spec.to_dict()
-    diff = sorted(k for k in set(env) | set(ckpt["config"]["env"]) if ckpt["config"]["env"].get(k) != env.get(k))
+        raise UserError(f"--init {path} is another network: {', '.join(diff)}; only {', '.join(INIT_MAY_DIFFER)} may differ")
+    diff = config_diff(ckpt["config"]["env"], spec.to_dict())
     if diff:
-        raise UserError(f"--init {path} was trained on another environment or task split ({', '.join(diff)} differ)")
+        raise UserError(f"--init {path} was trained on another environment or task split: {', '.join(diff)}")
     return ckpt["model"]
 
 
@@ -250,8 +247,7 @@ def main(argv=None) -> Path:
     if cfg["resume"]:  # the saved run is read and checked before the histories are
         state = read_train_state(out)
         check_same_run(state, mcfg.to_dict(), spec.to_dict(), out / "train_state.pt")
-    elif cfg["init"]:
-        state = {"model": read_init(cfg["init"], mcfg, spec)}
+    init = read_init(cfg["init"], mcfg, spec) if cfg["init"] and state is None else None
     data = HistoryData.from_dir(cfg["data"], spec, train_tasks, cfg["context"], cfg["episode_strides"], cfg["augment"], cfg["loss_mask"],
                                 min_context=cfg["min_context"] or None)  # fmt: skip
     val = HistoryData.from_dir(cfg["data"], spec, held_tasks, cfg["context"], cfg["episode_strides"], goal_free=False,
@@ -260,11 +256,12 @@ def main(argv=None) -> Path:
         if rank == 0:
             remove_stale_temps(out, TRAIN_FILES)
             remove_stale_temps(out / SNAPSHOT_DIR, ["step_*.pt"])
-        return _train(cfg, world, rank, device, spec, mcfg, data, val, state)
+        return _train(cfg, world, rank, device, spec, mcfg, data, val, state, init)
 
 
 def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, mcfg: ADConfig, data: HistoryData, val: HistoryData,
-           state: dict | None) -> Path:
+           state: dict | None, init: dict | None = None) -> Path:
+    """state: a saved run to resume (weights, optimizer, scheduler, step); init: weights to start from."""
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -282,11 +279,11 @@ def _train(cfg: dict, world: int, rank: int, device: torch.device, spec, mcfg: A
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"], cfg["steps"]))
     step = 0
-    if state is not None and "optimizer" not in state:  # --init: weights only, a fresh optimizer and schedule
-        model.load_state_dict(state["model"])
+    if init is not None:  # weights only: a fresh optimizer and schedule
+        model.load_state_dict(init)
         if rank == 0:
             print(f"starting from the weights of {cfg['init']}")
-    elif state is not None:
+    if state is not None:
         model.load_state_dict(state["model"])
         try:
             opt.load_state_dict(state["optimizer"])

@@ -137,13 +137,18 @@ def _check_env(env: dict, mcfg: ADConfig, path: Path) -> None:
             raise UserError(f"checkpoint {path}: env {key} {env_value} does not fit the model's {model_value}")
 
 
+def config_diff(saved: dict, now: dict, ignore: tuple = ()) -> list[str]:
+    """'key saved (now value)' for every key outside `ignore` whose value differs between two configs."""
+    keys = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    return [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in keys]
+
+
 def check_same_run(ckpt: dict, model: dict, env: dict, path: str | Path) -> None:
     """A saved run (`--resume`) must be of the model and environment the command builds."""
     for what, saved, now in (("model", ckpt["config"]["model"], model), ("environment", ckpt["config"]["env"], env)):
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        diff = config_diff(saved, now)
         if diff:
-            shown = ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in diff)
-            raise UserError(f"{path} was saved with another {what} config: {shown}; resume with the same config or use a new --out")
+            raise UserError(f"{path} was saved with another {what} config: {', '.join(diff)}; resume with the same config or use a new --out")
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[ADTransformer, dict]:

@@ -287,11 +287,11 @@ def test_train_starts_from_another_models_weights(trained, collected, tmp_path, 
     assert not torch.allclose(start.head.weight, fresh.head.weight, atol=1e-3)
     capsys.readouterr()
     line = refused(capsys, train.main, base + ["--init", str(trained), "--d-model", "8"], tmp_path / "wide")
-    assert "another network: d_model 16 (this run 8)" in line
+    assert "another network: d_model 16 (now 8)" in line
     other = tmp_path / "other.yaml"
     other.write_text(f"include: {TINY}\nenv:\n  split_seed: 1\n")
     line = refused(capsys, train.main, ["--config", str(other), *base[2:], "--init", str(trained)], tmp_path / "split")
-    assert "another environment or task split (split_seed differ)" in line
+    assert "another environment or task split: split_seed 0 (now 1)" in line
 
 
 def test_train_rejects_a_context_the_histories_cannot_fill(collected, tmp_path):
