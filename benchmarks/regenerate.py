@@ -830,6 +830,11 @@ def _speed_grid(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _speed_grid_of(name: str) -> Callable[[dict], str]:
+    """The speed grid of one benchmarks/inference_speed.py result."""
+    return lambda r: _speed_grid(r[name]["numbers"]["rows"])
+
+
 def table_compaction_cost(r: dict) -> str:
     lines = ["| envs | configuration | ms/step | mean context | per compaction: scores | plan | apply | share of the time |", "|---|---|---|---|---|---|---|---|"]
     for x in r["compaction_cost"]["numbers"]["rows"]:
@@ -899,11 +904,11 @@ TABLES = {
     "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
     "key_to_door": (("key_to_door_evaluation",), table_key_to_door),
     "rollout_speed": (("rollout_speed",), table_rollout_speed),
-    "rollout_speed_ctx1000": (("rollout_speed_ctx1000",), lambda r: _speed_grid(r["rollout_speed_ctx1000"]["numbers"]["rows"])),
+    "rollout_speed_ctx1000": (("rollout_speed_ctx1000",), _speed_grid_of("rollout_speed_ctx1000")),
     "rl_compression_ctx1000_tune": (("rl_compression_ctx1000_tune",), _return_table_of("rl_compression_ctx1000_tune")),
     "rl_compression_ctx1000_tune30": (("rl_compression_ctx1000_tune30",), _return_table_of("rl_compression_ctx1000_tune30")),
     "ctx1000_target": ((*CTX1000_TARGET_RUNS, *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"), table_ctx1000_target),
-    "rollout_speed_all": (("rollout_speed",), lambda r: _speed_grid(r["rollout_speed"]["numbers"]["rows"])),
+    "rollout_speed_all": (("rollout_speed",), _speed_grid_of("rollout_speed")),
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "readme_limits": (("rollout_speed", "compaction_cost"), table_readme_limits),
     "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),
