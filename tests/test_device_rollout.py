@@ -1,0 +1,113 @@
+"""The tensor environments and the on-device rollout compute what the host loop computes."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_ENV, tiny_model
+from env import get_spec
+from env.batched import BatchedGridEnv
+from env.torch_grid import TorchGridEnv
+
+
+@pytest.mark.parametrize("name", ["darkroom", "darkroom_permuted", "key_to_door"])
+def test_tensor_env_steps_like_the_batched_env(name):
+    spec = get_spec({"name": name})
+    tasks = spec.tasks()[:: max(1, len(spec.tasks()) // 9)][:9]
+    host, dev = BatchedGridEnv(spec, tasks), TorchGridEnv(spec, tasks)
+    np.testing.assert_array_equal(spec.state_index(host.reset()), dev.reset_().numpy())
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for _ in range(spec.horizon * 3):
+        # biased towards one corner, so that goals, keys and doors are actually reached
+        actions = rng.choice(5, len(tasks), p=[0.35, 0.1, 0.35, 0.1, 0.1])
+        obs, rewards, _, _ = host.step(actions)
+        got = dev.step_(torch.as_tensor(actions))
+        np.testing.assert_array_equal(got.numpy(), rewards)
+        np.testing.assert_array_equal(dev.state().numpy(), spec.state_index(obs))  # reset at the horizon included
+        total += rewards.sum()
+    assert total > 0
+
+
+def _tokens(ro):
+    from model.ad import Tokens
+
+    B = ro.B
+    return Tokens(ro.env.state().view(B, 1).clone(), ro.prev_a.clone(), ro.prev_r.clone(), (ro.t % ro.H).expand(B, 1).clone())
+
+
+@pytest.mark.parametrize("grid", [0, 3])
+def test_device_step_equals_the_cached_step_before_and_after_the_window_slides(grid):
+    from model.device_rollout import DeviceRollout
+
+    spec = get_spec(TINY_ENV)
+    model = tiny_model(max_context=12, grid_size=grid)
+    ro = DeviceRollout(model, TorchGridEnv(spec, spec.tasks()), n_episodes=6, seed=1)
+    cache = model.new_cache(ro.B)
+    with torch.inference_mode():
+        for _ in range(ro.n_steps):  # 30 steps through a 12-slot window
+            want = model.step(_tokens(ro), cache)
+            torch.testing.assert_close(ro.step_(), want, atol=1e-5, rtol=0)
+    assert cache.full and cache.n_added == 30
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_device_rollout_returns_equal_run_episodes(greedy):
+    from model.device_rollout import run_on_device
+    from model.rollout import run_episodes
+
+    spec = get_spec(TINY_ENV)
+    model, tasks = tiny_model(max_context=12), spec.tasks() * 3
+    want = run_episodes(model, BatchedGridEnv(spec, tasks), spec, 6, engine="kv", greedy=greedy, seed=5)
+    got = run_on_device(model, TorchGridEnv(spec, tasks), 6, greedy=greedy, seed=5)
+    np.testing.assert_array_equal(got["returns"], want["returns"])
+    assert got["mean_context_length"] == pytest.approx(want["mean_context_length"])
+    assert got["returns"].sum() > 0
+
+
+def test_device_rollout_refusals():
+    from adlens.errors import ConfigError
+    from model.device_rollout import run_on_device
+
+    spec = get_spec(TINY_ENV)
+    env = TorchGridEnv(spec, spec.tasks())
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        run_on_device(tiny_model(), env, 2, graph=True)
+    with pytest.raises(ConfigError, match="episodes must be >= 1"):
+        run_on_device(tiny_model(), env, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replays_the_eager_rollout():
+    from model.device_rollout import run_on_device
+
+    spec = get_spec(TINY_ENV)
+    model, tasks = tiny_model(max_context=12).cuda(), spec.tasks() * 4
+
+    def run(graph, seed=2, greedy=False):
+        return run_on_device(model, TorchGridEnv(spec, tasks, "cuda"), 6, greedy=greedy, seed=seed, graph=graph)["returns"]
+
+    # greedy is deterministic: the replayed graph computes exactly the eager steps
+    np.testing.assert_array_equal(run(True, greedy=True), run(False, greedy=True))
+    # sampling draws from the rollout's own seeded generator inside the graph
+    np.testing.assert_array_equal(run(True, seed=2), run(True, seed=2))
+    assert not np.array_equal(run(True, seed=2), run(True, seed=3))
+
+
+def test_device_rollout_benchmark_compares_the_loops_side_by_side(tmp_path, tiny_checkpoint):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.device_rollout import main as bench_main
+
+    out = tmp_path / "d.json"
+    res = bench_main(["--checkpoint", str(tiny_checkpoint), "--envs", "3", "--episodes", "5", "--rounds", "2", "--out", str(out)])
+    assert [(r["envs"], r["way"]) for r in res["rows"]] == [(3, "host"), (3, "device")]  # no graph on a CPU
+    for r in res["rows"]:
+        assert r["same_returns_as_host"] and r["vs_host_min"] <= r["vs_host"] <= r["vs_host_max"] and r["env_steps_per_s"] > 0
+    assert json.loads(out.read_text())["schema"] == "ad-benchmark-device-rollout"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_rollout.py"
+    r = subprocess.run([sys.executable, str(script), "--ways", "device"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--ways must include host" in r.stderr and "Traceback" not in r.stderr
