@@ -188,7 +188,11 @@ class KVCache:
         if m == 0:
             return
         L, B, H, _, Dh = self.k.shape
-        unseen = (self.src_step[:, None, :n] > self._q_step[:m, None])[:, None]  # (B, 1, m, n)
+        # additive mask (B, 1, m, n): -inf where a key is newer than the query (an in-place add with
+        # broadcasting is ~20x cheaper on CPU than `masked_fill_` with a broadcast boolean mask; same values)
+        unseen = torch.zeros(B, 1, m, n, device=self.k.device, dtype=self.k.dtype).masked_fill_(
+            (self.src_step[:, None, :n] > self._q_step[:m, None])[:, None], float("-inf")
+        )
         if self._score_buf is None:
             most = B * H * len(self._q_step) * self.capacity  # one layer's scores at the most queries and slots
             self._score_group = max(1, min(L, 2**21 // most))
@@ -198,7 +202,7 @@ class KVCache:
             attn = self._score_buf[: len(layers) * B * H * m * n].view(len(layers), B, H, m, n)
             for i, layer in enumerate(layers):
                 torch.matmul(self._q[layer, :, :, :m], self.k[layer, :, :, :n].transpose(-2, -1), out=attn[i])  # (B, H, m, n)
-            attn.mul_(1.0 / math.sqrt(Dh)).masked_fill_(unseen, float("-inf"))
+            attn.mul_(1.0 / math.sqrt(Dh)).add_(unseen)
             attn.sub_(attn.amax(-1, keepdim=True)).exp_()
             attn.div_(attn.sum(-1, keepdim=True))  # softmax over the keys each query saw
             self.scores[:, :n] += attn.view(len(layers), B, H * m, n).sum(2).sum(0) / (H * L)
