@@ -36,8 +36,10 @@ from adlens.errors import UserError  # noqa: E402
 from adlens.io import stamp, write_json_atomic  # noqa: E402
 from adlens.ray_pool import BACKENDS, backend_session, check_address, check_workers, fan_out  # noqa: E402
 from env import VEC_ENVS, get_spec, make_vec_env  # noqa: E402
+from env.torch_grid import TorchGridEnv  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.data import SIBLING_SHARE, HistoryData, episode_returns, learner_rate_before, streams_per_learner  # noqa: E402
+from model.device_rollout import run_on_device  # noqa: E402
 from model.rollout import ENGINES, run_episodes  # noqa: E402
 
 EVAL_CONFIG = {
@@ -47,7 +49,8 @@ EVAL_CONFIG = {
     "seed": 0,  # first sampling seed
     "num_seeds": 1,  # seeds seed, seed+1, ...; results are means over seeds
     "greedy": False,  # argmax actions instead of sampling
-    "vec_env": "batched",  # batched (all envs in one numpy call) | dummy | subproc (stable-baselines3 VecEnvs); same trajectories
+    "vec_env": "batched",  # batched (all envs in one numpy call) | dummy | subproc (stable-baselines3 VecEnvs) | device (tensors on the model's device: no host round trip per step; kv engine); same trajectories
+    "cuda_graph": False,  # with --vec-env device on CUDA: replay each episode's steps from one captured CUDA graph
     "engine": "kv",  # kv | rerun
     "device": "auto",  # auto | cpu | cuda
     "source_data": "none",  # folder of collect.py histories: also report the source PPO's own curve on these tasks
@@ -58,10 +61,20 @@ EVAL_CONFIG = {
 }
 
 
-def rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, threads=0) -> list[dict]:
-    """run_episodes for each seed, every task in one VecEnv; `threads` > 0 pins torch's threads (in a worker)."""
+def rollouts(
+    model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, threads=0, cuda_graph=False
+) -> list[dict]:
+    """run_episodes for each seed, every task in one VecEnv; `threads` > 0 pins torch's threads (in a worker).
+    vec_env "device": the whole rollout on the model's device (`run_on_device`), as a CUDA graph with `cuda_graph`."""
     if threads:
         torch.set_num_threads(threads)
+    if vec_env == "device":
+        if engine != "kv" or compression is not None:
+            raise UserError(
+                "--vec-env device runs the uncompressed kv engine only; use --vec-env batched for the rerun engine or compression"
+            )
+        env = TorchGridEnv(spec, tasks, next(model.parameters()).device)
+        return [run_on_device(model, env, episodes, greedy=greedy, seed=s, graph=cuda_graph, progress=progress) for s in seeds]
     venv = make_vec_env(spec, tasks, vec_env)
     try:
         return [
@@ -86,6 +99,7 @@ def evaluate(
     backend="local",
     workers=1,
     ray_address="local",
+    cuda_graph=False,
 ) -> dict:
     """Run every task in one VecEnv for each seed; returns the eval_results dict.
 
@@ -94,11 +108,11 @@ def evaluate(
     """
     who = None
     if backend == "local" and workers == 1:
-        runs = rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress)
+        runs = rollouts(model, spec, tasks, episodes, seeds, greedy, vec_env, engine, compression, progress, cuda_graph=cuda_graph)
     else:
         if backend == "ray" and next(model.parameters()).is_cuda:
             model = copy.deepcopy(model).cpu()  # a Ray worker may have no GPU
-        jobs = [(model, spec, tasks, episodes, [s], greedy, vec_env, engine, compression, False, 1) for s in seeds]
+        jobs = [(model, spec, tasks, episodes, [s], greedy, vec_env, engine, compression, False, 1, cuda_graph) for s in seeds]
         runs, who = [None] * len(seeds), [None] * len(seeds)
         with closing(fan_out(rollouts, jobs, backend, workers, ray_address, desc="evaluate", progress=progress)) as done_iter:
             for done in done_iter:
@@ -221,7 +235,7 @@ def print_table(results: dict) -> None:
                   f"door part episode 1 {door[0]:.3f}, last 10 {door[-10:].mean():.3f} (each of at most 1)")  # fmt: skip
 
 
-BOUNDS = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": set(VEC_ENVS),
+BOUNDS = {"engine": set(ENGINES), "tasks": {"test", "train"}, "backend": set(BACKENDS), "vec_env": {*VEC_ENVS, "device"},
           "device": {"auto", "cpu", "cuda"}}  # fmt: skip
 
 
@@ -234,6 +248,10 @@ def main(argv=None) -> dict:
     if cfg["backend"] == "ray":
         check_address(cfg["ray_address"])
     device = resolve_device(cfg["device"])
+    if cfg["vec_env"] == "device" and cfg["engine"] != "kv":
+        raise UserError("--vec-env device runs the kv engine only; use --vec-env batched with --engine rerun")
+    if cfg["cuda_graph"] and (cfg["vec_env"] != "device" or device.type != "cuda" or cfg["backend"] == "ray"):
+        raise UserError("--cuda-graph needs --vec-env device on a CUDA device (--device cuda), with the local backend")
     model, meta = load_model(cfg["checkpoint"], device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for(cfg["tasks"])
@@ -243,7 +261,7 @@ def main(argv=None) -> dict:
     source = source_stats(cfg["source_data"], spec, tasks) if none_or(cfg["source_data"], str) else None  # read before any rollout
     with torch.no_grad(), backend_session(cfg["backend"], cfg["ray_address"], cfg["workers"], rollouts):
         results = evaluate(model, spec, tasks, cfg["episodes"], seeds, cfg["greedy"], cfg["vec_env"], cfg["engine"],
-                           backend=cfg["backend"], workers=cfg["workers"], ray_address=cfg["ray_address"])  # fmt: skip
+                           backend=cfg["backend"], workers=cfg["workers"], ray_address=cfg["ray_address"], cuda_graph=cfg["cuda_graph"])  # fmt: skip
     results["checkpoint"] = str(cfg["checkpoint"])
     if source is not None:
         src, late = source

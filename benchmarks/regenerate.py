@@ -437,6 +437,16 @@ REGISTRY = {
             minutes=4,
         ),
         Result(
+            "device_rollout",
+            "rollout with the environments on the model's device (no host round trip) against the host loop, CPU, 8 and 256 envs",
+            "benchmarks/device_rollout.py",
+            ("--envs", "8", "256", "--episodes", "24", "--rounds", "4", "--out", "runs/results/device_rollout.json"),
+            (0,),
+            ("runs/results/device_rollout.json",),
+            lambda doc: {"hardware": doc["hardware"], "device": doc["device"], "rows": doc["rows"]},
+            minutes=4,
+        ),
+        Result(
             "oneclick",
             "the one-click on the default model: attention shares and the measured verdict (seed 0, checks on seeds 0-3)",
             "run_attention_analysis.py",
@@ -847,6 +857,15 @@ def table_compaction_cost(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table_device_rollout(r: dict) -> str:
+    n = r["device_rollout"]["numbers"]
+    lines = ["| envs | loop | ms/step | env steps/s | vs host [rounds] | same returns as host |", "|---|---|---|---|---|---|"]
+    for x in n["rows"]:
+        vs = "" if x["way"] == "host" else f"{x['vs_host']:.2f}x [{x['vs_host_min']:.2f}-{x['vs_host_max']:.2f}]"
+        lines.append(f"| {x['envs']} | {x['way']} | {x['ms_per_step']:.2f} | {x['env_steps_per_s']:,.0f} | {vs} | {'yes' if x['same_returns_as_host'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def table_ctx1000_bound(r: dict) -> str:
     """The best compressed step at 8 environments against the bound: the step keeping almost nothing."""
     bound = next(x for x in r["rollout_bound_ctx1000"]["numbers"]["rows"] if x["engine"].startswith("(c)"))
@@ -910,6 +929,7 @@ TABLES = {
     "ctx1000_target": ((*CTX1000_TARGET_RUNS, *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"), table_ctx1000_target),
     "rollout_speed_all": (("rollout_speed",), _speed_grid_of("rollout_speed")),
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
+    "device_rollout": (("device_rollout",), table_device_rollout),
     "readme_limits": (("rollout_speed", "compaction_cost"), table_readme_limits),
     "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from adlens.errors import ConfigError
 from model.ad import ADTransformer, Tokens
@@ -124,7 +125,9 @@ class DeviceRollout:
 
 
 @torch.inference_mode()
-def run_on_device(model: ADTransformer, env, n_episodes: int, greedy: bool = False, seed: int = 0, graph: bool = False) -> dict:
+def run_on_device(
+    model: ADTransformer, env, n_episodes: int, greedy: bool = False, seed: int = 0, graph: bool = False, progress: bool = False
+) -> dict:
     """Roll the model out in-context for `n_episodes` episodes in every environment of `env` (a
     `TorchGridEnv` on the model's device). `graph` (CUDA only): capture one episode of steps in a CUDA
     graph and replay it; capture time is reported apart (`capture_s`) and not counted in `time_s`.
@@ -142,12 +145,16 @@ def run_on_device(model: ADTransformer, env, n_episodes: int, greedy: bool = Fal
         torch.cuda.synchronize(dev)
         capture_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    bar = tqdm(total=ro.n_steps, desc="rollout[device]", disable=not progress, leave=False)
     if graph:
         for _ in range(n_episodes):
             g.replay()
+            bar.update(ro.H)
     else:
         for _ in range(ro.n_steps):
             ro.step_()
+            bar.update()
+    bar.close()
     returns = ro.returns.double().cpu().numpy()  # waits for the device
     elapsed = time.perf_counter() - t0
     ctx = np.minimum(np.arange(1, ro.n_steps + 1), ro.T).mean()

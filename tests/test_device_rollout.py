@@ -111,3 +111,23 @@ def test_device_rollout_benchmark_compares_the_loops_side_by_side(tmp_path, tiny
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_rollout.py"
     r = subprocess.run([sys.executable, str(script), "--ways", "device"], capture_output=True, text=True)
     assert r.returncode == 2 and "--ways must include host" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_on_the_device_gives_the_batched_results(tmp_path, tiny_checkpoint, capsys):
+    import json
+
+    from conftest import refused
+    from evaluate import main as eval_main
+
+    runs = {}
+    for vec in ("batched", "device"):
+        eval_main(["--checkpoint", str(tiny_checkpoint), "--episodes", "6", "--num-seeds", "2", "--vec-env", vec, "--device", "cpu",
+                   "--out", str(tmp_path / vec)])  # fmt: skip
+        runs[vec] = json.loads((tmp_path / vec / "eval_results.json").read_text())
+    assert [t["returns_per_seed"] for t in runs["device"]["per_task"]] == [t["returns_per_seed"] for t in runs["batched"]["per_task"]]
+    capsys.readouterr()  # the runs' progress bars
+    out = tmp_path / "refused"
+    assert "kv engine only" in refused(capsys, eval_main, ["--checkpoint", str(tiny_checkpoint), "--vec-env", "device", "--engine", "rerun",
+                                                           "--out", str(out)], out)  # fmt: skip
+    assert "--cuda-graph needs" in refused(capsys, eval_main, ["--checkpoint", str(tiny_checkpoint), "--vec-env", "device", "--cuda-graph",
+                                                               "--device", "cpu", "--out", str(out)], out)  # fmt: skip
