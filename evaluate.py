@@ -74,7 +74,12 @@ def rollouts(
                 "--vec-env device runs the uncompressed kv engine only; use --vec-env batched for the rerun engine or compression"
             )
         env = TorchGridEnv(spec, tasks, next(model.parameters()).device)
-        return [run_on_device(model, env, episodes, greedy=greedy, seed=s, graph=cuda_graph, progress=progress) for s in seeds]
+        try:
+            return [run_on_device(model, env, episodes, greedy=greedy, seed=s, graph=cuda_graph, progress=progress) for s in seeds]
+        except RuntimeError as e:
+            if not cuda_graph:
+                raise
+            raise UserError(f"--cuda-graph: the captured rollout failed ({str(e).splitlines()[0]}); run without --cuda-graph") from None
     venv = make_vec_env(spec, tasks, vec_env)
     try:
         return [

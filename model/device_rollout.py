@@ -28,6 +28,14 @@ from model.ad import ADTransformer, Tokens
 from model.rope import rope_cos_sin
 
 
+def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One action per row of probs (B, A): `torch.multinomial(probs, 1, generator=gen)[:, 0]`, drawn the
+    way multinomial draws one sample (an exponential race: argmax of probs / Exp(1) noise) but without
+    its host-side check of the probabilities, which waits for the device and cannot be captured in a
+    CUDA graph. The same actions from the same generator (tested)."""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=gen)).argmax(-1)
+
+
 class SlotCache:
     """The part of `KVCache` that `Block.step` uses, for a cache written at a slot held in a tensor:
     keys/values `kv (L, 2, B, H, C, Dh)`, an additive validity mask `valid (1, 1, 1, C)` and `slot (1,)`."""
@@ -93,7 +101,7 @@ class DeviceRollout:
         if self.greedy:
             actions = logits.argmax(-1)
         else:
-            actions = torch.multinomial(logits.softmax(-1), 1, generator=self.gen)[:, 0]
+            actions = draw(logits.softmax(-1), self.gen)
         rewards = self.env.step_(actions)
         self.returns.index_add_(1, self.t // self.H, rewards.view(B, 1))
         self.prev_a.copy_(actions.view(B, 1))
@@ -117,6 +125,10 @@ class DeviceRollout:
         self.gen.set_state(gen_state)
         graph = torch.cuda.CUDAGraph()
         if not self.greedy:
+            if not hasattr(graph, "register_generator_state"):
+                raise RuntimeError(
+                    f"torch {torch.__version__} cannot replay a seeded generator in a CUDA graph; sample greedily or update torch"
+                )
             graph.register_generator_state(self.gen)  # replays draw fresh numbers from this generator
         with torch.cuda.graph(graph):
             for _ in range(steps):

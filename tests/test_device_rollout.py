@@ -131,3 +131,13 @@ def test_evaluate_on_the_device_gives_the_batched_results(tmp_path, tiny_checkpo
                                                            "--out", str(out)], out)  # fmt: skip
     assert "--cuda-graph needs" in refused(capsys, eval_main, ["--checkpoint", str(tiny_checkpoint), "--vec-env", "device", "--cuda-graph",
                                                                "--device", "cpu", "--out", str(out)], out)  # fmt: skip
+
+
+def test_the_capturable_draw_is_torch_multinomial():
+    from model.device_rollout import draw
+
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for B in (1, 8, 256):
+        for _ in range(50):
+            probs = (torch.randn(B, 5) * 3).softmax(-1)
+            torch.testing.assert_close(draw(probs, g2), torch.multinomial(probs, 1, generator=g1)[:, 0], rtol=0, atol=0)
