@@ -141,3 +141,31 @@ def test_the_capturable_draw_is_torch_multinomial():
         for _ in range(50):
             probs = (torch.randn(B, 5) * 3).softmax(-1)
             torch.testing.assert_close(draw(probs, g2), torch.multinomial(probs, 1, generator=g1)[:, 0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_device_step_never_reads_a_value_back_to_the_host(greedy):
+    """What makes a step capturable in a CUDA graph, checked on the CPU: no operator that copies a value
+    to the host or whose output shape depends on values (as .item(), bool(tensor), nonzero do)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model.device_rollout import DeviceRollout
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    spec = get_spec({"name": "key_to_door", "size": 3, "horizon": 5, "n_holdout": 2})
+    model = tiny_model(max_context=8, grid_size=3)
+    ro = DeviceRollout(model, TorchGridEnv(spec, spec.tasks()[:4]), n_episodes=3, greedy=greedy)
+    with torch.inference_mode(), Ops() as ops:
+        for _ in range(12):  # through a slide and an episode reset
+            ro.step_()
+    host = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2", "equal", "allclose"}
+    assert "scaled_dot_product_attention" in ops.names or "_scaled_dot_product_flash_attention_for_cpu" in ops.names
+    assert not ops.names & host, ops.names & host
