@@ -275,7 +275,11 @@ class ADTransformer(nn.Module):
 
     @torch.no_grad()
     def step_embeddings(self, x: torch.Tensor, cache) -> torch.Tensor:
-        rot = cache.rotation_at(cache.advance())  # cos, sin (3, 1, 1, Dh/2)
+        return self.step_rotated(x, cache.rotation_at(cache.advance()), cache)
+
+    def step_rotated(self, x: torch.Tensor, rot, cache) -> torch.Tensor:
+        """The cached step once the new token's slot is reserved: embeddings x (B, 1, D), its rotation
+        `rot` = cos, sin (3, 1, 1, Dh/2) -> logits (B, A). Any cache with `write_kv` and `note_query`."""
         for i, blk in enumerate(self.blocks):
             x = blk.step(x, rot, cache, i)
         D = x.shape[-1]

@@ -41,6 +41,15 @@ from adlens.errors import ConfigError
 from model.rope import apply_rope, rope_cos_sin
 
 
+def qkv_rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cos, sin (P, Dh/2) -> (P, 3, 1, 1, Dh/2) factors that rotate a step's stacked q, k,
+    v with `apply_rope`: q and k by the position, v left exactly as it is (cos 1, sin 0)."""
+    return (
+        torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
+        torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
+    )
+
+
 class KVCache:
     """Per-layer keys/values `(L, B, H, C, Dh)` plus, per slot, its rotary position `pos (B, C)`,
     the rollout step it came from `src_step (B, C)` (the newest one for merged tokens) and,
@@ -121,11 +130,7 @@ class KVCache:
         q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
         if self._rot is None or pos >= len(self._rot[0]):
             self.rope_at(max(pos, 4095))  # grows the angle table
-            cos, sin = self._rope  # (P, Dh/2)
-            self._rot = (
-                torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
-                torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
-            )  # (P, 3, 1, 1, Dh/2)
+            self._rot = qkv_rotation(*self._rope)
         return self._rot[0][pos], self._rot[1][pos]
 
     def _next_slot(self) -> int:

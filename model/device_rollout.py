@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from adlens.errors import ConfigError
 from model.ad import ADTransformer, Tokens
+from model.cache import qkv_rotation
 from model.rope import rope_cos_sin
 
 
@@ -69,10 +69,7 @@ class DeviceRollout:
         self.B, self.H, self.T = B, H, cfg.max_context
         self.n_steps = n_episodes * H
         self.cache = SlotCache(cfg.n_layer, B, cfg.n_head, cfg.max_context, cfg.head_size, dev, p.dtype)
-        cos, sin = rope_cos_sin(torch.arange(self.n_steps, device=dev), cfg.head_size, cfg.rope_base)  # (P, Dh/2)
-        # q and k rotated, v left as it is: the factors `KVCache.rotation_at` gives, for every step
-        self.rot = (torch.stack([cos, cos, torch.ones_like(cos)], 1)[:, :, None, None],
-                    torch.stack([sin, sin, torch.zeros_like(sin)], 1)[:, :, None, None])  # fmt: skip
+        self.rot = qkv_rotation(*rope_cos_sin(torch.arange(self.n_steps, device=dev), cfg.head_size, cfg.rope_base))  # every step's
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # rollout step = rotary position of the new token
         self.prev_a = torch.full((B, 1), cfg.n_actions, dtype=torch.long, device=dev)
         self.prev_r = torch.zeros(B, 1, device=dev)
@@ -93,11 +90,7 @@ class DeviceRollout:
         c.slot.copy_(self.t % self.T)  # a sliding window once full: the oldest slot is overwritten
         c.valid.index_fill_(3, c.slot, 0.0)
         rot = (self.rot[0].index_select(0, self.t)[0], self.rot[1].index_select(0, self.t)[0])  # (3, 1, 1, Dh/2)
-        for i, blk in enumerate(model.blocks):
-            x = blk.step(x, rot, c, i)
-        D = x.shape[-1]
-        lnf = model.ln_f
-        logits = F.linear(F.layer_norm(x[:, -1], (D,), lnf.weight, lnf.bias, lnf.eps), model.head.weight, model.head.bias)
+        logits = model.step_rotated(x, rot, c)
         if self.greedy:
             actions = logits.argmax(-1)
         else:
