@@ -314,8 +314,8 @@ class KVCache:
 
     def _rotation(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-width rotation factors (..., Dh) for integer rotations `delta` (...,): [cos, cos] and
-        [-sin, sin], looked up in a table of the same float64 angles as `rope_cos_sin` (one indexing
-        call instead of computing angles; a negative delta is computed directly)."""
+        [-sin, sin], looked up in a table of the same float64 angles as `rope_cos_sin` (one `index_select`
+        each instead of computing angles; a negative delta is computed directly)."""
         if int(delta.min()) < 0:
             cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)
             return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
@@ -324,7 +324,9 @@ class KVCache:
             self.rope_at(top)  # grows the angle table
             cos, sin = self._rope
             self._rot_full = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))  # (P, Dh)
-        return self._rot_full[0][delta], self._rot_full[1][delta]
+        flat = delta.reshape(-1)  # `index_select` on the flat deltas: ~3x cheaper on CPU than advanced indexing, same rows
+        shape = (*delta.shape, self.head_size)
+        return self._rot_full[0].index_select(0, flat).view(shape), self._rot_full[1].index_select(0, flat).view(shape)
 
     def _rotate_(self, x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> None:
         """`apply_rope` in place on x (L, B, H, m, Dh), a view of the cache, by full-width factors from
