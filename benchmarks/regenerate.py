@@ -117,6 +117,16 @@ def pool_rows(parts: list[tuple[dict, int]]) -> dict:
     }  # fmt: skip
 
 
+def _late_per_run(doc: dict) -> np.ndarray:
+    """(tasks, seeds) normalised return over episodes 31-50 of every goal x seed run."""
+    return np.stack([np.asarray(t["returns_per_seed"], dtype=float)[:, 30:50].mean(1) / t["optimal_return"] for t in doc["per_task"]])
+
+
+def _missing_goal_late(doc: dict) -> int:
+    """Goal x seed runs of an eval_results.json that earn no reward in any of episodes 31-50."""
+    return int(sum((np.asarray(t["returns_per_seed"], dtype=float)[:, 30:50] <= 0).all(1).sum() for t in doc["per_task"]))
+
+
 def _finds_goal(doc: dict) -> tuple[int, int]:
     """(runs that earn a reward in some episode, goal x seed runs) of an eval_results.json."""
     per_run = np.concatenate([np.asarray(t["returns_per_seed"], dtype=float) for t in doc["per_task"]])  # (tasks*seeds, episodes)
@@ -130,6 +140,7 @@ def eval_numbers(doc: dict) -> dict:
     norm = np.asarray(doc["normalized_return_per_episode"])
     goal_late = [float(np.mean(np.asarray(t["returns"][30:50]) / t["optimal_return"])) for t in doc["per_task"]]
     found, runs = _finds_goal(doc)
+    late = _late_per_run(doc)  # (tasks, seeds)
     out = {
         "seeds": doc["seeds"],
         "episodes": doc["episodes"],
@@ -141,6 +152,10 @@ def eval_numbers(doc: dict) -> dict:
         "weakest_goal_31_50": min(goal_late),
         "runs_finding_goal": found,
         "runs": runs,
+        # the spread over sampling seeds of each seed's mean over goals (0 with one seed), and the
+        # goal x seed runs that earn nothing in any of episodes 31-50
+        "se_31_50": float(late.mean(0).std(ddof=1) / np.sqrt(late.shape[1])) if late.shape[1] > 1 else 0.0,
+        "runs_missing_goal_31_50": _missing_goal_late(doc),
     }
     src = doc.get("source_normalized_return_per_episode")
     if src is not None:
@@ -336,6 +351,23 @@ REGISTRY = {
             eval_numbers,
             minutes=0.5,
             takes_threads=False,
+        ),
+        *(
+            Result(
+                f"evaluation_unseen{suffix}",
+                f"{who}'s in-context evaluation re-checked on 30 sampling seeds never used before (100-129)",
+                "evaluate.py",
+                (*flags, "--num-seeds", "30", "--seed", "100", "--out", f"runs/results/evaluation_unseen{suffix}"),
+                tuple(range(100, 130)),
+                (f"runs/results/evaluation_unseen{suffix}/eval_results.json",),
+                eval_numbers,
+                minutes=minutes,
+                takes_threads=False,
+            )
+            for suffix, who, flags, minutes in (
+                ("", "the shipped default model", (), 1.5),
+                ("_ctx1000", "the shipped 1,000-transition model", ("--checkpoint", "checkpoints/darkroom_ad_ctx1000/model.pt"), 3),
+            )
         ),
         Result(
             "key_to_door_evaluation",
@@ -611,12 +643,28 @@ def table_evaluation(r: dict) -> str:
     ])  # fmt: skip
 
 
+def _seed_range(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
+
+
+def table_evaluation_unseen(r: dict) -> str:
+    """Both shipped Darkroom models on sampling seeds never used before, beside their seeds-0-2 numbers."""
+    lines = ["| model | seeds | episode 1 | episodes 31-50 (+- se over seeds) | last 10 episodes | runs with no reward in episodes 31-50 | weakest goal | episodes 31-50 on seeds 0-2 |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for who, unseen, first in (("default (240 transitions)", "evaluation_unseen", "evaluation"),
+                               ("1,000 transitions", "evaluation_unseen_ctx1000", "evaluation_ctx1000")):  # fmt: skip
+        n, f = r[unseen]["numbers"], r[first]["numbers"]
+        lines.append(f"| {who} | {_seed_range(n['seeds'])} | {n['first_episode']:.3f} | **{n['episodes_31_50']:.3f}** +- {n['se_31_50']:.3f} | "
+                     f"{n['last_10']:.3f} | {n['runs_missing_goal_31_50']} of {n['runs']} | {n['weakest_goal_31_50']:.2f} | {f['episodes_31_50']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table_readme(r: dict) -> str:
-    ev, ev10 = r["evaluation"]["numbers"], r["evaluation_10_seeds"]["numbers"]
+    ev, un = r["evaluation"]["numbers"], r["evaluation_unseen"]["numbers"]
     oc, ch = r["oneclick"]["numbers"], r["compression_headline"]["numbers"]
-    every = "all" if ev10["runs_finding_goal"] == ev10["runs"] else f"{ev10['runs_finding_goal']} of"
-    learn = (f"normalised return {ev['first_episode']:.3f} in episode 1, **{ev['episodes_31_50']:.3f}** over episodes 31-50 "
-             f"({len(ev['seeds'])} seeds), no weight update; {every} {ev10['runs']} goal x seed runs of {len(ev10['seeds'])} seeds find the goal")  # fmt: skip
+    learn = (f"normalised return {un['first_episode']:.3f} in episode 1, **{un['episodes_31_50']:.3f} (+- {un['se_31_50']:.3f})** over episodes 31-50 "
+             f"({len(un['seeds'])} unseen seeds; {ev['episodes_31_50']:.3f} on seeds {_seed_range(ev['seeds'])}), no weight update; "
+             f"{un['runs'] - un['runs_missing_goal_31_50']} of {un['runs']} goal x seed runs earn rewards in episodes 31-50")  # fmt: skip
     cur_prev = oc["episode_share"][0] + oc["episode_share"][1]
     look = (f"rewarded transitions are {_pct(oc['reward_context_share'], 0)} of the context and draw "
             f"{_pct(oc['reward_attention_share'], 0)} of the attention; the current and previous episode draw {_pct(cur_prev, 0)}")  # fmt: skip
@@ -635,7 +683,7 @@ def table_readme(r: dict) -> str:
     return "\n".join([
         "| question | answer | details |",
         "|---|---|---|",
-        f"| Does it learn in context? | {learn} | [evaluation](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
+        f"| Does it learn in context? | {learn} | [evaluation](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers), [unseen seeds](EXPERIMENTS.md#re-checked-on-unseen-sampling-seeds) |",
         f"| Where does it look? | {look} | [one-click run](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
         f"| What does the KV cache buy? | {kv} | [rollout speed](EXPERIMENTS.md#rollout-speed) |",
         f"| What does compression buy (re-run engine)? | {comp} | [headline](EXPERIMENTS.md#the-headline-re-measured-on-unseen-seeds) |",
@@ -912,12 +960,13 @@ def table_oneclick(r: dict) -> str:
 # table name (the NAME in <!-- results:NAME -->) -> (the results it reads, how it is drawn)
 TABLES = {
     "readme": (
-        ("evaluation", "evaluation_10_seeds", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
+        ("evaluation", "evaluation_unseen", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
          *TARGET_RUNS, "key_to_door_evaluation", "rl_compression_key_to_door", "rl_compression_key_to_door_rerun",
          *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"),
         table_readme,
     ),
     "evaluation": (("evaluation",), table_evaluation),
+    "evaluation_unseen": (("evaluation_unseen", "evaluation_unseen_ctx1000", "evaluation", "evaluation_ctx1000"), table_evaluation_unseen),
     "compression_headline": (("compression_headline",), table_compression_headline),
     "oneclick": (("oneclick",), table_oneclick),
     "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
