@@ -250,6 +250,15 @@ CTX1000_CONFIGS = ("sink_window:0.3:n_sink=4", "sink_window:0.2:n_sink=4", "fixe
 K2D_CONFIGS = (*(c.replace(":0.1", ":0.2") for c in RL_CONFIGS), "fixed_window:0.5:keep_recent=20", "reward_recent:0.5:keep_recent=16:n_reward=8")
 
 
+def _eval_result(name: str, what: str, seeds: tuple, out: str, checkpoint: str = "", extra: tuple = (), minutes: float = 1,
+                 extract: Callable[..., dict] = eval_numbers) -> Result:  # fmt: skip
+    """An evaluate.py entry: `checkpoint` (default: the shipped model) on consecutive sampling `seeds`,
+    writing OUT/eval_results.json."""
+    flags = ("--checkpoint", checkpoint) if checkpoint else ()
+    args = (*flags, "--num-seeds", str(len(seeds)), "--seed", str(seeds[0]), *extra, "--out", out)
+    return Result(name, what, "evaluate.py", args, seeds, (f"{out}/eval_results.json",), extract, minutes=minutes, takes_threads=False)
+
+
 def _rl_result(name: str, what: str, args: tuple, seeds: tuple, minutes: float) -> Result:
     """A benchmarks/rl_compression.py entry writing to runs/NAME."""
     out = f"runs/{name}"
@@ -308,79 +317,21 @@ REGISTRY = {
             compression_numbers,
             minutes=40,
         ),
-        Result(
-            "evaluation",
-            "the shipped default model's in-context evaluation, 3 seeds, with the source PPO's curve (needs data/darkroom)",
-            "evaluate.py",
-            ("--num-seeds", "3", "--seed", "0", "--source-data", "data/darkroom", "--out", "checkpoints/darkroom_ad"),
-            (0, 1, 2),
-            ("checkpoints/darkroom_ad/eval_results.json",),
-            eval_numbers,
-            minutes=0.5,
-            takes_threads=False,
-        ),
-        Result(
-            "evaluation_10_seeds",
-            "the shipped default model's in-context evaluation, 10 seeds",
-            "evaluate.py",
-            ("--num-seeds", "10", "--seed", "0", "--out", "runs/results/evaluation_10_seeds"),
-            tuple(range(10)),
-            ("runs/results/evaluation_10_seeds/eval_results.json",),
-            eval_numbers,
-            minutes=1,
-            takes_threads=False,
-        ),
-        Result(
-            "evaluation_ctx1000",
-            "the shipped 1,000-transition model's in-context evaluation, 3 seeds (needs data/darkroom)",
-            "evaluate.py",
-            (
-                "--checkpoint",
-                "checkpoints/darkroom_ad_ctx1000/model.pt",
-                "--num-seeds",
-                "3",
-                "--seed",
-                "0",
-                "--source-data",
-                "data/darkroom",
-                "--out",
-                "checkpoints/darkroom_ad_ctx1000",
-            ),  # fmt: skip
-            (0, 1, 2),
-            ("checkpoints/darkroom_ad_ctx1000/eval_results.json",),
-            eval_numbers,
-            minutes=0.5,
-            takes_threads=False,
-        ),
-        *(
-            Result(
-                f"evaluation_unseen{suffix}",
-                f"{who}'s in-context evaluation re-checked on 30 sampling seeds never used before (100-129)",
-                "evaluate.py",
-                (*flags, "--num-seeds", "30", "--seed", "100", "--out", f"runs/results/evaluation_unseen{suffix}"),
-                tuple(range(100, 130)),
-                (f"runs/results/evaluation_unseen{suffix}/eval_results.json",),
-                eval_numbers,
-                minutes=minutes,
-                takes_threads=False,
-            )
-            for suffix, who, flags, minutes in (
-                ("", "the shipped default model", (), 1.5),
-                ("_ctx1000", "the shipped 1,000-transition model", ("--checkpoint", "checkpoints/darkroom_ad_ctx1000/model.pt"), 3),
-            )
-        ),
-        Result(
-            "key_to_door_evaluation",
-            "the Dark Key-to-Door AD model on its 50 held-out pairs, 3 unseen seeds, key and door parts, with the source PPO (needs data/key_to_door)",
-            "evaluate.py",
-            ("--checkpoint", K2D_CHECKPOINT, "--num-seeds", "3", "--seed", "100", "--episodes", "50",
-             "--source-data", "data/key_to_door", "--out", "checkpoints/key_to_door_ad"),  # fmt: skip
-            (100, 101, 102),
-            ("checkpoints/key_to_door_ad/eval_results.json",),
-            key_to_door_numbers,
-            minutes=2,
-            takes_threads=False,
-        ),
+        _eval_result("evaluation", "the shipped default model's in-context evaluation, 3 seeds, with the source PPO's curve (needs data/darkroom)",
+                     (0, 1, 2), "checkpoints/darkroom_ad", extra=("--source-data", "data/darkroom"), minutes=0.5),
+        _eval_result("evaluation_10_seeds", "the shipped default model's in-context evaluation, 10 seeds", tuple(range(10)),
+                     "runs/results/evaluation_10_seeds", minutes=1),
+        _eval_result("evaluation_ctx1000", "the shipped 1,000-transition model's in-context evaluation, 3 seeds (needs data/darkroom)",
+                     (0, 1, 2), "checkpoints/darkroom_ad_ctx1000", checkpoint=CTX1000, extra=("--source-data", "data/darkroom"), minutes=0.5),
+        _eval_result("evaluation_unseen", "the shipped default model's in-context evaluation re-checked on 30 sampling seeds never used before (100-129)",
+                     tuple(range(100, 130)), "runs/results/evaluation_unseen", minutes=1.5),
+        _eval_result("evaluation_unseen_ctx1000",
+                     "the shipped 1,000-transition model's in-context evaluation re-checked on 30 sampling seeds never used before (100-129)",
+                     tuple(range(100, 130)), "runs/results/evaluation_unseen_ctx1000", checkpoint=CTX1000, minutes=3),
+        _eval_result("key_to_door_evaluation",
+                     "the Dark Key-to-Door AD model on its 50 held-out pairs, 3 unseen seeds, key and door parts, with the source PPO (needs data/key_to_door)",
+                     (100, 101, 102), "checkpoints/key_to_door_ad", checkpoint=K2D_CHECKPOINT,
+                     extra=("--episodes", "50", "--source-data", "data/key_to_door"), minutes=2, extract=key_to_door_numbers),
         Result(
             "adapter_sweep",
             "compression through the adapter on the example codebase tests/user_ad (random weights), 3 seeds",
