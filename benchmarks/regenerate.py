@@ -430,6 +430,18 @@ REGISTRY = {
             minutes=4,
         ),
         Result(
+            "device_rollout_gpu",
+            "the same on a CUDA GPU, with the replayed CUDA graph, 8 to 8,192 envs (needs a CUDA GPU; not yet run)",
+            "benchmarks/device_rollout.py",
+            ("--device", "cuda", "--envs", "8", "64", "256", "1024", "4096", "8192", "--episodes", "24", "--rounds", "2",
+             "--out", "runs/results/device_rollout_gpu.json"),  # fmt: skip
+            (0,),
+            ("runs/results/device_rollout_gpu.json",),
+            lambda doc: {"hardware": doc["hardware"], "device": doc["device"], "torch": doc["torch"], "date": doc["date"], "rows": doc["rows"],
+                         "failed": doc["failed"]},  # fmt: skip
+            minutes=6,
+        ),
+        Result(
             "oneclick",
             "the one-click on the default model: attention shares and the measured verdict (seed 0, checks on seeds 0-3)",
             "run_attention_analysis.py",
