@@ -164,6 +164,25 @@ def eval_numbers(doc: dict) -> dict:
     return out
 
 
+def progression_numbers(doc: dict) -> dict:
+    """training_progression.json -> per snapshot (and reference) the return in episode 1 and late, with
+    standard errors, and the attention metrics; the settings; the step at which each curve emerged."""
+    keep = ("reward_enrichment", "reward_enrichment_per_layer", "n_captures", "n_captures_with_reward", "current_episode_share",
+            "current_episode_context_share", "previous_episode_share", "recent_share", "positions_for_90", "fraction_for_90",
+            "entropy_normalised_per_layer")  # fmt: skip
+
+    def point(x: dict, **who) -> dict:
+        r, a = x["returns"], x["attention"]
+        return who | {k: r[k] for k in ("episode_1", "episode_1_se", "late", "late_se", "late_episodes")} | {k: a.get(k) for k in keep}
+
+    m = doc["meta"]
+    return {
+        "seeds": m["seeds"], "capture_seeds": m["capture_seeds"], "capture_timesteps": m["capture_timesteps"], "episodes": m["episodes"],
+        "time_s": m["time_s"], "snapshots": [point(x, step=x["step"]) for x in doc["snapshots"]],
+        "references": [point(x, name=x["name"]) for x in doc["references"]], "emergence": doc["emergence"],
+    }  # fmt: skip
+
+
 def key_to_door_numbers(doc: dict) -> dict:
     """A Key-to-Door eval_results.json -> the evaluation numbers (eval_numbers, without the source's
     episodes 31-50: its streams hold 20 episodes) and the key and door parts of the return (each at
@@ -442,6 +461,18 @@ REGISTRY = {
             minutes=6,
         ),
         Result(
+            "training_progression",
+            "return and attention of the 19 training snapshots of the default recipe, seeds 100-102 (needs the snapshots: "
+            "python train.py --config config/darkroom.yaml --out runs/progression/darkroom_ad --snapshot-geometric 14 --snapshot-first 10 --snapshot-every 500)",
+            "training_progression.py",
+            ("--snapshots", "runs/progression/darkroom_ad", "--capture-timesteps", "500", "--reference", "default", "--no-reuse",
+             "--out", "runs/results/progression"),  # fmt: skip
+            (100, 101, 102),
+            ("runs/results/progression/training_progression.json",),
+            progression_numbers,
+            minutes=12,
+        ),
+        Result(
             "oneclick",
             "the one-click on the default model: attention shares and the measured verdict (seed 0, checks on seeds 0-3)",
             "run_attention_analysis.py",
@@ -648,6 +679,8 @@ def table_readme(r: dict) -> str:
         "|---|---|---|",
         f"| Does it learn in context? | {learn} | [evaluation](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers), [unseen seeds](EXPERIMENTS.md#re-checked-on-unseen-sampling-seeds) |",
         f"| Where does it look? | {look} | [one-click run](EXPERIMENTS.md#the-default-model-evaluation-and-headline-numbers) |",
+        f"| When does that appear in training? | {_progression_claim(r)} | "
+        "[across training](EXPERIMENTS.md#attention-across-training-how-in-context-rl-emerges-in-the-darkroom-model) |",
         f"| What does the KV cache buy? | {kv} | [rollout speed](EXPERIMENTS.md#rollout-speed) |",
         f"| What does compression buy (re-run engine)? | {comp} | [headline](EXPERIMENTS.md#the-headline-re-measured-on-unseen-seeds) |",
         f"| ... and with the KV cache? | {kvc} | [streaming cache](EXPERIMENTS.md#streaming-kv-cache-in-place-compaction-static-shape-step) |",
@@ -774,6 +807,48 @@ def _by_ratio(rows: list[dict]) -> dict:
     for x in sorted(rows, key=lambda x: -x["ratio"]):
         out.setdefault(x["ratio"], {})[x["strategy"]] = x
     return out
+
+
+def _progression_row(label: str, x: dict, bold: bool = False) -> str:
+    late = f"{x['late']:.3f} ± {x['late_se']:.3f}"
+    per_layer = " / ".join(f"{e:.1f}" for e in x["reward_enrichment_per_layer"])
+    return (f"| {label} | {x['episode_1']:.3f} ± {x['episode_1_se']:.3f} | {f'**{late}**' if bold else late} | "
+            f"{x['reward_enrichment']:.2f}; {per_layer} ({x['n_captures_with_reward']}/{x['n_captures']}) | "
+            f"{x['current_episode_share']:.2f} / {x['current_episode_context_share']:.2f} | {x['previous_episode_share']:.2f} | "
+            f"{x['recent_share']:.2f} | {x['positions_for_90']:.0f} ({_pct(x['fraction_for_90'], 0)}) | "
+            + " / ".join(f"{e:.2f}" for e in x["entropy_normalised_per_layer"]) + " |")  # fmt: skip
+
+
+def table_progression(r: dict) -> str:
+    n = r["training_progression"]["numbers"]
+    late = n["snapshots"][0]["late_episodes"]
+    lines = [f"| step | episode 1 | last {late} ({n['episodes'] - late + 1}-{n['episodes']}) | reward enrichment (all layers; per layer) "
+             "(captures with a reward) | current episode: attention / share of context | previous episode | newest 5 tokens | "
+             "positions for 90% | entropy / log n, per layer |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for i, x in enumerate(n["snapshots"]):
+        last = i == len(n["snapshots"]) - 1
+        lines.append(_progression_row(f"{x['step']} (final)" if last else str(x["step"]), x, bold=last))
+    lines += [_progression_row(x["name"], x) for x in n["references"]]
+    return "\n".join(lines)
+
+
+def _progression_claim(r: dict) -> str:
+    """When attention to rewards and the in-context return rise, from the snapshots: the first step at
+    which rewards draw twice their share of the attention, and at which the late return passes 0.2 and 0.5."""
+    n = r["training_progression"]["numbers"]
+    snaps = n["snapshots"]
+
+    def first(cond) -> dict | None:
+        return next((x for x in snaps if cond(x)), None)
+
+    att, r2, r5 = first(lambda x: x["reward_enrichment"] >= 2), first(lambda x: x["late"] >= 0.2), first(lambda x: x["late"] >= 0.5)
+    rise = (f"rewarded transitions first draw twice their share of the attention at step {att['step']}" if att
+            else "rewarded transitions never draw twice their share of the attention")  # fmt: skip
+    ret = ", ".join(f"{x['late']:.2f} at step {x['step']}" for x in (r2, r5) if x) or "it never passes 0.2"
+    final, ref = snaps[-1], n["references"][0] if n["references"] else None
+    shipped = f" ({ref['name']}: {ref['late']:.3f} ± {ref['late_se']:.3f})" if ref else ""
+    return (f"{rise}; the in-context return rises after it ({ret}); the final snapshot of that retrained run reaches "
+            f"{final['late']:.3f} ± {final['late_se']:.3f}{shipped}, seeds {_seed_range(n['seeds'])}")  # fmt: skip
 
 
 def table_key_to_door(r: dict) -> str:
@@ -925,10 +1000,11 @@ TABLES = {
     "readme": (
         ("evaluation", "evaluation_unseen", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
          *TARGET_RUNS, "key_to_door_evaluation", "rl_compression_key_to_door", "rl_compression_key_to_door_rerun",
-         *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000"),
+         *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000", "training_progression"),
         table_readme,
     ),
     "evaluation": (("evaluation",), table_evaluation),
+    "training_progression": (("training_progression",), table_progression),
     "evaluation_unseen": (("evaluation_unseen", "evaluation_unseen_ctx1000", "evaluation", "evaluation_ctx1000"), table_evaluation_unseen),
     "compression_headline": (("compression_headline",), table_compression_headline),
     "oneclick": (("oneclick",), table_oneclick),

@@ -89,6 +89,8 @@ def test_entry_from_output_writes_stamped_numbers(tmp_path):
     assert (n["runs_finding_goal"], n["runs"]) == (3, 4)
     assert n["first_episode"] == 0.0 and n["last_10"] == pytest.approx(0.75)  # goal 1 scores half: one of its seeds never finds it
     assert n["weakest_goal_31_50"] == pytest.approx(0.5)
+    # per-seed means over the goals: 1.0 and 0.5, so a standard error of 0.25; one run earns nothing late
+    assert n["se_31_50"] == pytest.approx(0.25) and n["runs_missing_goal_31_50"] == 1
 
     wrong = R.Result("tiny", "", "evaluate.py", (), (5, 6), (str(out),), R.eval_numbers, minutes=0.1)
     with pytest.raises(UserError, match="seeds"):
@@ -117,3 +119,16 @@ def test_render_follows_the_results_files(tmp_path):
 def test_cli_refuses_an_unknown_result():
     with pytest.raises(UserError, match="unknown result"):
         R.main(["--only", "no_such_result"])
+
+
+def test_progression_claim_reads_the_snapshots():
+    def snap(step, enrichment, late):
+        return {"step": step, "reward_enrichment": enrichment, "late": late, "late_se": 0.01}
+
+    numbers = {"seeds": [100, 101, 102], "references": [{"name": "shipped model", "late": 0.9, "late_se": 0.02}],
+               "snapshots": [snap(10, 1.0, 0.01), snap(20, 2.5, 0.05), snap(30, 3.0, 0.3), snap(40, 1.5, 0.8)]}  # fmt: skip
+    text = R._progression_claim({"training_progression": {"numbers": numbers}})
+    assert "twice their share of the attention at step 20" in text and "(0.30 at step 30, 0.80 at step 40)" in text
+    assert "0.800 ± 0.010 (shipped model: 0.900 ± 0.020), seeds 100-102" in text
+    numbers["snapshots"] = [snap(10, 1.0, 0.01)]
+    assert "never draw twice" in R._progression_claim({"training_progression": {"numbers": numbers}})
