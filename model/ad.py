@@ -104,6 +104,15 @@ class Tokens(NamedTuple):
     timesteps: torch.Tensor  # long, step index within the episode
 
 
+class StepParams(NamedTuple):
+    """The parameters of the cached step (`ADTransformer.step_params`)."""
+
+    embed: tuple  # row, column (grid) or state embedding, action, time embedding, reward weight and bias
+    blocks: tuple  # per block: (the block, its `step_params()`)
+    ln_f: tuple  # final layer norm: weight, bias, eps
+    head: tuple  # action head: weight, bias
+
+
 class HookPoint(nn.Identity):
     """Named identity that attention weights pass through; forward hooks attach here."""
 
@@ -149,15 +158,21 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(attn, p) @ v
         return self._merge(y)
 
-    def step(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int) -> torch.Tensor:
+    def step_params(self) -> tuple:
+        """(qkv weight, qkv bias, proj weight, proj bias): what `step` reads, see `ADTransformer.step_params`."""
+        return (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+
+    def step(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int, w: tuple | None = None) -> torch.Tensor:
         """One new token per sequence, (B, 1, D), attending over the cache (which it joins).
 
-        The per-step hot path: functional calls (no module dispatch), q and k rotated together by
-        `rot` = cos, sin (3, 1, 1, Dh/2) (`KVCache.rotation_at`, v untouched), key and value written
-        with one copy, and a fused single-query attention unless weights are recorded.
+        The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
+        q and k rotated together by `rot` = cos, sin (3, 1, 1, Dh/2) (`KVCache.rotation_at`, v
+        untouched), key and value written with one copy, and a fused single-query attention unless
+        weights are recorded.
         """
+        qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
         B, _, D = x.shape
-        qkv = apply_rope(F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
+        qkv = apply_rope(F.linear(x, qkv_w, qkv_b).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # scores for compression are computed later, from stored queries
@@ -169,7 +184,7 @@ class CausalSelfAttention(nn.Module):
             y = attn @ values
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, Dh)
-        return F.linear(y.reshape(B, 1, D), self.proj.weight, self.proj.bias)
+        return F.linear(y.reshape(B, 1, D), proj_w, proj_b)
 
 
 class Block(nn.Module):
@@ -186,12 +201,18 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x), cos, sin))
         return x + self.mlp(self.ln2(x))
 
-    def step(self, x, rot, cache, layer):
-        D = x.shape[-1]
-        x = x + self.attn.step(F.layer_norm(x, (D,), self.ln1.weight, self.ln1.bias, self.ln1.eps), rot, cache, layer)
+    def step_params(self) -> tuple:
+        """What `step` reads, see `ADTransformer.step_params`."""
         up, down = self.mlp[0], self.mlp[2]
-        h = F.layer_norm(x, (D,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        return x + F.linear(F.gelu(F.linear(h, up.weight, up.bias)), down.weight, down.bias)
+        return (self.ln1.weight, self.ln1.bias, self.ln1.eps, self.ln2.weight, self.ln2.bias, self.ln2.eps,
+                up.weight, up.bias, down.weight, down.bias, self.attn, self.attn.step_params())  # fmt: skip
+
+    def step(self, x, rot, cache, layer, w: tuple | None = None):
+        ln1_w, ln1_b, eps1, ln2_w, ln2_b, eps2, up_w, up_b, down_w, down_b, attn, attn_w = w if w is not None else self.step_params()
+        D = x.shape[-1]
+        x = x + attn.step(F.layer_norm(x, (D,), ln1_w, ln1_b, eps1), rot, cache, layer, attn_w)
+        h = F.layer_norm(x, (D,), ln2_w, ln2_b, eps2)
+        return x + F.linear(F.gelu(F.linear(h, up_w, up_b)), down_w, down_b)
 
 
 class ADTransformer(nn.Module):
@@ -255,23 +276,37 @@ class ADTransformer(nn.Module):
         summed once per weight update): the same sums in the same order, fewer small operations."""
         if self.training:  # dropout
             return self.embed(tok)
+        row_w, col_w, state_w, action_w, time_w, reward_w, reward_b = self.resolve_step_params().embed
         if self.cfg.grid_size:
-            key = (self.row_emb.weight._version, self.col_emb.weight._version, self.row_emb.weight.device)  # in-place updates bump _version
+            key = (row_w._version, col_w._version, row_w.device)  # in-place updates bump _version
             if getattr(self, "_state_table_key", None) != key:
-                s = torch.arange(self.cfg.n_states, device=self.row_emb.weight.device)
-                self._state_table = (
-                    self.row_emb.weight[s // self.cfg.grid_size] + self.col_emb.weight[s % self.cfg.grid_size]
-                )  # (n_states, D)
+                s = torch.arange(self.cfg.n_states, device=row_w.device)
+                self._state_table = row_w[s // self.cfg.grid_size] + col_w[s % self.cfg.grid_size]  # (n_states, D)
                 self._state_table_key = key
             table = self._state_table
         else:
-            table = self.state_emb.weight
-        x = (
-            F.embedding(tok.states, table)
-            + F.embedding(tok.prev_actions, self.action_emb.weight)
-            + F.embedding(tok.timesteps, self.time_emb.weight)
-        )
-        return x + F.linear(tok.prev_rewards.unsqueeze(-1).float(), self.reward_emb.weight, self.reward_emb.bias)
+            table = state_w
+        x = F.embedding(tok.states, table) + F.embedding(tok.prev_actions, action_w) + F.embedding(tok.timesteps, time_w)
+        return x + F.linear(tok.prev_rewards.unsqueeze(-1).float(), reward_w, reward_b)
+
+    def step_params(self) -> StepParams:
+        """Every parameter the cached step reads, looked up once. On the CPU an `nn.Module` attribute
+        lookup costs 1-5 us, and a step would make about a hundred (0.3 ms of a 2 ms step at 8
+        environments). These are the parameter tensors themselves, so in-place updates (an optimizer
+        step, `load_state_dict`) are seen; `new_cache` looks them up again, so a parameter replaced by
+        another object is seen from the next cache on."""
+        grid = bool(self.cfg.grid_size)
+        embed = (self.row_emb.weight if grid else None, self.col_emb.weight if grid else None, None if grid else self.state_emb.weight,
+                 self.action_emb.weight, self.time_emb.weight, self.reward_emb.weight, self.reward_emb.bias)  # fmt: skip
+        return StepParams(embed, tuple((b, b.step_params()) for b in self.blocks), (self.ln_f.weight, self.ln_f.bias, self.ln_f.eps),
+                          (self.head.weight, self.head.bias))  # fmt: skip
+
+    def resolve_step_params(self, refresh: bool = False) -> StepParams:
+        """`step_params` as looked up by the last `new_cache` (or rollout), or now if never or `refresh`."""
+        params = None if refresh else self.__dict__.get("_step_params")
+        if params is None:
+            params = self._step_params = self.step_params()
+        return params
 
     @torch.no_grad()
     def step_embeddings(self, x: torch.Tensor, cache) -> torch.Tensor:
@@ -280,14 +315,17 @@ class ADTransformer(nn.Module):
     def step_rotated(self, x: torch.Tensor, rot, cache) -> torch.Tensor:
         """The cached step once the new token's slot is reserved: embeddings x (B, 1, D), its rotation
         `rot` = cos, sin (3, 1, 1, Dh/2) -> logits (B, A). Any cache with `write_kv` and `note_query`."""
-        for i, blk in enumerate(self.blocks):
-            x = blk.step(x, rot, cache, i)
-        D = x.shape[-1]
-        return F.linear(F.layer_norm(x[:, -1], (D,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self.head.weight, self.head.bias)
+        params = self.resolve_step_params()
+        for i, (blk, w) in enumerate(params.blocks):
+            x = blk.step(x, rot, cache, i, w)
+        (ln_w, ln_b, eps), (head_w, head_b) = params.ln_f, params.head
+        return F.linear(F.layer_norm(x[:, -1], (x.shape[-1],), ln_w, ln_b, eps), head_w, head_b)
 
     def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False, static: bool = False,
                   n_sink: int | None = None, score_window: int = 32, track_meta: bool = False):  # fmt: skip
-        """A KV cache for `step`: `KVCache`, or with `n_sink` set a `StreamingCache` (sinks + ring buffer)."""
+        """A KV cache for `step`: `KVCache`, or with `n_sink` set a `StreamingCache` (sinks + ring buffer).
+        Also looks up the step's parameters again (`step_params`)."""
+        self.resolve_step_params(refresh=True)
         p = next(self.parameters())
         args = (self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context, self.cfg.head_size, p.device, p.dtype)
         kw = {"track_scores": track_scores, "rope_base": self.cfg.rope_base, "static": static, "score_window": score_window,

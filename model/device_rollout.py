@@ -69,6 +69,7 @@ class DeviceRollout:
         self.B, self.H, self.T = B, H, cfg.max_context
         self.n_steps = n_episodes * H
         self.cache = SlotCache(cfg.n_layer, B, cfg.n_head, cfg.max_context, cfg.head_size, dev, p.dtype)
+        model.resolve_step_params(refresh=True)  # as `new_cache` does
         self.rot = qkv_rotation(*rope_cos_sin(torch.arange(self.n_steps, device=dev), cfg.head_size, cfg.rope_base))  # every step's
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # rollout step = rotary position of the new token
         self.prev_a = torch.full((B, 1), cfg.n_actions, dtype=torch.long, device=dev)

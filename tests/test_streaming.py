@@ -20,6 +20,7 @@ from benchmarks.inference_speed import main as benchmark_main
 from adlens.compression import make_compression
 from env import get_spec, make_env
 from model.ad import ADConfig, ADTransformer, Tokens
+from model.cache import KVCache
 from model.rollout import KVEngine, run_episodes
 
 ATOL = 1e-5
@@ -248,6 +249,25 @@ def test_step_embedding_equals_embed_also_after_a_weight_update(grid_size):
         for p in model.parameters():
             p.add_(0.1)  # an optimizer step: the cached state table must follow
         assert torch.equal(model._embed_step(tok), model.embed(tok))
+
+
+def test_step_reads_the_parameters_new_cache_looked_up():
+    """The cached step reads parameters looked up once per cache: in-place updates show at once, a
+    parameter replaced by another object from the next `new_cache` on."""
+    model = _model(n_layer=2, grid_size=3)
+    tok = _tokens(model.cfg, 3, 1, seed=3)
+
+    def step_vs_forward(cache) -> float:
+        return float((model.step(tok, cache) - model(tok)[:, -1]).abs().max())
+
+    with torch.no_grad():
+        assert step_vs_forward(model.new_cache(3)) < ATOL
+        model.blocks[1].mlp[2].bias.add_(0.5)  # in place: seen by the parameters already looked up
+        model.action_emb.weight.mul_(2.0)
+        cache = KVCache(2, 3, 2, 16, model.cfg.head_size, "cpu", torch.float32)  # a cache made without new_cache
+        assert step_vs_forward(cache) < ATOL
+        model.head.bias = torch.nn.Parameter(model.head.bias + 1.0)  # replaced: seen from the next new_cache on
+        assert step_vs_forward(model.new_cache(3)) < ATOL
 
 
 def test_inference_speed_benchmark_smoke(tmp_path):
