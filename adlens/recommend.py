@@ -76,10 +76,11 @@ def fit_step_cost(context_len, step_s) -> tuple[float, float]:
 
 def break_even_context(a: float, b: float, overhead_s: float, ratio: float) -> float | None:
     """Context length (tokens) above which a compression that keeps `ratio` of it saves more per step
-    (b * (1 - ratio) * n) than it costs (overhead_s per step); None if it never does."""
-    if b <= 0 or ratio >= 1:
+    (b * (1 - ratio) * n) than it costs (overhead_s per step); None if it never does, or if the
+    overhead was not measurable (<= 0: the compressed run was within the timing noise of the line)."""
+    if b <= 0 or ratio >= 1 or overhead_s <= 0:
         return None
-    return max(overhead_s, 0.0) / (b * (1 - ratio))
+    return overhead_s / (b * (1 - ratio))
 
 
 def recommendation_doc(best: dict | None, rows: list[dict], attention_rec: dict, seeds: list[int], rerun_best: dict | None,
@@ -125,7 +126,12 @@ def verdict_lines(doc: dict) -> list[str]:
                      f"with {rb['strategy']} at ratio {rb['ratio']} ({100 * rb['performance_loss']:.1f}% loss, "
                      f"{len(rb['seeds'])} seed(s), {rb['episodes']} episodes).")  # fmt: skip
     est = doc.get("estimate")
-    if est and est.get("break_even_context") is not None:
+    if est and est["b_ms_per_token"] > 0 and est["overhead_ms"] <= 0:
+        lines.append(f"Estimate from measured step costs ({est['a_ms']:.3f} ms + {1000 * est['b_ms_per_token']:.3f} us per context token "
+                     f"per step): the compressed rollout's own overhead was within this run's timing noise "
+                     f"({est['overhead_ms']:.3f} ms per step), so no break-even context can be estimated from it; "
+                     "the measured speedups above are what compression gives here.")  # fmt: skip
+    elif est and est.get("break_even_context") is not None:
         lines.append(f"Estimate from measured step costs ({est['a_ms']:.3f} ms + {1000 * est['b_ms_per_token']:.3f} us per context token "
                      f"per step, compression overhead {est['overhead_ms']:.3f} ms per step): compression at ratio {est['ratio']} "
                      f"pays above about {est['break_even_context']:.0f} tokens of context at this batch of {est['batch']} "

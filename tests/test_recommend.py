@@ -66,6 +66,14 @@ def test_step_cost_fit_and_break_even():
     assert a == pytest.approx(0.001) and b == pytest.approx(2e-6)
     assert break_even_context(a, b, 0.0002, 0.5) == pytest.approx(200.0)
     assert break_even_context(a, 0.0, 0.0002, 0.5) is None
+    assert break_even_context(a, b, -0.00005, 0.5) is None  # an overhead within the noise gives no break-even
+
+
+def test_verdict_does_not_claim_a_break_even_from_an_overhead_within_noise():
+    rows = [_row("sink_window", 0.8, 0.99, 0.0)]
+    est = {"a_ms": 1.4, "b_ms_per_token": 0.005, "overhead_ms": -0.057, "ratio": 0.8, "batch": 8, "context": 240, "break_even_context": None}
+    text = "\n".join(verdict_lines(recommendation_doc(None, rows, {"strategy": "sink_window"}, [0], None, est)))
+    assert "within this run's timing noise (-0.057 ms per step)" in text and "tokens of context" not in text
 
 
 def _two_task_capture():
