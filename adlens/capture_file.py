@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from adlens.errors import UserError
-from adlens.io import atomic_path
+from adlens.io import atomic_path, load_torch_file
 
 CAPTURE_FORMAT = "ad-attention-capture"
 CAPTURE_VERSION = 2
@@ -236,14 +236,7 @@ def _describe(x) -> str:
 def load_capture(path: str | Path) -> dict:
     """Read and check a capture file; any problem is a one-line `UserError`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"capture file not found: {path} (run evaluate_with_attention.py first)")
-    if path.stat().st_size == 0:
-        raise UserError(f"capture file {path} is empty")
-    try:
-        cap = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read capture file {path}: {str(e).splitlines()[0][:160]}") from None
+    cap = load_torch_file(path, "capture file", "run evaluate_with_attention.py first")
     if not isinstance(cap, dict) or cap.get("format") != CAPTURE_FORMAT:
         raise UserError(f"{path} is not an attention capture file")
     if cap.get("version") not in (1, CAPTURE_VERSION):

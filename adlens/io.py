@@ -5,6 +5,8 @@ writing the same folder never share one) and short (a valid output name never ma
 name too long): `.NAME.XXXXXXXX.tmp`, NAME cut to `TMP_NAME_CHARS`.
 
     write_json_atomic(out / "eval_results.json", stamp("ad-eval-results", results))
+
+Reading a file the user named: `load_torch_file` (torch.load that cannot run code, one-line errors).
 """
 
 from __future__ import annotations
@@ -205,6 +207,23 @@ class OutputManifest:
 
     def _write(self, status: str) -> None:
         write_json_atomic(self.path, stamp(MANIFEST_SCHEMA, {"producer": self.producer, "status": status, "files": self.files}))
+
+
+def load_torch_file(path: Path, what: str, if_missing: str):
+    """`torch.load(path, weights_only=True)` on the CPU (it cannot run code). A missing, empty or
+    unreadable file is a one-line `UserError` naming `what` ("checkpoint", "capture file"); a missing
+    one also says `if_missing` (how to make it)."""
+    import torch
+
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path} ({if_missing})")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        why = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else str(e).splitlines()[0][:160]
+        raise UserError(f"cannot read {what} {path}: {why}") from None
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

@@ -15,7 +15,7 @@ import torch
 
 from adlens.device import resolve_device  # noqa: F401  (the scripts that load checkpoints import it from here)
 from adlens.errors import UserError
-from adlens.io import atomic_path
+from adlens.io import atomic_path, load_torch_file
 from model.ad import ADConfig, ADTransformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "darkroom_ad" / "model.pt"
@@ -40,15 +40,7 @@ def read_checkpoint(path: str | Path | None, need: tuple[str, ...] = ()) -> dict
     what the file holds: the expected shapes come from a model built on the `meta` device.
     """
     path = checkpoint_path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (train one with train.py or pass --checkpoint)")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        why = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else str(e).splitlines()[0][:160]
-        raise UserError(f"cannot read checkpoint {path}: {why}") from None
+    ckpt = load_torch_file(path, "checkpoint", "train one with train.py or pass --checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not an AD checkpoint (expected keys 'model' and 'config')")
     missing = [k for k in need if k not in ckpt]
