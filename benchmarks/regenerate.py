@@ -117,20 +117,9 @@ def pool_rows(parts: list[tuple[dict, int]]) -> dict:
     }  # fmt: skip
 
 
-def _late_per_run(doc: dict) -> np.ndarray:
-    """(tasks, seeds) normalised return over episodes 31-50 of every goal x seed run."""
-    return np.stack([np.asarray(t["returns_per_seed"], dtype=float)[:, 30:50].mean(1) / t["optimal_return"] for t in doc["per_task"]])
-
-
-def _missing_goal_late(doc: dict) -> int:
-    """Goal x seed runs of an eval_results.json that earn no reward in any of episodes 31-50."""
-    return int(sum((np.asarray(t["returns_per_seed"], dtype=float)[:, 30:50] <= 0).all(1).sum() for t in doc["per_task"]))
-
-
-def _finds_goal(doc: dict) -> tuple[int, int]:
-    """(runs that earn a reward in some episode, goal x seed runs) of an eval_results.json."""
-    per_run = np.concatenate([np.asarray(t["returns_per_seed"], dtype=float) for t in doc["per_task"]])  # (tasks*seeds, episodes)
-    return int((per_run > 0).any(1).sum()), len(per_run)
+def _runs(doc: dict) -> np.ndarray:
+    """(tasks, seeds, episodes) normalised return of every goal x seed run of an eval_results.json."""
+    return np.stack([np.asarray(t["returns_per_seed"], dtype=float) / t["optimal_return"] for t in doc["per_task"]])
 
 
 def eval_numbers(doc: dict) -> dict:
@@ -139,8 +128,9 @@ def eval_numbers(doc: dict) -> dict:
     the same curve's numbers for the source PPO where the file has it."""
     norm = np.asarray(doc["normalized_return_per_episode"])
     goal_late = [float(np.mean(np.asarray(t["returns"][30:50]) / t["optimal_return"])) for t in doc["per_task"]]
-    found, runs = _finds_goal(doc)
-    late = _late_per_run(doc)  # (tasks, seeds)
+    runs = _runs(doc)
+    late = runs[:, :, 30:50]  # (tasks, seeds, 20)
+    per_seed = late.mean((0, 2))  # each seed's mean over goals and episodes 31-50
     out = {
         "seeds": doc["seeds"],
         "episodes": doc["episodes"],
@@ -150,12 +140,10 @@ def eval_numbers(doc: dict) -> dict:
         "last_10": float(norm[-10:].mean()),
         "mean_return_31_50": float(np.mean(doc["return_per_episode"][30:50])),
         "weakest_goal_31_50": min(goal_late),
-        "runs_finding_goal": found,
-        "runs": runs,
-        # the spread over sampling seeds of each seed's mean over goals (0 with one seed), and the
-        # goal x seed runs that earn nothing in any of episodes 31-50
-        "se_31_50": float(late.mean(0).std(ddof=1) / np.sqrt(late.shape[1])) if late.shape[1] > 1 else 0.0,
-        "runs_missing_goal_31_50": _missing_goal_late(doc),
+        "runs_finding_goal": int((runs > 0).any(2).sum()),  # goal x seed runs that earn a reward in some episode
+        "runs": runs.shape[0] * runs.shape[1],
+        "se_31_50": float(per_seed.std(ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0,  # over sampling seeds
+        "runs_missing_goal_31_50": int((late <= 0).all(2).sum()),  # runs that earn nothing in any of episodes 31-50
     }
     src = doc.get("source_normalized_return_per_episode")
     if src is not None:
@@ -181,6 +169,12 @@ def progression_numbers(doc: dict) -> dict:
         "time_s": m["time_s"], "snapshots": [point(x, step=x["step"]) for x in doc["snapshots"]],
         "references": [point(x, name=x["name"]) for x in doc["references"]], "emergence": doc["emergence"],
     }  # fmt: skip
+
+
+def device_rollout_numbers(doc: dict) -> dict:
+    """benchmarks/device_rollout.py's JSON -> where it ran (hardware, device, torch, date), its rows
+    and any failed capture."""
+    return {k: doc[k] for k in ("hardware", "device", "torch", "date", "rows", "failed")}
 
 
 def key_to_door_numbers(doc: dict) -> dict:
@@ -445,7 +439,7 @@ REGISTRY = {
             ("--envs", "8", "256", "--episodes", "24", "--rounds", "4", "--out", "runs/results/device_rollout.json"),
             (0,),
             ("runs/results/device_rollout.json",),
-            lambda doc: {"hardware": doc["hardware"], "device": doc["device"], "rows": doc["rows"]},
+            device_rollout_numbers,
             minutes=4,
         ),
         Result(
@@ -456,8 +450,7 @@ REGISTRY = {
              "--out", "runs/results/device_rollout_gpu.json"),  # fmt: skip
             (0,),
             ("runs/results/device_rollout_gpu.json",),
-            lambda doc: {"hardware": doc["hardware"], "device": doc["device"], "torch": doc["torch"], "date": doc["date"], "rows": doc["rows"],
-                         "failed": doc["failed"]},  # fmt: skip
+            device_rollout_numbers,
             minutes=6,
         ),
         Result(
