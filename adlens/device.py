@@ -32,3 +32,15 @@ def resolve_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def describe_device(device) -> str:
+    """What a timing ran on: the CPU with its core and torch thread counts, or the CUDA device's name."""
+    import os
+    import platform
+
+    import torch
+
+    if device.type == "cpu":
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return torch.cuda.get_device_name(device)

@@ -209,6 +209,14 @@ class OutputManifest:
         write_json_atomic(self.path, stamp(MANIFEST_SCHEMA, {"producer": self.producer, "status": status, "files": self.files}))
 
 
+def finish_result(schema: str, result: dict, out: str | Path | None) -> dict:
+    """A benchmark's result `stamp`ed with where it came from (`provenance`), written to `out` if given."""
+    result = stamp(schema, result | {"provenance": provenance()})
+    if out:
+        write_json_atomic(out, result)
+    return result
+
+
 def load_torch_file(path: Path, what: str, if_missing: str):
     """`torch.load(path, weights_only=True)` on the CPU (it cannot run code). A missing, empty or
     unreadable file is a one-line `UserError` naming `what` ("checkpoint", "capture file"); a missing

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.rollout as rollout  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
-from adlens.io import stamp, write_json_atomic  # noqa: E402
+from adlens.io import finish_result  # noqa: E402
 from benchmarks.rl_compression import parse_config  # noqa: E402
 from model.ad import Tokens  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
@@ -131,8 +131,7 @@ def main(argv=None) -> list[dict]:
                   f"{row['scores_ms_per_compaction']:>8.2f}{row['plan_ms_per_compaction']:>8.2f}{row['apply_ms_per_compaction']:>8.2f} ms  ({shares})")  # fmt: skip
         saved = model.cfg.n_layer * (full - min(r["attention_us_mean_context"] for r in rows if r["envs"] == B)) / 1000
         print(f"{B:>5}  one layer's attention: {full:.0f} us at {T} slots; compression saves at most ~{saved:.2f} ms per step over {model.cfg.n_layer} layers")
-    if cfg["out"]:
-        write_json_atomic(cfg["out"], stamp("ad-benchmark-compaction-cost", {"config": cfg, "torch": torch.__version__, "rows": rows}))
+    finish_result("ad-benchmark-compaction-cost", {"config": cfg, "torch": torch.__version__, "rows": rows}, cfg["out"])
     return rows
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
-from adlens.io import stamp, write_json_atomic  # noqa: E402
+from adlens.io import finish_result  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from model.ad import Tokens  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
@@ -137,10 +137,7 @@ def main(argv=None) -> dict:
     print(
         f"a typical run of {cfg['typical_steps']} steps: eager {result['typical_run_s']['eager']:.1f} s, compiled {result['typical_run_s']['compiled']:.1f} s"
     )
-    result = stamp("ad-benchmark-compile-step", result)
-    if cfg["out"]:
-        write_json_atomic(cfg["out"], result)
-    return result
+    return finish_result("ad-benchmark-compile-step", result, cfg["out"])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -33,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import stamp, write_json_atomic  # noqa: E402
+from adlens.io import finish_result  # noqa: E402
 from env import get_spec  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
 from env.torch_grid import TorchGridEnv  # noqa: E402
+from adlens.device import describe_device  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.device_rollout import run_on_device  # noqa: E402
 from model.rollout import run_episodes  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     spec = get_spec(ckpt_cfg["env"])
     held = spec.tasks_for("test")
     ways = [w for w in cfg["ways"] if w != "graph" or device.type == "cuda"]
-    hw = platform.processor() or platform.machine() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    hw = describe_device(device)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  device {device} ({hw}), torch {torch.__version__}, "
           f"{cfg['threads'] or torch.get_num_threads()} thread(s), {cfg['episodes']} episodes per run, {cfg['rounds']} rounds")  # fmt: skip
     rows, failed = [], []
@@ -124,10 +124,7 @@ def main(argv=None) -> dict:
         "date": str(datetime.date.today()), "device": str(device), "hardware": hw, "torch": torch.__version__,
         "cores": os.cpu_count(), "config": cfg, "rows": rows, "failed": failed,
     }  # fmt: skip
-    result = stamp("ad-benchmark-device-rollout", result)
-    if cfg["out"]:
-        write_json_atomic(cfg["out"], result)
-    return result
+    return finish_result("ad-benchmark-device-rollout", result, cfg["out"])
 
 
 if __name__ == "__main__":

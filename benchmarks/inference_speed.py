@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.compression import make_compression  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
-from adlens.io import stamp, write_json_atomic  # noqa: E402
+from adlens.io import finish_result  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from env import get_spec, make_vec_env  # noqa: E402
 from env.batched import BatchedGridEnv  # noqa: E402
 from model.ad import ADConfig, ADTransformer, Tokens  # noqa: E402
+from adlens.device import describe_device  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
 from model.rollout import make_engine, run_episodes  # noqa: E402
 
@@ -227,11 +226,7 @@ def main(argv=None) -> dict:
             for ratio in cfg["ratios"]:
                 for sq in cfg["score_queries"]:
                     build_comp(cfg, name, ratio, T, sq)
-    hw = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-        if device.type == "cpu"
-        else torch.cuda.get_device_name(device)
-    )
+    hw = describe_device(device)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  device {device} ({hw}), torch {torch.__version__}, env {cfg['vec_env']}, "
           f"{cfg['rounds']} rounds of {cfg['steps']}-step pairs with (b) ((a): {cfg['rerun_steps']} steps)")  # fmt: skip
     print(f"{'context':>8}{'envs':>6}  {'engine':<32}{'ms/step':>9}{'env steps/s':>13}{'vs (a)':>9}{'vs (b) [min-max]':>22}")
@@ -267,10 +262,7 @@ def main(argv=None) -> dict:
         within, after = greedy_agreement(base, spec, tasks, n_ep)
         print(f"greedy actions (a) vs (b): {100 * within:.1f}% identical within the window, {100 * after:.1f}% after it slides")
         result |= {"greedy_agreement_within_window": within, "greedy_agreement_after_slide": after}
-    result = stamp("ad-benchmark-inference-speed", result)
-    if cfg["out"]:
-        write_json_atomic(cfg["out"], result)
-    return result
+    return finish_result("ad-benchmark-inference-speed", result, cfg["out"])
 
 
 if __name__ == "__main__":

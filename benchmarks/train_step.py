@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
-from adlens.io import stamp, write_json_atomic  # noqa: E402
+from adlens.io import finish_result  # noqa: E402
 from model.ad import ADConfig, ADTransformer, Tokens  # noqa: E402
 
 CONFIG = {
@@ -101,10 +101,7 @@ def main(argv=None) -> dict:
           f"{cfg['rounds']} rounds x {cfg['steps']} steps")  # fmt: skip
     print(f"attention dropout {cfg['attn_dropout']}: {ms['attn_dropout']:.0f} ms/step; attention dropout 0 (fused kernel): {ms['fused']:.0f} ms/step")
     print(f"speedup {result['speedup']:.2f}x [{result['speedup_min']:.2f}-{result['speedup_max']:.2f}]")
-    result = stamp("ad-benchmark-train-step", result)
-    if cfg["out"]:
-        write_json_atomic(cfg["out"], result)
-    return result
+    return finish_result("ad-benchmark-train-step", result, cfg["out"])
 
 
 if __name__ == "__main__":
