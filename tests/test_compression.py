@@ -149,6 +149,29 @@ def test_selection_fast_path_equals_general_merge(track_scores):
     assert len(fast) == len(slow) == 6 and tf["src_step"].tolist() == ts["src_step"].tolist()
 
 
+@pytest.mark.parametrize("track_scores", [False, True])
+def test_in_place_merge_equals_general_merge(track_scores):
+    """A plan whose groups every sequence shares, on a cache in temporal order, is merged in place
+    (members rotated and weighed straight into their slots); it must give what the general merge gives."""
+    cache = KVCache(2, 3, 2, 12, 8, "cpu", torch.float32, track_scores=track_scores)
+    for _ in range(11):  # in temporal order, one slot free
+        cache.advance()
+        cache.write(0, torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+        cache.write(1, torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+        if track_scores:
+            cache.observe(0, torch.rand(3, 2, 1, len(cache)))
+    assign = torch.tensor([[0, 0, 0, -1, 1, 2, 2, 3, -1, 4, 5]]).expand(3, 11)  # merged runs, drops, singles
+    weight = torch.rand(3, 11) + 0.1  # per-sequence weights
+    fast, slow = copy.deepcopy(cache), copy.deepcopy(cache)
+    fast.apply_plan(assign, weight, 6)
+    slow._in_order = False  # the same slots, through the general path
+    slow.apply_plan(assign, weight, 6)
+    tf, ts = fast.temporal(), slow.temporal()
+    for name in ("k", "v", "pos", "src_step") + (("scores",) if track_scores else ()):
+        torch.testing.assert_close(tf[name], ts[name], atol=1e-5, rtol=0)
+    assert len(fast) == len(slow) == 6 and fast._in_order
+
+
 def test_merge_rows_weighted_mean():
     x = torch.arange(12.0).view(1, 4, 3)
     out = merge_rows(x, torch.tensor([[0, 0, -1, 1]]), torch.tensor([[1.0, 3.0, 5.0, 1.0]]), 2)
