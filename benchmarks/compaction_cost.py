@@ -114,7 +114,7 @@ def main(argv=None) -> list[dict]:
     add_config_flags(p, CONFIG)
     cfg = resolve(CONFIG, p.parse_args(argv), bounds=BOUNDS)
     torch.set_num_threads(cfg["threads"])
-    model, _ = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"])
+    model, _ = load_model(cfg["checkpoint"])
     T = model.cfg.max_context
     comps = {spec: parse_config(spec, cfg["interval"], T)[2] for spec in cfg["configs"]}  # validated before measuring
     rows = []

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     torch.set_num_threads(cfg["threads"])
-    model, _ = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"])
+    model, _ = load_model(cfg["checkpoint"])
     B, T = cfg["envs"], model.cfg.max_context
     g = torch.Generator().manual_seed(0)
     tok = Tokens(torch.randint(0, model.cfg.n_states, (B, 1), generator=g), torch.zeros(B, 1, dtype=torch.long),

@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     device = resolve_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    model, ckpt_cfg = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], device)
+    model, ckpt_cfg = load_model(cfg["checkpoint"], device)
     spec = get_spec(ckpt_cfg["env"])
     held = spec.tasks_for("test")
     ways = [w for w in cfg["ways"] if w != "graph" or device.type == "cuda"]

@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     device = resolve_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    base, meta = load_model(None if cfg["checkpoint"] == "default" else cfg["checkpoint"], device)
+    base, meta = load_model(cfg["checkpoint"], device)
     spec = get_spec(meta["env"])
     tasks = spec.tasks_for("test")
     for T in cfg["contexts"]:  # validate every configuration before measuring
