@@ -113,6 +113,33 @@ class StepParams(NamedTuple):
     head: tuple  # action head: weight, bias
 
 
+# The cached step's attention on a CPU with one thread: from this many (sequence, head) rows on, the
+# explicit `single_query_attention` is faster than the fused kernel (the whole step 1.04-1.18x at
+# 32-256 environments and 4 heads, 0.95x at 8; with two threads the fused kernel, which splits rows
+# across them, is as fast: EXPERIMENTS.md, "Single-query attention without the fused kernel").
+EXPLICIT_ATTENTION_ROWS = 128
+
+
+def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None,
+                           hook=None) -> torch.Tensor:  # fmt: skip
+    """One query per sequence and head, q (B, H, 1, Dh), over keys and values (B, H, n, Dh) whose
+    (sequence, head) rows merge into one dimension (a cache layer or a slice of its slots), with an
+    additive mask (1, 1, 1, n) or None -> (B, H, 1, Dh). Computed explicitly: the scores as one
+    batched product (the mask added in the same call), softmax in place, one more product. `hook`
+    sees the weights (B, H, 1, n) and may replace them (attention capture)."""
+    B, H, _, Dh = q.shape
+    n = keys.shape[2]
+    q3, kT = q.reshape(B * H, 1, Dh), keys.reshape(B * H, n, Dh).transpose(1, 2)
+    if mask is None:
+        w = torch.bmm(q3, kT).mul_(1 / math.sqrt(Dh))
+    else:
+        w = torch.baddbmm(mask.reshape(1, 1, n), q3, kT, alpha=1 / math.sqrt(Dh))
+    torch.softmax(w, -1, out=w)
+    if hook is not None:
+        w = hook(w.view(B, H, 1, n)).reshape(B * H, 1, n)
+    return torch.bmm(w, values.reshape(B * H, n, Dh)).view(B, H, 1, Dh)
+
+
 class HookPoint(nn.Identity):
     """Named identity that attention weights pass through; forward hooks attach here."""
 
@@ -163,28 +190,26 @@ class CausalSelfAttention(nn.Module):
         return (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
 
     def step(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int, w: tuple | None = None) -> torch.Tensor:
-        """One new token per sequence, (B, 1, D), attending over the cache (which it joins).
+        """One new token per sequence, (B, D), attending over the cache (which it joins).
 
         The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
         q and k rotated together by `rot` = cos, sin (3, 1, 1, Dh/2) (`KVCache.rotation_at`, v
-        untouched), key and value written with one copy, and a fused single-query attention unless
-        weights are recorded.
+        untouched), key and value written with one copy, and the fused attention kernel, or the
+        explicit `single_query_attention` when weights are recorded or on one CPU thread from
+        `EXPLICIT_ATTENTION_ROWS` rows on. Rows are (B, D), not (B, 1, D): a linear layer on 2-D input skips
+        the reshapes it makes around 3-D input.
         """
         qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
-        B, _, D = x.shape
+        B, D = x.shape
         qkv = apply_rope(F.linear(x, qkv_w, qkv_b).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # scores for compression are computed later, from stored queries
-        if self.record:
-            attn = (q @ keys.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H, 1, n)
-            if mask is not None:
-                attn = attn + mask  # additive: -inf on empty slots
-            attn = self.hook_weights(attn.softmax(-1))
-            y = attn @ values
+        if self.record or (B * self.n_head >= EXPLICIT_ATTENTION_ROWS and q.device.type == "cpu" and torch.get_num_threads() == 1):
+            y = single_query_attention(q, keys, values, mask, self.hook_weights if self.record else None)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, Dh)
-        return F.linear(y.reshape(B, 1, D), proj_w, proj_b)
+        return F.linear(y.reshape(B, D), proj_w, proj_b)
 
 
 class Block(nn.Module):
@@ -208,6 +233,7 @@ class Block(nn.Module):
                 up.weight, up.bias, down.weight, down.bias, self.attn, self.attn.step_params())  # fmt: skip
 
     def step(self, x, rot, cache, layer, w: tuple | None = None):
+        """One new token per sequence, x (B, D); see `CausalSelfAttention.step`."""
         ln1_w, ln1_b, eps1, ln2_w, ln2_b, eps2, up_w, up_b, down_w, down_b, attn, attn_w = w if w is not None else self.step_params()
         D = x.shape[-1]
         x = x + attn.step(F.layer_norm(x, (D,), ln1_w, ln1_b, eps1), rot, cache, layer, attn_w)
@@ -316,10 +342,11 @@ class ADTransformer(nn.Module):
         """The cached step once the new token's slot is reserved: embeddings x (B, 1, D), its rotation
         `rot` = cos, sin (3, 1, 1, Dh/2) -> logits (B, A). Any cache with `write_kv` and `note_query`."""
         params = self.resolve_step_params()
+        x = x[:, -1]  # (B, D) through the blocks
         for i, (blk, w) in enumerate(params.blocks):
             x = blk.step(x, rot, cache, i, w)
         (ln_w, ln_b, eps), (head_w, head_b) = params.ln_f, params.head
-        return F.linear(F.layer_norm(x[:, -1], (x.shape[-1],), ln_w, ln_b, eps), head_w, head_b)
+        return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), head_w, head_b)
 
     def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False, static: bool = False,
                   n_sink: int | None = None, score_window: int = 32, track_meta: bool = False):  # fmt: skip

@@ -13,7 +13,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from adlens.errors import UserError
 from env import MOVES, get_spec, make_env
-from model.ad import ADConfig, ADTransformer, CausalSelfAttention, Tokens
+import model.ad as ad
+from model.ad import ADConfig, ADTransformer, CausalSelfAttention, Tokens, single_query_attention
 from adlens.capture import capture_attention
 from model.data import HistoryData, grid_symmetries
 from model.rollout import run_episodes
@@ -170,6 +171,43 @@ def test_kv_cache_step_equals_full_forward(make_model, n_layer, grid_size):
         torch.testing.assert_close(step, full[:, t], atol=ATOL, rtol=0)
         assert len(cache) == t + 1 and cache.n_added == t + 1
     assert cache.full
+
+
+def test_single_query_attention_equals_fused_kernel():
+    """The explicit single-query attention over a cache layer, a prefix of its slots, and with a mask."""
+    torch.manual_seed(0)
+    q = torch.randn(5, 3, 1, 8) * 2
+    k, v = torch.randn(5, 3, 12, 8) * 2, torch.randn(5, 3, 12, 8)
+    mask = torch.zeros(1, 1, 1, 12)
+    mask[..., 9:] = float("-inf")
+    for keys, values, m in ((k, v, None), (k[:, :, :7], v[:, :, :7], None), (k, v, mask)):
+        want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=m)
+        torch.testing.assert_close(single_query_attention(q, keys, values, m), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cache_step_with_explicit_attention_equals_full_forward(make_model, monkeypatch, static):
+    """From `EXPLICIT_ATTENTION_ROWS` (sequence, head) rows on, with one CPU thread, the cached step
+    attends explicitly instead of through the fused kernel: the same logits, with and without the
+    static cache's mask."""
+    model = make_model(max_context=12)
+    B, T = ad.EXPLICIT_ATTENTION_ROWS // model.cfg.n_head, model.cfg.max_context
+    tok = random_tokens(model.cfg, B, T, seed=5)
+    calls = []
+    monkeypatch.setattr(ad, "single_query_attention", lambda *a: calls.append(a[3] is not None) or single_query_attention(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            full = model(tok).softmax(-1)
+            cache = model.new_cache(batch_size=B, static=static)
+            for t in range(T):
+                step = model.step(_slice(tok, slice(t, t + 1)), cache).softmax(-1)
+                torch.testing.assert_close(step, full[:, t], atol=ATOL, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == T * model.cfg.n_layer  # every layer of every step went the explicit way
+    assert any(calls) == static  # a static cache passes its mask until it is full
 
 
 def test_kv_cache_past_max_context_is_a_sliding_window(make_model):
