@@ -113,11 +113,13 @@ class StepParams(NamedTuple):
     head: tuple  # action head: weight, bias
 
 
-# The cached step's attention on a CPU with one thread: from this many (sequence, head) rows on, the
-# explicit `single_query_attention` is faster than the fused kernel (the whole step 1.04-1.18x at
-# 32-256 environments and 4 heads, 0.95x at 8; with two threads the fused kernel, which splits rows
-# across them, is as fast: EXPERIMENTS.md, "Single-query attention without the fused kernel").
-EXPLICIT_ATTENTION_ROWS = 128
+# The cached step's attention on a CPU with one thread: from this many (sequence, head) rows and this
+# many slots on, the explicit `single_query_attention` is faster than the fused kernel (the whole
+# step 1.11-1.18x at 32-256 environments and 4 heads; below 128 rows it is as fast or slower, and
+# over 24 slots or fewer its batched products take 2-9x longer; with two threads the fused kernel,
+# which splits rows across them, is as fast: EXPERIMENTS.md, "Single-query attention without the
+# fused kernel").
+EXPLICIT_ATTENTION_ROWS, EXPLICIT_ATTENTION_SLOTS = 128, 32
 
 
 def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None,
@@ -138,6 +140,16 @@ def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if hook is not None:
         w = hook(w.view(B, H, 1, n)).reshape(B * H, 1, n)
     return torch.bmm(w, values.reshape(B * H, n, Dh)).view(B, H, 1, Dh)
+
+
+def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The cached step's attention (arguments as `single_query_attention`): explicit on a CPU with one
+    torch thread from `EXPLICIT_ATTENTION_ROWS` (sequence, head) rows and `EXPLICIT_ATTENTION_SLOTS`
+    slots on, else the fused kernel."""
+    big = q.shape[0] * q.shape[1] >= EXPLICIT_ATTENTION_ROWS and keys.shape[2] >= EXPLICIT_ATTENTION_SLOTS
+    if big and q.device.type == "cpu" and torch.get_num_threads() == 1:
+        return single_query_attention(q, keys, values, mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class HookPoint(nn.Identity):
@@ -194,9 +206,9 @@ class CausalSelfAttention(nn.Module):
 
         The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
         q and k rotated together by `rot` = cos, sin (3, 1, 1, Dh/2) (`KVCache.rotation_at`, v
-        untouched), key and value written with one copy, and the fused attention kernel, or the
-        explicit `single_query_attention` when weights are recorded or on one CPU thread from
-        `EXPLICIT_ATTENTION_ROWS` rows on. Rows are (B, D), not (B, 1, D): a linear layer on 2-D input skips
+        untouched), key and value written with one copy, and `step_attention` (the fused kernel, or
+        where it is faster the explicit `single_query_attention`, which also serves when weights are
+        recorded). Rows are (B, D), not (B, 1, D): a linear layer on 2-D input skips
         the reshapes it makes around 3-D input.
         """
         qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
@@ -205,10 +217,10 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # scores for compression are computed later, from stored queries
-        if self.record or (B * self.n_head >= EXPLICIT_ATTENTION_ROWS and q.device.type == "cpu" and torch.get_num_threads() == 1):
-            y = single_query_attention(q, keys, values, mask, self.hook_weights if self.record else None)
+        if self.record:
+            y = single_query_attention(q, keys, values, mask, self.hook_weights)
         else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, Dh)
+            y = step_attention(q, keys, values, mask)  # (B, H, 1, Dh)
         return F.linear(y.reshape(B, D), proj_w, proj_b)
 
 

@@ -27,7 +27,7 @@ budget + interval, the most a compressed context ever holds.
 Attention scores for scoring strategies (H2O's accumulated attention, arXiv 2306.14048) are computed
 lazily: each step stores its query, and the attention those queries paid is computed in one batched
 product when the scores are read (before a compaction) or before a slide would drop a key they saw.
-The step itself keeps the fused attention kernel.
+A step itself computes no attention weights for the scores.
 """
 
 from __future__ import annotations

@@ -187,10 +187,10 @@ def test_single_query_attention_equals_fused_kernel():
 
 @pytest.mark.parametrize("static", [False, True])
 def test_kv_cache_step_with_explicit_attention_equals_full_forward(make_model, monkeypatch, static):
-    """From `EXPLICIT_ATTENTION_ROWS` (sequence, head) rows on, with one CPU thread, the cached step
-    attends explicitly instead of through the fused kernel: the same logits, with and without the
-    static cache's mask."""
-    model = make_model(max_context=12)
+    """From `EXPLICIT_ATTENTION_ROWS` (sequence, head) rows and `EXPLICIT_ATTENTION_SLOTS` slots on,
+    with one CPU thread, the cached step attends explicitly instead of through the fused kernel: the
+    same logits, with and without the static cache's mask, on either side of the slot threshold."""
+    model = make_model(max_context=ad.EXPLICIT_ATTENTION_SLOTS + 4)
     B, T = ad.EXPLICIT_ATTENTION_ROWS // model.cfg.n_head, model.cfg.max_context
     tok = random_tokens(model.cfg, B, T, seed=5)
     calls = []
@@ -206,8 +206,10 @@ def test_kv_cache_step_with_explicit_attention_equals_full_forward(make_model, m
                 torch.testing.assert_close(step, full[:, t], atol=ATOL, rtol=0)
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == T * model.cfg.n_layer  # every layer of every step went the explicit way
-    assert any(calls) == static  # a static cache passes its mask until it is full
+    # a static cache attends over all its slots (with a mask until full); a dynamic one over those filled
+    explicit_steps = T if static else T + 1 - ad.EXPLICIT_ATTENTION_SLOTS
+    assert len(calls) == explicit_steps * model.cfg.n_layer
+    assert any(calls) == static
 
 
 def test_kv_cache_past_max_context_is_a_sliding_window(make_model):
