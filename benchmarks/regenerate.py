@@ -433,6 +433,16 @@ REGISTRY = {
             minutes=4,
         ),
         Result(
+            "step_attention",
+            "the cached step's attention, fused kernel vs explicit single-query attention, per call and for the whole step, 8-256 envs",
+            "benchmarks/step_attention.py",
+            ("--out", "runs/results/step_attention.json"),
+            (),
+            ("runs/results/step_attention.json",),
+            lambda doc: {"calls": doc["calls"], "steps": doc["steps"]},
+            minutes=3,
+        ),
+        Result(
             "device_rollout",
             "rollout with the environments on the model's device (no host round trip) against the host loop, CPU, 8 and 256 envs",
             "benchmarks/device_rollout.py",
@@ -936,6 +946,21 @@ def table_compaction_cost(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table_step_attention(r: dict) -> str:
+    n = r["step_attention"]["numbers"]
+    lines = ["| envs | slots | one layer, fused | explicit | fused / explicit [rounds] |", "|---|---|---|---|---|"]
+    lines += [f"| {x['envs']} | {x['slots']} | {x['fused_us']:,.1f} us | {x['explicit_us']:,.1f} us | {_ratio_cell(x)} |" for x in n["calls"]]
+    lines += ["", "| envs | configuration | slots | step, fused | explicit | fused / explicit [rounds] | the step takes | logits differ by |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {x['envs']} | {x['config']} | {x['slots']} | {x['fused_ms']:.2f} ms | {x['explicit_ms']:.2f} ms | {_ratio_cell(x)} | "
+              f"{x['default']} | {x['max_logit_diff']:.0e} |" for x in n["steps"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _ratio_cell(x: dict) -> str:
+    return f"{x['speedup']:.2f}x [{x['speedup_min']:.2f}-{x['speedup_max']:.2f}]"
+
+
 def table_device_rollout(r: dict) -> str:
     n = r["device_rollout"]["numbers"]
     lines = ["| envs | loop | ms/step | env steps/s | vs host [rounds] | same returns as host |", "|---|---|---|---|---|---|"]
@@ -1017,6 +1042,7 @@ TABLES = {
     "rollout_speed_all": (("rollout_speed",), _speed_grid_of("rollout_speed")),
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "device_rollout": (("device_rollout",), table_device_rollout),
+    "step_attention": (("step_attention",), table_step_attention),
     "readme_limits": (("rollout_speed", "compaction_cost"), table_readme_limits),
     "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),

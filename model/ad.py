@@ -114,11 +114,11 @@ class StepParams(NamedTuple):
 
 
 # The cached step's attention on a CPU with one thread: from this many (sequence, head) rows and this
-# many slots on, the explicit `single_query_attention` is faster than the fused kernel (the whole
-# step 1.11-1.18x at 32-256 environments and 4 heads; below 128 rows it is as fast or slower, and
-# over 24 slots or fewer its batched products take 2-9x longer; with two threads the fused kernel,
-# which splits rows across them, is as fast: EXPERIMENTS.md, "Single-query attention without the
-# fused kernel").
+# many slots on, the explicit `single_query_attention` is as fast as the fused kernel or faster (the
+# whole step 0.99-1.10x at 32 environments and 4 heads, 1.07-1.18x at 64-256); with fewer rows it is
+# slower, over 24 slots or fewer its batched products take 2-9x longer, and with two threads the
+# fused kernel, which splits its rows across them, is as fast (`python benchmarks/step_attention.py`;
+# EXPERIMENTS.md, "Single-query attention without the fused kernel").
 EXPLICIT_ATTENTION_ROWS, EXPLICIT_ATTENTION_SLOTS = 128, 32
 
 
@@ -142,12 +142,16 @@ def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return torch.bmm(w, values.reshape(B * H, n, Dh)).view(B, H, 1, Dh)
 
 
+def explicit_attention(rows: int, slots: int, device: torch.device) -> bool:
+    """Whether `step_attention` attends explicitly over this many (sequence, head) rows and slots."""
+    return rows >= EXPLICIT_ATTENTION_ROWS and slots >= EXPLICIT_ATTENTION_SLOTS and device.type == "cpu" and torch.get_num_threads() == 1
+
+
 def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The cached step's attention (arguments as `single_query_attention`): explicit on a CPU with one
     torch thread from `EXPLICIT_ATTENTION_ROWS` (sequence, head) rows and `EXPLICIT_ATTENTION_SLOTS`
     slots on, else the fused kernel."""
-    big = q.shape[0] * q.shape[1] >= EXPLICIT_ATTENTION_ROWS and keys.shape[2] >= EXPLICIT_ATTENTION_SLOTS
-    if big and q.device.type == "cpu" and torch.get_num_threads() == 1:
+    if explicit_attention(q.shape[0] * q.shape[1], keys.shape[2], q.device):
         return single_query_attention(q, keys, values, mask)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 

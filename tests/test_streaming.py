@@ -294,6 +294,30 @@ def test_score_queries_configurations_in_the_speed_benchmark():
     assert [r["engine"] for r in res["rows"]] == ["(b) kv", "(c) topk 0.5", "(c) topk 0.5 q2", "(c) sink_window 0.5"]
 
 
+def test_step_attention_benchmark_forces_each_way_and_reports_the_default(tmp_path):
+    """benchmarks/step_attention.py times the fused and the explicit attention side by side and says
+    which one the step takes: explicit over the full 240 slots at 32 environments (128 rows), fused
+    over sink_window 0.1's 24 slots. It leaves the step's own choice in place afterwards."""
+    import model.ad as ad
+    from benchmarks.step_attention import main as attention_main
+
+    real, threads = ad.step_attention, torch.get_num_threads()
+    out = tmp_path / "attention.json"
+    try:
+        doc = attention_main(["--envs", "32", "--slots", "24", "--rounds", "1", "--steps", "2", "--configs", "none", "sink_window:0.1",
+                              "--out", str(out)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert ad.step_attention is real
+    assert [(c["slots"], c["fused_us"] > 0, c["explicit_us"] > 0) for c in doc["calls"]] == [(24, True, True)]
+    assert [(r["config"], r["slots"], r["default"]) for r in doc["steps"]] == [("none", 240, "explicit"), ("sink_window:0.1", 24, "fused")]
+    assert all(r["max_logit_diff"] < 1e-4 and r["fused_ms"] > 0 and r["explicit_ms"] > 0 for r in doc["steps"])
+    assert json.loads(out.read_text())["schema"] == "ad-benchmark-step-attention"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "step_attention.py"
+    r = subprocess.run([sys.executable, str(script), "--configs", "topk:2.0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "ratio" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_compaction_cost_benchmark_times_every_compaction(tmp_path):
     from benchmarks.compaction_cost import main as cost_main
 
