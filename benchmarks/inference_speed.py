@@ -203,7 +203,9 @@ def measure(model, spec, tasks, cfg, T, B, device) -> list[dict]:
             row["speedup_vs_rerun"] = float(vs_b[label] / vs_b["(a) rerun"])
         if label.startswith("(c)"):
             b, c = np.array(base[label]), per_step[label]
-            row |= {"speedup_vs_kv": float(vs_b[label]), "speedup_vs_kv_min": float((b / c).min()), "speedup_vs_kv_max": float((b / c).max()),
+            pairs = b / c
+            row |= {"speedup_vs_kv": float(vs_b[label]), "speedup_vs_kv_min": float(pairs.min()), "speedup_vs_kv_max": float(pairs.max()),
+                    "speedup_vs_kv_se": float(pairs.std(ddof=1) / np.sqrt(len(pairs))) if len(pairs) > 1 else float("nan"),
                     "kv_ms_per_step_paired": 1000 * float(b.mean())}  # fmt: skip
         rows.append(row)
     return rows
@@ -229,7 +231,7 @@ def main(argv=None) -> dict:
     hw = describe_device(device)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  device {device} ({hw}), torch {torch.__version__}, env {cfg['vec_env']}, "
           f"{cfg['rounds']} rounds of {cfg['steps']}-step pairs with (b) ((a): {cfg['rerun_steps']} steps)")  # fmt: skip
-    print(f"{'context':>8}{'envs':>6}  {'engine':<32}{'ms/step':>9}{'env steps/s':>13}{'vs (a)':>9}{'vs (b) [min-max]':>22}")
+    print(f"{'context':>8}{'envs':>6}  {'engine':<32}{'ms/step':>9}{'env steps/s':>13}{'vs (a)':>9}{'vs (b) [min-max] se':>30}")
     rows = []
     for T in cfg["contexts"]:
         if T == base.cfg.max_context:
@@ -242,12 +244,12 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 va = f"{row['speedup_vs_rerun']:.1f}x" if "speedup_vs_rerun" in row else ""
                 vb = (
-                    f"{row['speedup_vs_kv']:.2f}x [{row['speedup_vs_kv_min']:.2f}-{row['speedup_vs_kv_max']:.2f}]"
+                    f"{row['speedup_vs_kv']:.2f}x [{row['speedup_vs_kv_min']:.2f}-{row['speedup_vs_kv_max']:.2f}] se {row['speedup_vs_kv_se']:.2f}"
                     if "speedup_vs_kv" in row
                     else ""
                 )
                 print(
-                    f"{T:>8}{B:>6}  {row['engine']:<32}{row['ms_per_step']:>9.2f}{row['env_steps_per_s']:>13.0f}{va:>9}{vb:>22}", flush=True
+                    f"{T:>8}{B:>6}  {row['engine']:<32}{row['ms_per_step']:>9.2f}{row['env_steps_per_s']:>13.0f}{va:>9}{vb:>30}", flush=True
                 )
     result = {
         "date": str(datetime.date.today()),

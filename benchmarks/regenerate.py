@@ -196,7 +196,7 @@ def key_to_door_numbers(doc: dict) -> dict:
 
 def speed_numbers(doc: dict) -> dict:
     """benchmarks/inference_speed.py --out -> per (context, envs): ms per step of (a) and (b), (b) vs (a),
-    and every compressed (c) against (b) with its per-round range."""
+    and every compressed (c) against (b) with its per-round range (and the standard error of the per-round ratios)."""
     keys = (
         "context",
         "envs",
@@ -207,6 +207,7 @@ def speed_numbers(doc: dict) -> dict:
         "speedup_vs_kv",
         "speedup_vs_kv_min",
         "speedup_vs_kv_max",
+        "speedup_vs_kv_se",
     )
     return {"hardware": doc["hardware"], "rows": [{k: r[k] for k in keys if k in r} for r in doc["rows"]]}
 
@@ -410,6 +411,17 @@ REGISTRY = {
             ("runs/results/rollout_speed.json",),
             speed_numbers,
             minutes=13,
+        ),
+        Result(
+            "rollout_speed_8envs_half",
+            "the break-even at 8 envs, 240 transitions: every strategy keeping 50% against uncompressed, 40 rounds of pairs (standard error)",
+            "benchmarks/inference_speed.py",
+            ("--contexts", "240", "--envs", "8", "--no-rerun", "--strategies", "fixed_window", "topk", "pooling", "--ratios", "0.5",
+             "--score-queries", "0", "4", "--rounds", "40", "--out", "runs/results/rollout_speed_8envs_half.json"),
+            (),
+            ("runs/results/rollout_speed_8envs_half.json",),
+            speed_numbers,
+            minutes=1,
         ),
         Result(
             "rollout_bound_ctx1000",
@@ -961,6 +973,16 @@ def _ratio_cell(x: dict) -> str:
     return f"{x['speedup']:.2f}x [{x['speedup_min']:.2f}-{x['speedup_max']:.2f}]"
 
 
+def table_rollout_speed_8envs_half(r: dict) -> str:
+    rows = r["rollout_speed_8envs_half"]["numbers"]["rows"]
+    kv = next(x for x in rows if x["engine"] == "(b) kv")
+    lines = [f"| keeping 50%, 8 envs | ms/step (uncompressed: {kv['ms_per_step']:.2f}) | vs uncompressed [pairs] | +- se of the pairs |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {x['engine'].removeprefix('(c) ')} | {x['ms_per_step']:.2f} | {x['speedup_vs_kv']:.2f}x [{x['speedup_vs_kv_min']:.2f}-"
+              f"{x['speedup_vs_kv_max']:.2f}] | {x['speedup_vs_kv_se']:.3f} |" for x in rows if x["engine"].startswith("(c)")]  # fmt: skip
+    return "\n".join(lines)
+
+
 def table_device_rollout(r: dict) -> str:
     n = r["device_rollout"]["numbers"]
     lines = ["| envs | loop | ms/step | env steps/s | vs host [rounds] | same returns as host |", "|---|---|---|---|---|---|"]
@@ -996,12 +1018,14 @@ def table_readme_limits(r: dict) -> str:
     per = [sum(x[f"{k}_ms_per_compaction"] for k in ("scores", "plan", "apply")) for x in cost]
     saved = 4 * (cost[0]["attention_us_full"] - min(x["attention_us_mean_context"] for x in cost)) / 1000  # 4 layers, full vs compressed
     large = max(x["envs"] for x in all_rows)
+    half_rows = sorted((x for x in r["rollout_speed_8envs_half"]["numbers"]["rows"] if x["engine"].startswith("(c)")), key=lambda x: -x["speedup_vs_kv"])
+    half = ", ".join(f"{x['engine'].removeprefix('(c) ')} {x['speedup_vs_kv']:.2f}x (+- {x['speedup_vs_kv_se']:.2f})" for x in half_rows)
     also = f"; at {large} environments {slow(large)}" if slow(large) else ""
     return (f"- **Compression at 240 transitions** (KV cache): slower than the uncompressed step by more than 3% at 8 environments: "
             f"{slow(8) or 'none'}{also}. At 8, one layer's attention over all 240 slots takes {cost[0]['attention_us_full']:.0f} us, so keeping about half saves at most "
             f"~{saved:.2f} ms of a {kv['ms_per_step']:.1f} ms step, while one compaction (scores, plan, re-rotating and moving the kept "
             f"cache) costs {min(per):.1f}-{max(per):.1f} ms every 20 steps "
-            f"([where the time goes](EXPERIMENTS.md#cheaper-compactions-timed-in-pairs)).")  # fmt: skip
+            f"([where the time goes](EXPERIMENTS.md#cheaper-compactions-timed-in-pairs)). Keeping 50%, in 40 rounds of pairs: {half}.")  # fmt: skip
 
 
 def table_oneclick(r: dict) -> str:
@@ -1043,7 +1067,8 @@ TABLES = {
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "device_rollout": (("device_rollout",), table_device_rollout),
     "step_attention": (("step_attention",), table_step_attention),
-    "readme_limits": (("rollout_speed", "compaction_cost"), table_readme_limits),
+    "rollout_speed_8envs_half": (("rollout_speed_8envs_half",), table_rollout_speed_8envs_half),
+    "readme_limits": (("rollout_speed", "compaction_cost", "rollout_speed_8envs_half"), table_readme_limits),
     "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),
     "rl_compression": (("rl_compression_rerun", "rl_compression_kv"), table_rl_compression),
     "rl_compression_ctx1000": (("rl_compression_kv_ctx1000",), _return_table_of("rl_compression_kv_ctx1000")),
