@@ -36,7 +36,7 @@ from adlens.io import finish_result  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from model.ad import Tokens  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.rope import apply_rope  # noqa: E402
+from model.rope import apply_rope_full  # noqa: E402
 
 CONFIG = {
     "checkpoint": "default",  # model.pt (default: the shipped model)
@@ -52,14 +52,14 @@ CONFIG = {
 
 def static_step(model, x, kv, slot, cos, sin, valid):
     """`ADTransformer.step_embeddings` after `advance`, with tensors only: x (B, 1, D) embeddings,
-    kv (L, 2, B, H, C, Dh) the cache (written in place at `slot` (1,) long), cos/sin (3, 1, 1, Dh/2),
+    kv (L, 2, B, H, C, Dh) the cache (written in place at `slot` (1,) long), cos/sin full-width (3, 1, 1, Dh),
     valid (1, 1, 1, C) bool -> logits (B, A)."""
     B, _, D = x.shape
     H, Dh = model.cfg.n_head, model.cfg.head_size
     for i, blk in enumerate(model.blocks):
         a, up, down = blk.attn, blk.mlp[0], blk.mlp[2]
         h = F.layer_norm(x, (D,), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
-        qkv = apply_rope(F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, H, 1, Dh), cos, sin)
+        qkv = apply_rope_full(F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, H, 1, Dh), cos, sin)
         kv[i].index_copy_(3, slot, qkv[:, 1:].transpose(0, 1))
         y = F.scaled_dot_product_attention(qkv[:, 0], kv[i, 0], kv[i, 1], attn_mask=valid)
         x = x + F.linear(y.reshape(B, 1, D), a.proj.weight, a.proj.bias)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from adlens.errors import ConfigError
 from model.cache import KVCache, StreamingCache
-from model.rope import apply_rope, rope_cos_sin
+from model.rope import apply_rope, apply_rope_full, rope_cos_sin
 
 
 MAX_CONTEXT = 1_000_000  # transitions; no AD model here comes near it, a corrupt or mistyped value does
@@ -209,7 +209,7 @@ class CausalSelfAttention(nn.Module):
         """One new token per sequence, (B, D), attending over the cache (which it joins).
 
         The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
-        q and k rotated together by `rot` = cos, sin (3, 1, 1, Dh/2) (`KVCache.rotation_at`, v
+        q and k rotated together by `rot`, full-width factors (3, 1, 1, Dh) (`KVCache.rotation_at`, v
         untouched), key and value written with one copy, and `step_attention` (the fused kernel, or
         where it is faster the explicit `single_query_attention`, which also serves when weights are
         recorded). Rows are (B, D), not (B, 1, D): a linear layer on 2-D input skips
@@ -217,7 +217,7 @@ class CausalSelfAttention(nn.Module):
         """
         qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
         B, D = x.shape
-        qkv = apply_rope(F.linear(x, qkv_w, qkv_b).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
+        qkv = apply_rope_full(F.linear(x, qkv_w, qkv_b).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # scores for compression are computed later, from stored queries
@@ -356,7 +356,7 @@ class ADTransformer(nn.Module):
 
     def step_rotated(self, x: torch.Tensor, rot, cache) -> torch.Tensor:
         """The cached step once the new token's slot is reserved: embeddings x (B, 1, D), its rotation
-        `rot` = cos, sin (3, 1, 1, Dh/2) -> logits (B, A). Any cache with `write_kv` and `note_query`."""
+        `rot` (full-width factors (3, 1, 1, Dh), `KVCache.rotation_at`) -> logits (B, A). Any cache with `write_kv` and `note_query`."""
         params = self.resolve_step_params()
         x = x[:, -1]  # (B, D) through the blocks
         for i, (blk, w) in enumerate(params.blocks):

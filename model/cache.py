@@ -38,15 +38,16 @@ import torch
 
 from adlens.compression import HistoryMeta, merge_meta
 from adlens.errors import ConfigError
-from model.rope import apply_rope, rope_cos_sin
+from model.rope import apply_rope, rope_cos_sin, rope_full
 
 
 def qkv_rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position cos, sin (P, Dh/2) -> (P, 3, 1, 1, Dh/2) factors that rotate a step's stacked q, k,
-    v with `apply_rope`: q and k by the position, v left exactly as it is (cos 1, sin 0)."""
+    """Per-position cos, sin (P, Dh/2) -> (P, 3, 1, 1, Dh) full-width factors that rotate a step's
+    stacked q, k, v with `apply_rope_full`: q and k by the position, v left exactly as it is (1, 0)."""
+    cos2, sin2 = rope_full(cos, sin)
     return (
-        torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None, None],
-        torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None, None],
+        torch.stack([cos2, cos2, torch.ones_like(cos2)], dim=1)[:, :, None, None],
+        torch.stack([sin2, sin2, torch.zeros_like(sin2)], dim=1)[:, :, None, None],
     )
 
 
@@ -95,7 +96,7 @@ class KVCache:
         self._slot = 0
         self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
-        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (P, 3, 1, 1, Dh/2) for q, k, v
+        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # full-width cos, sin (P, 3, 1, 1, Dh) for q, k, v
         if track_scores:  # queries not yet folded into scores
             self._q = torch.zeros(n_layer, batch_size, n_head, max(1, score_window), head_size, device=device, dtype=dtype)
             self._q_step = torch.zeros(max(1, score_window), dtype=torch.long, device=device)
@@ -126,8 +127,8 @@ class KVCache:
         return table[0][pos : pos + 1], table[1][pos : pos + 1]
 
     def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with `apply_rope`:
-        q and k to rotary position `pos`, v left exactly as it is (cos 1, sin 0)."""
+        """Full-width factors (3, 1, 1, Dh) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with
+        `apply_rope_full`: q and k to rotary position `pos`, v left exactly as it is (1, 0)."""
         if self._rot is None or pos >= len(self._rot[0]):
             self.rope_at(max(pos, 4095))  # grows the angle table
             self._rot = qkv_rotation(*self._rope)
@@ -320,13 +321,12 @@ class KVCache:
         of computing angles); a negative delta is computed directly."""
         if int(delta.min()) < 0:
             cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)
-            return (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)) if full else (cos, sin)
+            return rope_full(cos, sin) if full else (cos, sin)
         top = int(delta.max())
         self.rope_at(top)  # grows the angle table
         if full:
             if self._rot_full is None or top >= len(self._rot_full[0]):
-                cos, sin = self._rope
-                self._rot_full = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))  # (P, Dh)
+                self._rot_full = rope_full(*self._rope)  # (P, Dh)
             cos, sin = self._rot_full
         else:
             cos, sin = self._rope

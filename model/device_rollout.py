@@ -90,7 +90,7 @@ class DeviceRollout:
         x = model._embed_step(tok)  # (B, 1, D)
         c.slot.copy_(self.t % self.T)  # a sliding window once full: the oldest slot is overwritten
         c.valid.index_fill_(3, c.slot, 0.0)
-        rot = (self.rot[0].index_select(0, self.t)[0], self.rot[1].index_select(0, self.t)[0])  # (3, 1, 1, Dh/2)
+        rot = (self.rot[0].index_select(0, self.t)[0], self.rot[1].index_select(0, self.t)[0])  # (3, 1, 1, Dh)
         logits = model.step_rotated(x, rot, c)
         if self.greedy:
             actions = logits.argmax(-1)

@@ -19,3 +19,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (..., T, Dh) by angles cos/sin broadcastable to (..., T, Dh/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def rope_full(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., Dh/2) -> the full-width factors [cos, cos], [-sin, sin] (..., Dh) of `apply_rope_full`."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope_full(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` by full-width factors from `rope_full`, bit for bit the same: x * [cos, cos] plus x
+    with its halves swapped times [-sin, sin]. Four operations over whole rows instead of seven over
+    half rows (a chunk, four products, a difference, a sum and a concatenation): on a CPU the cached
+    step's rotation at 8 environments takes about half the time."""
+    return (x * cos2).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin2))

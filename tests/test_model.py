@@ -17,6 +17,7 @@ import model.ad as ad
 from model.ad import ADConfig, ADTransformer, CausalSelfAttention, Tokens, single_query_attention
 from adlens.capture import capture_attention
 from model.data import HistoryData, grid_symmetries
+from model.rope import apply_rope, apply_rope_full, rope_cos_sin, rope_full
 from model.rollout import run_episodes
 
 ATOL = 1e-5
@@ -171,6 +172,16 @@ def test_kv_cache_step_equals_full_forward(make_model, n_layer, grid_size):
         torch.testing.assert_close(step, full[:, t], atol=ATOL, rtol=0)
         assert len(cache) == t + 1 and cache.n_added == t + 1
     assert cache.full
+
+
+def test_full_width_rope_is_bit_for_bit_apply_rope():
+    """The cached step's rotation (whole rows, halves swapped) gives exactly `apply_rope`'s numbers,
+    at large positions too, where a change of rounding would show."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 1, 16, generator=g) * 10
+    for pos in (0, 7, 239, 100_003):
+        cos, sin = rope_cos_sin(torch.tensor([pos]), 16, 10000.0)
+        assert torch.equal(apply_rope_full(x, *rope_full(cos, sin)), apply_rope(x, cos, sin))
 
 
 def test_single_query_attention_equals_fused_kernel():
