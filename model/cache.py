@@ -185,8 +185,8 @@ class KVCache:
     def _flush_scores(self) -> None:
         """Add the attention the pending queries paid to every valid slot: one batched product for
         several layers at once into reused memory (at most ~8 MB of work memory), masked, a softmax in
-        base 2 (the factor log2(e) rides on the stored queries, and `exp2` is ~1.6x cheaper than `exp`
-        on this CPU; normalised by multiplying with the inverse row sums), and summed.
+        place (the fused kernel: one call instead of the five passes of max, subtraction, exponential,
+        sum and division), and summed.
 
         Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
         since it ran (compaction and slides flush first)."""
@@ -204,7 +204,7 @@ class KVCache:
             most = B * H * len(self._q_step) * self.capacity  # one layer's scores at the most queries and slots
             self._score_group = max(1, min(L, 2**21 // most))
             self._score_buf = torch.empty(self._score_group * most, device=self.k.device, dtype=self.k.dtype)
-        q = self._q[:, :, :, :m].mul_(math.log2(math.e) / math.sqrt(Dh))  # the stored queries are not needed again
+        q = self._q[:, :, :, :m].mul_(1 / math.sqrt(Dh))  # the stored queries are not needed again
         paid = torch.zeros(B, n, device=self.k.device, dtype=self.k.dtype)
         for first in range(0, L, self._score_group):
             g = min(L, first + self._score_group) - first
@@ -212,8 +212,7 @@ class KVCache:
             for i in range(g):  # per layer: a product over several layers at once copies its operands
                 torch.matmul(q[first + i], self.k[first + i, :, :, :n].transpose(-2, -1), out=logits[i])
             logits.add_(unseen)
-            attn = logits.sub_(logits.amax(-1, keepdim=True)).exp2_()
-            attn.mul_(attn.sum(-1, keepdim=True).reciprocal_())  # softmax over the keys each query saw
+            attn = torch.softmax(logits, -1, out=logits)  # over the keys each query saw
             paid += attn.view(g, B, H * m, n).sum(2).sum(0)  # (B, n)
         self.scores[:, :n] += paid / (H * L)
 
