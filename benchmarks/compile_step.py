@@ -4,22 +4,27 @@
     python benchmarks/compile_step.py --envs 256 --rounds 5
     python benchmarks/compile_step.py --cpp-wrapper     # inductor's C++ wrapper around the compiled kernels
 
-The step is the model's static-shape cached step (the cache's full capacity, a validity mask, the
-slot to write given as a tensor, so that shapes and guards never change and the compiled graph is
-never recompiled). It is first checked to give the logits of `ADTransformer.step`. Then the
-compiled function is built and called once (timed: that is the compile cost), and `rounds` rounds
-time `steps` steps of eager and compiled in turn (ABAB). Reported: compile seconds, ms per step
-(wall and process CPU time), their ratio with its per-round spread, and how many steps a run must
-take before compiling pays, against a typical evaluation (8 held-out goals x 50 episodes x 20 steps
-x 3 seeds = 3,000 steps). `cpp_wrapper` calls the compiled kernels from generated C++ instead of
-Python, which removes per-call Python overhead. Inductor keeps compiled code on disk, so a second
-run compiles faster than the first.
+Eager is the engine's own cached step (`ADTransformer.step_embeddings`). The compiled function is
+the same step with tensors only and the cache read-only: each layer attends over the cache as it
+was, the slot the new token replaces masked out, with the fused CPU kernel, which also returns the
+log-sum-exp of its scores, and merges the new token's own key and value into that result; the new
+keys and values of all layers come back and one copy writes them into the cache outside the graph.
+(Written in place inside the graph, the cache write is functionalised: inductor then copied every
+layer's whole cache three times per step, and the compiled step was slower than eager.) Shapes and
+guards never change, so nothing recompiles. The compiled step is first checked to give the eager
+step's logits and cache. Then `rounds` rounds time `steps` steps of each in turn (ABAB) on a full
+context. Reported: compile seconds (the first call), ms per step (wall and process CPU time),
+their ratio with its per-round spread, and how many steps a run must take before compiling pays,
+against a typical evaluation (8 held-out goals x 50 episodes x 20 steps x 3 seeds = 3,000 steps).
+`cpp_wrapper` calls the compiled kernels from generated C++ instead of Python. Inductor keeps
+compiled code on disk, so a second run compiles faster than the first. CPU only.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
@@ -50,29 +55,52 @@ CONFIG = {
 }
 
 
-def static_step(model, x, kv, slot, cos, sin, valid):
-    """`ADTransformer.step_embeddings` after `advance`, with tensors only: x (B, 1, D) embeddings,
-    kv (L, 2, B, H, C, Dh) the cache (written in place at `slot` (1,) long), cos/sin full-width (3, 1, 1, Dh),
-    valid (1, 1, 1, C) bool -> logits (B, A)."""
-    B, _, D = x.shape
-    H, Dh = model.cfg.n_head, model.cfg.head_size
-    for i, blk in enumerate(model.blocks):
+def readonly_step(model):
+    """The cached step as a function of tensors only, for `torch.compile`:
+    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, cos, sin full-width (3, 1, 1, Dh), mask (1, 1, 1, C)
+    additive, -inf at empty slots and at the one being replaced, *params) -> logits (B, A) and the new
+    keys and values (L, 2, B, H, 1, Dh). `params` are `step_param_list(model)`."""
+    cfg = model.cfg
+    L, H, Dh, D = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.d_model
+    eps = [(blk.ln1.eps, blk.ln2.eps) for blk in model.blocks] + [model.ln_f.eps]
+    scale = 1 / math.sqrt(Dh)
+
+    def step(x, kv, cos, sin, mask, *w):
+        B = x.shape[0]
+        new = []
+        for i in range(L):
+            l1w, l1b, qw, qb, pw, pb, l2w, l2b, uw, ub, dw, db = w[12 * i : 12 * i + 12]
+            qkv = apply_rope_full(F.linear(F.layer_norm(x, (D,), l1w, l1b, eps[i][0]), qw, qb).view(B, 3, H, 1, Dh), cos, sin)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, H, 1, Dh)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv[i, 0], kv[i, 1], attn_mask=mask)[:2]
+            own = (q * k).sum(-1) * scale  # (B, H, 1): the new token's score for its own key
+            top = torch.maximum(lse, own)
+            a, b = (lse - top).exp().unsqueeze(-1), (own - top).exp().unsqueeze(-1)
+            y = (out * a + v * b) / (a + b)  # softmax over the old slots and the new token together
+            new.append(qkv[:, 1:])
+            x = x + F.linear(y.reshape(B, D), pw, pb)
+            h = F.layer_norm(x, (D,), l2w, l2b, eps[i][1])
+            x = x + F.linear(F.gelu(F.linear(h, uw, ub)), dw, db)
+        lw, lb, hw, hb = w[12 * L :]
+        return F.linear(F.layer_norm(x, (D,), lw, lb, eps[L]), hw, hb), torch.stack(new).transpose(1, 2)
+
+    return step
+
+
+def step_param_list(model) -> list[torch.Tensor]:
+    """The parameters `readonly_step` takes, in its order."""
+    w = []
+    for blk in model.blocks:
         a, up, down = blk.attn, blk.mlp[0], blk.mlp[2]
-        h = F.layer_norm(x, (D,), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
-        qkv = apply_rope_full(F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, H, 1, Dh), cos, sin)
-        kv[i].index_copy_(3, slot, qkv[:, 1:].transpose(0, 1))
-        y = F.scaled_dot_product_attention(qkv[:, 0], kv[i, 0], kv[i, 1], attn_mask=valid)
-        x = x + F.linear(y.reshape(B, 1, D), a.proj.weight, a.proj.bias)
-        h = F.layer_norm(x, (D,), blk.ln2.weight, blk.ln2.bias, blk.ln2.eps)
-        x = x + F.linear(F.gelu(F.linear(h, up.weight, up.bias)), down.weight, down.bias)
-    lnf = model.ln_f
-    return F.linear(F.layer_norm(x[:, -1], (D,), lnf.weight, lnf.bias, lnf.eps), model.head.weight, model.head.bias)
+        w += [blk.ln1.weight, blk.ln1.bias, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
+              blk.ln2.weight, blk.ln2.bias, up.weight, up.bias, down.weight, down.bias]  # fmt: skip
+    return [t.detach() for t in w + [model.ln_f.weight, model.ln_f.bias, model.head.weight, model.head.bias]]
 
 
-def _time(fn, args_at, steps):
+def _time(fn, steps):
     t0, c0 = time.perf_counter(), time.process_time()
-    for s in range(steps):
-        fn(*args_at(s))
+    for _ in range(steps):
+        fn()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -90,33 +118,45 @@ def main(argv=None) -> dict:
     tok = Tokens(torch.randint(0, model.cfg.n_states, (B, 1), generator=g), torch.zeros(B, 1, dtype=torch.long),
                  torch.zeros(B, 1), torch.zeros(B, 1, dtype=torch.long))  # fmt: skip
     with torch.inference_mode():
-        x = model.embed(tok)
+        x = model.embed(tok)  # (B, 1, D)
         cache = model.new_cache(B)
-        for _ in range(T):  # a full context: the steady state of a long rollout
+        for _ in range(T + 5):  # a full context whose window slides: the steady state of a long rollout
             model.step_embeddings(x, cache)
-        valid = torch.ones(1, 1, 1, T, dtype=torch.bool)
-        pos = cache.n_added
-        kv = cache.kv.clone()
-        ref = model.step_embeddings(x, cache)  # writes slot pos % T at position pos
-        got = static_step(model, x, kv, torch.tensor([pos % T]), *cache.rotation_at(pos), valid)
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        kv, params, slots = cache.kv.clone(), step_param_list(model), torch.arange(T)
+        masks = torch.zeros(T, T)
+        masks.fill_diagonal_(float("-inf"))  # row s: slot s is being replaced
+        masks = masks.view(T, 1, 1, 1, T)
+        at = {"pos": cache.n_added}  # the read-only side's own rollout step
 
-        def args_at(s):
-            return (model, x, kv, torch.tensor([s % T]), *cache.rotation_at(pos + s), valid)
+        def readonly(fn):
+            pos = at["pos"]
+            at["pos"] += 1
+            logits, new = fn(x[:, -1], kv, *cache.rotation_at(pos), masks[pos % T], *params)
+            kv.index_copy_(4, slots[pos % T : pos % T + 1], new)  # the slot the eager cache overwrites too
+            return logits
 
-        t0 = time.perf_counter()
+        def eager():
+            return model.step_embeddings(x, cache)
+
+        step = readonly_step(model)
+        torch.testing.assert_close(readonly(step), eager(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(kv, cache.kv, atol=1e-5, rtol=0)
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp_wrapper = bool(cfg["cpp_wrapper"])
-        compiled = torch.compile(static_step, dynamic=False)
-        torch.testing.assert_close(compiled(*args_at(0)), static_step(*args_at(0)), atol=1e-5, rtol=0)
+        compiled = torch.compile(step, dynamic=False)
+        t0 = time.perf_counter()
+        got = readonly(compiled)
         compile_s = time.perf_counter() - t0
-        for fn in (static_step, compiled):
-            _time(fn, args_at, 10)  # warm-up
+        torch.testing.assert_close(got, eager(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(kv, cache.kv, atol=1e-5, rtol=0)
+        fns = {"eager": eager, "compiled": lambda: readonly(compiled)}
+        for fn in fns.values():
+            _time(fn, 10)  # warm-up
         wall, cpu = {"eager": [], "compiled": []}, {"eager": [], "compiled": []}
         for rnd in range(cfg["rounds"]):
             for name in ("eager", "compiled") if rnd % 2 == 0 else ("compiled", "eager"):
-                w, c = _time(static_step if name == "eager" else compiled, args_at, cfg["steps"])
+                w, c = _time(fns[name], cfg["steps"])
                 wall[name].append(w / cfg["steps"])
                 cpu[name].append(c / cfg["steps"])
     ratio = np.array(wall["eager"]) / np.array(wall["compiled"])

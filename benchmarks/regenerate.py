@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -443,6 +444,26 @@ REGISTRY = {
             ("runs/results/compaction_cost.json",),
             lambda doc: {"rows": doc["rows"]},
             minutes=4,
+        ),
+        Result(
+            "compile_step",
+            "the cached step, eager vs torch.compile (the cache read-only in the graph), compile time counted, 8 envs",
+            "benchmarks/compile_step.py",
+            ("--rounds", "6", "--steps", "200", "--out", "runs/results/compile_step.json"),
+            (),
+            ("runs/results/compile_step.json",),
+            lambda doc: doc,
+            minutes=1,
+        ),
+        Result(
+            "compile_step_256envs",
+            "the cached step, eager vs torch.compile, compile time counted, 256 envs",
+            "benchmarks/compile_step.py",
+            ("--envs", "256", "--rounds", "4", "--steps", "30", "--out", "runs/results/compile_step_256envs.json"),
+            (),
+            ("runs/results/compile_step_256envs.json",),
+            lambda doc: doc,
+            minutes=1,
         ),
         Result(
             "step_attention",
@@ -969,6 +990,17 @@ def table_step_attention(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table_compile_step(r: dict) -> str:
+    lines = ["| envs | compile (first call) | eager | compiled | compiled vs eager [rounds] | compiling pays after | a run of 3,000 steps, eager / compiled |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ("compile_step", "compile_step_256envs"):
+        x = r[name]["numbers"]
+        pays = f"{x['break_even_steps']:,.0f} steps" if math.isfinite(x["break_even_steps"]) else "never"
+        lines.append(f"| {x['config']['envs']} | {x['compile_s']:.1f} s | {x['eager_ms']:.2f} ms | {x['compiled_ms']:.2f} ms | "
+                     f"{_ratio_cell(x)} | {pays} | {x['typical_run_s']['eager']:.1f} s / {x['typical_run_s']['compiled']:.1f} s |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _ratio_cell(x: dict) -> str:
     return f"{x['speedup']:.2f}x [{x['speedup_min']:.2f}-{x['speedup_max']:.2f}]"
 
@@ -1067,6 +1099,7 @@ TABLES = {
     "compaction_cost": (("compaction_cost",), table_compaction_cost),
     "device_rollout": (("device_rollout",), table_device_rollout),
     "step_attention": (("step_attention",), table_step_attention),
+    "compile_step": (("compile_step", "compile_step_256envs"), table_compile_step),
     "rollout_speed_8envs_half": (("rollout_speed_8envs_half",), table_rollout_speed_8envs_half),
     "readme_limits": (("rollout_speed", "compaction_cost", "rollout_speed_8envs_half"), table_readme_limits),
     "ctx1000_bound": (("rollout_bound_ctx1000", "rollout_speed_ctx1000"), table_ctx1000_bound),

@@ -184,6 +184,31 @@ def test_full_width_rope_is_bit_for_bit_apply_rope():
         assert torch.equal(apply_rope_full(x, *rope_full(cos, sin)), apply_rope(x, cos, sin))
 
 
+def test_readonly_step_of_the_compile_benchmark_equals_the_cached_step(make_model):
+    """benchmarks/compile_step.py's step for `torch.compile` (run here eagerly): the cache read-only,
+    the replaced slot masked out, the new token merged in through the kernel's log-sum-exp, its keys
+    and values written afterwards, gives the cached step's logits and cache, the window sliding."""
+    from benchmarks.compile_step import readonly_step, step_param_list
+
+    model = make_model()
+    B, T = 3, model.cfg.max_context
+    tok = random_tokens(model.cfg, B, 3 * T, seed=5)
+    x_all = model.embed(tok).detach()
+    cache = model.new_cache(B)
+    with torch.inference_mode():
+        for t in range(T + 3):  # full, and sliding
+            model.step_embeddings(x_all[:, t : t + 1], cache)
+        kv, step, params = cache.kv.clone(), readonly_step(model), step_param_list(model)
+        for t in range(T + 3, 2 * T + 6):  # every slot replaced once more
+            pos = cache.n_added
+            mask = torch.zeros(1, 1, 1, T)
+            mask[..., pos % T] = float("-inf")
+            logits, new = step(x_all[:, t], kv, *cache.rotation_at(pos), mask, *params)
+            kv.index_copy_(4, torch.tensor([pos % T]), new)
+            torch.testing.assert_close(logits, model.step_embeddings(x_all[:, t : t + 1], cache), atol=ATOL, rtol=0)
+            torch.testing.assert_close(kv, cache.kv, atol=ATOL, rtol=0)
+
+
 def test_single_query_attention_equals_fused_kernel():
     """The explicit single-query attention over a cache layer, a prefix of its slots, and with a mask."""
     torch.manual_seed(0)
