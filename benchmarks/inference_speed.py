@@ -39,6 +39,7 @@ from env.batched import BatchedGridEnv  # noqa: E402
 from model.ad import ADConfig, ADTransformer, Tokens  # noqa: E402
 from adlens.device import describe_device  # noqa: E402
 from model.checkpoint import load_model, resolve_device  # noqa: E402
+from model.device_rollout import draw  # noqa: E402
 from model.rollout import make_engine, run_episodes  # noqa: E402
 
 CONFIG = {
@@ -108,7 +109,7 @@ class Runner:
             states = torch.as_tensor(spec.state_index(self.obs), device=device).view(B, 1)
             ts = torch.full((B, 1), self.t % spec.horizon, dtype=torch.long, device=device)
             logits = self.eng.step(Tokens(states, self.prev_a, self.prev_r, ts))
-            actions = torch.multinomial(logits.softmax(-1), 1, generator=self.gen)[:, 0]
+            actions = draw(logits.softmax(-1), self.gen)  # as run_episodes draws
             self.obs, rewards, _, _ = self.venv.step(actions.cpu().numpy())
             self.prev_a = actions.view(B, 1)
             self.prev_r = torch.as_tensor(rewards, dtype=torch.float32, device=device).view(B, 1)

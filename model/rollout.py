@@ -30,6 +30,7 @@ from adlens.capture import capture_attention
 from adlens.compression import Compression, HistoryMeta, merge_meta, merge_rows
 from adlens.errors import ConfigError
 from model.ad import ADTransformer, Tokens
+from model.device_rollout import draw
 
 ENGINES = ("kv", "rerun")
 
@@ -224,7 +225,7 @@ def run_episodes(
         if greedy:
             actions = logits.argmax(-1)
         else:
-            actions = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+            actions = draw(logits.softmax(-1), gen)  # = torch.multinomial(.., 1, generator=gen)[:, 0], ~4x cheaper
         obs, rewards, _dones, _infos = venv.step(actions.cpu().numpy())
         returns[:, t // H] += rewards
         if on_step is not None:
