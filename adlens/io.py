@@ -40,6 +40,7 @@ SCHEMAS = {
     "ad-benchmark-train-step": 1,  # benchmarks/train_step.py --out
     "ad-benchmark-compaction-cost": 1,  # benchmarks/compaction_cost.py --out
     "ad-benchmark-step-attention": 1,  # benchmarks/step_attention.py --out
+    "ad-benchmark-step-commits": 1,  # benchmarks/step_commits.py --out
     "ad-benchmark-device-rollout": 1,  # benchmarks/device_rollout.py --out
     "adlens-output-manifest": 1,  # the one-click and the analysis scripts: OUT/manifest.json
     "adlens-results": 1,  # benchmarks/regenerate.py: results/NAME.json, the numbers the docs' tables show

@@ -18,6 +18,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from adlens.capture import capture_attention
 from benchmarks.inference_speed import main as benchmark_main
 from adlens.compression import make_compression
+from adlens.errors import UserError
 from env import get_spec, make_env
 from model.ad import ADConfig, ADTransformer, Tokens
 from model.cache import KVCache
@@ -345,3 +346,20 @@ def test_train_step_benchmark_compares_attention_dropout_with_the_fused_kernel(t
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_step.py"
     r = subprocess.run([sys.executable, str(script), "--attn-dropout", "1.5"], capture_output=True, text=True)
     assert r.returncode == 2 and "--attn-dropout must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / ".git").exists(), reason="needs the project's git history")
+def test_step_commits_runs_two_revisions_side_by_side(tmp_path, tiny_checkpoint):
+    """benchmarks/step_commits.py with the same commit on both sides: both workers run, alternate, and
+    give the same logits; an unknown revision is refused before any worker starts."""
+    from benchmarks.step_commits import main as commits_main
+
+    out = tmp_path / "commits.json"
+    doc = commits_main(["--base", "HEAD", "--new", "HEAD", "--checkpoint", str(tiny_checkpoint), "--envs", "2", "--configs",
+                        "topk:0.5:keep_recent=4", "--rounds", "2", "--steps", "3", "--out", str(out)])  # fmt: skip
+    assert doc["revisions"]["base"] == doc["revisions"]["new"]
+    assert [(r["envs"], r["config"], r["steps"]) for r in doc["rows"]] == [(2, "topk:0.5:keep_recent=4", 3)]
+    assert all(r["max_logit_diff"] == 0.0 and r["base_ms"] > 0 and r["new_ms"] > 0 and r["speedup"] > 0 for r in doc["rows"])
+    assert json.loads(out.read_text())["schema"] == "ad-benchmark-step-commits"
+    with pytest.raises(UserError, match="no-such-revision"):
+        commits_main(["--base", "no-such-revision", "--checkpoint", str(tiny_checkpoint)])
