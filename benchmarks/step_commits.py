@@ -100,7 +100,7 @@ def _source(rev: str, into: Path) -> tuple[Path, str]:
     into.mkdir(parents=True)
     archive = subprocess.run([*git, "archive", "--format=tar", sha], capture_output=True, check=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
+        tar.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # the filter from Python 3.11.4 on
     return into, sha[:10]
 
 
