@@ -1,7 +1,7 @@
 """The cached step of two commits, side by side: what a change to the step did to its speed.
 
     python benchmarks/step_commits.py                                    # HEAD~1 against the working tree, 8 and 256 envs
-    python benchmarks/step_commits.py --base 8047c57 --new HEAD --envs 8 --rounds 60
+    python benchmarks/step_commits.py --base 8047c57 --new HEAD --envs 8 --rounds 80 --pairs 8
     python benchmarks/step_commits.py --configs none topk:0.5:keep_recent=20
 
 Each side runs in its own worker process on the project's code at that revision (`git archive`;
@@ -10,10 +10,12 @@ with a KV engine (`none`, or a compression `strategy:ratio[:param=value...]` as 
 benchmarks/rl_compression.py, interval 20) filled past its context first. The two workers then
 run `steps`-step blocks in turn, the order flipped every round (ABAB), each with the other idle:
 both sides meet the machine in the same seconds, which a comparison of separate runs cannot give
-on a machine whose speed drifts from minute to minute. Reported per batch and configuration: ms
-per step of each side, speedup = summed base time / summed new time, the standard error and the
-range of the per-round ratios, and the largest difference between the two sides' logits over the
-last 10 warm-up steps (0 for a change that keeps the arithmetic). Needs git; the revisions must
+on a machine whose speed drifts from minute to minute. A process also keeps a speed of its own for
+its life (where its memory landed), so this is done by `pairs` fresh pairs of workers, the rounds
+split among them. Reported per batch and configuration: ms per step of each side, speedup = summed
+base time / summed new time, the standard error and range of the per-pair speedups (of the
+per-round ratios with one pair), and the largest difference between the two sides' logits over
+the last 10 warm-up steps (0 for a change that keeps the arithmetic). Needs git; the revisions must
 have `model.rollout.KVEngine`, `benchmarks.compaction_cost` and `benchmarks.rl_compression`.
 """
 
@@ -46,12 +48,13 @@ CONFIG = {
     "checkpoint": "default",  # model.pt both sides load (default: the shipped model)
     "envs": [8, 256],  # parallel sequences (batch)
     "configs": ["none"],  # none | strategy:ratio[:param=value...]
-    "rounds": 30,  # alternated rounds per batch and configuration
+    "rounds": 40,  # alternated rounds per batch and configuration, split among the pairs
+    "pairs": 4,  # fresh pairs of worker processes per batch and configuration
     "steps": 0,  # steps per block (0: 800 / envs, at least 10)
     "threads": 1,  # torch CPU threads of each worker
     "out": "",  # write the rows as JSON here
 }
-BOUNDS = {"envs": (1, 65_536), "rounds": (2, 100_000), "steps": (0, 10**6), "threads": (1, 1024)}
+BOUNDS = {"envs": (1, 65_536), "rounds": (2, 100_000), "pairs": (1, 1000), "steps": (0, 10**6), "threads": (1, 1024)}
 
 # The worker: the step of one revision. argv: source dir, checkpoint, envs, config, threads. It
 # fills the engine, prints the last 10 warm-up steps' logits as JSON, then for each line "N" on
@@ -138,18 +141,40 @@ class Worker:
             self.proc.kill()
 
 
-def measure(base: Worker, new: Worker, steps: int, rounds: int) -> dict:
+def alternate(base: Worker, new: Worker, steps: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of each side's `steps`-step blocks, `rounds` of them in turn (ABAB), after one warm-up block each."""
     for w in (base, new):
-        w.run(steps)  # warm-up block
+        w.run(steps)
     times = {"base": [], "new": []}
     for r in range(rounds):
         for name in ("base", "new") if r % 2 == 0 else ("new", "base"):
             times[name].append((base if name == "base" else new).run(steps))
-    b, n = np.array(times["base"]), np.array(times["new"])
-    ratio = b / n
-    return {"base_ms": 1000 * b.sum() / (rounds * steps), "new_ms": 1000 * n.sum() / (rounds * steps), "speedup": float(b.sum() / n.sum()),
-            "speedup_se": float(ratio.std(ddof=1) / np.sqrt(rounds)), "speedup_min": float(ratio.min()), "speedup_max": float(ratio.max()),
-            "max_logit_diff": float(np.abs(base.logits - new.logits).max())}  # fmt: skip
+    return times["base"], times["new"]
+
+
+def measure(sources: tuple[Path, Path], ckpt: Path, envs: int, spec: str, cfg: dict, steps: int) -> dict:
+    """`pairs` fresh pairs of workers, each alternating rounds / pairs rounds. A process keeps its own
+    speed for its whole life (where its memory landed, which core it runs on), so one pair can favour a
+    side by more than its rounds' spread shows; the standard error is taken over the pairs."""
+    pairs, rounds = cfg["pairs"], max(2, cfg["rounds"] // cfg["pairs"])
+    b_all, n_all, per_pair, per_round, diff = [], [], [], [], 0.0
+    for _ in range(pairs):
+        base, new = [Worker(src, ckpt, envs, spec, cfg["threads"]) for src in sources]  # both start at once
+        try:
+            b, n = alternate(base.ready(), new.ready(), steps, rounds)
+            diff = max(diff, float(np.abs(base.logits - new.logits).max()))
+        finally:
+            base.close()
+            new.close()
+        b_all += b
+        n_all += n
+        per_pair.append(sum(b) / sum(n))
+        per_round += [x / y for x, y in zip(b, n)]
+    spread = np.array(per_pair if pairs > 1 else per_round)
+    return {"envs": envs, "config": spec, "steps": steps, "pairs": pairs, "rounds_per_pair": rounds,
+            "base_ms": 1000 * sum(b_all) / (len(b_all) * steps), "new_ms": 1000 * sum(n_all) / (len(n_all) * steps),
+            "speedup": sum(b_all) / sum(n_all), "speedup_se": float(spread.std(ddof=1) / np.sqrt(len(spread))),
+            "pair_speedups": per_pair, "speedup_min": float(spread.min()), "speedup_max": float(spread.max()), "max_logit_diff": diff}  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -163,17 +188,15 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         (base_src, base_sha), (new_src, new_sha) = (_source(cfg[k], Path(tmp) / k) for k in ("base", "new"))
-        print(f"base {cfg['base']} ({base_sha}) against new {cfg['new']} ({new_sha}), {cfg['threads']} thread(s), {cfg['rounds']} rounds")
-        print(f"{'envs':>5}  {'configuration':<34} {'base ms':>8} {'new ms':>8}  speedup [rounds]  +- se   logits differ by")
+        print(
+            f"base {cfg['base']} ({base_sha}) against new {cfg['new']} ({new_sha}), {cfg['threads']} thread(s), "
+            f"{cfg['pairs']} worker pairs x {max(2, cfg['rounds'] // cfg['pairs'])} rounds"
+        )
+        print(f"{'envs':>5}  {'configuration':<34} {'base ms':>8} {'new ms':>8}  speedup [pairs]   +- se   logits differ by")
         for envs in cfg["envs"]:
             steps = cfg["steps"] or max(10, 800 // envs)
             for spec in cfg["configs"]:
-                base, new = [Worker(src, ckpt, envs, spec, cfg["threads"]) for src in (base_src, new_src)]  # both start at once
-                try:
-                    row = {"envs": envs, "config": spec, "steps": steps} | measure(base.ready(), new.ready(), steps, cfg["rounds"])
-                finally:
-                    base.close()
-                    new.close()
+                row = measure((base_src, new_src), ckpt, envs, spec, cfg, steps)
                 rows.append(row)
                 print(f"{envs:>5}  {spec:<34} {row['base_ms']:>8.3f} {row['new_ms']:>8.3f}  {row['speedup']:.3f}x [{row['speedup_min']:.2f}-"
                       f"{row['speedup_max']:.2f}]  {row['speedup_se']:.3f}  {row['max_logit_diff']:.1e}")  # fmt: skip

@@ -356,7 +356,7 @@ def test_step_commits_runs_two_revisions_side_by_side(tmp_path, tiny_checkpoint)
 
     out = tmp_path / "commits.json"
     doc = commits_main(["--base", "HEAD", "--new", "HEAD", "--checkpoint", str(tiny_checkpoint), "--envs", "2", "--configs",
-                        "topk:0.5:keep_recent=4", "--rounds", "2", "--steps", "3", "--out", str(out)])  # fmt: skip
+                        "topk:0.5:keep_recent=4", "--rounds", "2", "--pairs", "1", "--steps", "3", "--out", str(out)])  # fmt: skip
     assert doc["revisions"]["base"] == doc["revisions"]["new"]
     assert [(r["envs"], r["config"], r["steps"]) for r in doc["rows"]] == [(2, "topk:0.5:keep_recent=4", 3)]
     assert all(r["max_logit_diff"] == 0.0 and r["base_ms"] > 0 and r["new_ms"] > 0 and r["speedup"] > 0 for r in doc["rows"])
