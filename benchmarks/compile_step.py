@@ -60,9 +60,9 @@ def readonly_step(model):
     f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, cos, sin full-width (3, 1, 1, Dh), mask (1, 1, 1, C)
     additive, -inf at empty slots and at the one being replaced, *params) -> logits (B, A) and the new
     keys and values (L, 2, B, H, 1, Dh). `params` are `step_param_list(model)`."""
-    cfg = model.cfg
+    cfg, params = model.cfg, model.step_params()
     L, H, Dh, D = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.d_model
-    eps = [(blk.ln1.eps, blk.ln2.eps) for blk in model.blocks] + [model.ln_f.eps]
+    eps = [(w[2], w[5]) for _, w in params.blocks] + [params.ln_f[2]]  # layer-norm epsilons, as the step reads them
     scale = 1 / math.sqrt(Dh)
 
     def step(x, kv, cos, sin, mask, *w):
@@ -88,13 +88,12 @@ def readonly_step(model):
 
 
 def step_param_list(model) -> list[torch.Tensor]:
-    """The parameters `readonly_step` takes, in its order."""
-    w = []
-    for blk in model.blocks:
-        a, up, down = blk.attn, blk.mlp[0], blk.mlp[2]
-        w += [blk.ln1.weight, blk.ln1.bias, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
-              blk.ln2.weight, blk.ln2.bias, up.weight, up.bias, down.weight, down.bias]  # fmt: skip
-    return [t.detach() for t in w + [model.ln_f.weight, model.ln_f.bias, model.head.weight, model.head.bias]]
+    """The parameters `readonly_step` takes, in its order, from `ADTransformer.step_params` (what the
+    eager step reads)."""
+    params, w = model.step_params(), []
+    for _, (ln1_w, ln1_b, _, ln2_w, ln2_b, _, up_w, up_b, down_w, down_b, _, (qkv_w, qkv_b, proj_w, proj_b)) in params.blocks:
+        w += [ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b]
+    return [t.detach() for t in w + [*params.ln_f[:2], *params.head]]
 
 
 def _time(fn, steps):

@@ -152,11 +152,15 @@ def alternate(base: Worker, new: Worker, steps: int, rounds: int) -> tuple[list[
     return times["base"], times["new"]
 
 
+def rounds_per_pair(cfg: dict) -> int:
+    return max(2, cfg["rounds"] // cfg["pairs"])
+
+
 def measure(sources: tuple[Path, Path], ckpt: Path, envs: int, spec: str, cfg: dict, steps: int) -> dict:
-    """`pairs` fresh pairs of workers, each alternating rounds / pairs rounds. A process keeps its own
+    """`pairs` fresh pairs of workers, each alternating `rounds_per_pair` rounds. A process keeps its own
     speed for its whole life (where its memory landed, which core it runs on), so one pair can favour a
     side by more than its rounds' spread shows; the standard error is taken over the pairs."""
-    pairs, rounds = cfg["pairs"], max(2, cfg["rounds"] // cfg["pairs"])
+    pairs, rounds = cfg["pairs"], rounds_per_pair(cfg)
     b_all, n_all, per_pair, per_round, diff = [], [], [], [], 0.0
     for _ in range(pairs):
         base, new = [Worker(src, ckpt, envs, spec, cfg["threads"]) for src in sources]  # both start at once
@@ -184,13 +188,13 @@ def main(argv=None) -> dict:
     for spec in cfg["configs"]:
         if spec != "none":
             parse_config(spec, 20, 240)  # a one-line error for a bad configuration, before any worker starts
-    ckpt = checkpoint_path(None if cfg["checkpoint"] == "default" else cfg["checkpoint"])
+    ckpt = checkpoint_path(cfg["checkpoint"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         (base_src, base_sha), (new_src, new_sha) = (_source(cfg[k], Path(tmp) / k) for k in ("base", "new"))
         print(
             f"base {cfg['base']} ({base_sha}) against new {cfg['new']} ({new_sha}), {cfg['threads']} thread(s), "
-            f"{cfg['pairs']} worker pairs x {max(2, cfg['rounds'] // cfg['pairs'])} rounds"
+            f"{cfg['pairs']} worker pairs x {rounds_per_pair(cfg)} rounds"
         )
         print(f"{'envs':>5}  {'configuration':<34} {'base ms':>8} {'new ms':>8}  speedup [pairs]   +- se   logits differ by")
         for envs in cfg["envs"]:
