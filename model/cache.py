@@ -77,8 +77,11 @@ class KVCache:
         # (B, H, C, Dh) stay contiguous, as the fused attention kernel wants them
         self.kv = torch.zeros(n_layer, 2, batch_size, n_head, capacity, head_size, device=device, dtype=dtype)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views (L, B, H, C, Dh)
-        self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
-        self.src_step = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        # per-layer views, looked up in a list by the step (indexing a tensor costs about a microsecond)
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
+        # rotary position and source step of each slot in one tensor, so that a step writes both at once
+        self._pos_src = torch.full((2, batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.pos, self.src_step = self._pos_src[0], self._pos_src[1]  # views (B, C)
         self.scores = torch.zeros(batch_size, capacity, device=device) if track_scores else None
         self.meta: dict[str, torch.Tensor] | None = None  # field of HistoryMeta -> (B, C)
         if track_meta:
@@ -99,12 +102,15 @@ class KVCache:
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # full-width cos, sin (P, 3, 1, 1, Dh) for q, k, v
         if track_scores:  # queries not yet folded into scores
             self._q = torch.zeros(n_layer, batch_size, n_head, max(1, score_window), head_size, device=device, dtype=dtype)
-            self._q_step = torch.zeros(max(1, score_window), dtype=torch.long, device=device)
         else:
-            self._q = self._q_step = None
+            self._q = None
+        self._q_step: list[int] = []  # the rollout step of each pending query
+        self._q_window = max(1, score_window)
         self._n_q = 0
         self.note_queries = True
         self._q_now = False  # the current step's query is stored
+        self._q_dst: tuple[torch.Tensor, ...] = ()  # where it goes, per layer (B, H, Dh): views of `_q`
+        self._slot_kv: tuple[torch.Tensor, ...] = ()  # the new token's slot, per layer (2, B, H, Dh): views of `kv`
         self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
         self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
         self._score_group = 1  # layers scored at once
@@ -138,7 +144,7 @@ class KVCache:
         if self.n < self.capacity:
             self.n += 1
             if self.valid is not None:
-                self.valid[..., self.n - 1] = 0.0
+                self.valid.select(3, self.n - 1).fill_(0.0)
             return self.n - 1
         if self._n_q:
             self._flush_scores()  # the slide drops a key that pending queries saw
@@ -148,18 +154,19 @@ class KVCache:
 
     def advance(self) -> int:
         """Reserve a slot for one new token per sequence; return its rotary position."""
-        self._slot = self._next_slot()
+        self._slot = slot = self._next_slot()
         pos = self.n_added
         self.n_added += 1
-        self.pos[:, self._slot] = pos
-        self.src_step[:, self._slot] = pos
+        self._pos_src.select(2, slot).fill_(pos)  # pos and src_step
+        self._slot_kv = self.kv.select(4, slot).unbind(0)  # one view per layer, made once per step
         self._q_now = self.scores is not None and self.note_queries
         if self.scores is not None:
-            self.scores[:, self._slot] = 0.0
+            self.scores.select(1, slot).fill_(0.0)
         if self._q_now:
-            if self._n_q == len(self._q_step):
+            if self._n_q == self._q_window:
                 self._flush_scores()
-            self._q_step[self._n_q] = pos
+            self._q_step.append(pos)
+            self._q_dst = self._q.select(3, self._n_q).unbind(0)
             self._n_q += 1
         return pos
 
@@ -170,17 +177,18 @@ class KVCache:
     def write_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store the new token's key and value, kv (B, 2, H, 1, Dh); return the keys/values to attend over
         (B, H, n or C, Dh) and an additive mask (1, 1, 1, C) of valid slots, or None when all are valid."""
-        self.kv[layer].select(3, self._slot).copy_(kv[:, :, :, 0].transpose(0, 1))
+        self._slot_kv[layer].copy_(kv.squeeze(3).transpose(0, 1))
+        k, v = self._k_layers[layer], self._v_layers[layer]
         if self.n == self.capacity:
-            return self.k[layer], self.v[layer], None
+            return k, v, None
         if self.static:
-            return self.k[layer], self.v[layer], self.valid
-        return self.k[layer, :, :, : self.n], self.v[layer, :, :, : self.n], None
+            return k, v, self.valid
+        return k[:, :, : self.n], v[:, :, : self.n], None
 
     def note_query(self, layer: int, q: torch.Tensor) -> None:
         """Keep the new token's rotated query (B, H, 1, Dh) for lazy attention scores."""
         if self._q_now:
-            self._q[layer, :, :, self._n_q - 1] = q[:, :, 0]
+            self._q_dst[layer].copy_(q.squeeze(2))
 
     def _flush_scores(self) -> None:
         """Add the attention the pending queries paid to every valid slot: one batched product for
@@ -191,17 +199,18 @@ class KVCache:
         Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
         since it ran (compaction and slides flush first)."""
         m, n = self._n_q, self.n
-        self._n_q = 0
+        q_step = torch.tensor(self._q_step, device=self.k.device)
+        self._n_q, self._q_step = 0, []
         if m == 0:
             return
         L, B, H, _, Dh = self.k.shape
         # additive mask (B, 1, m, n): -inf where a key is newer than the query (an in-place add with
         # broadcasting is ~20x cheaper on CPU than `masked_fill_` with a broadcast boolean mask; same values)
         unseen = torch.zeros(B, 1, m, n, device=self.k.device, dtype=self.k.dtype).masked_fill_(
-            (self.src_step[:, None, :n] > self._q_step[:m, None])[:, None], float("-inf")
+            (self.src_step[:, None, :n] > q_step[:, None])[:, None], float("-inf")
         )
         if self._score_buf is None:
-            most = B * H * len(self._q_step) * self.capacity  # one layer's scores at the most queries and slots
+            most = B * H * self._q_window * self.capacity  # one layer's scores at the most queries and slots
             self._score_group = max(1, min(L, 2**21 // most))
             self._score_buf = torch.empty(self._score_group * most, device=self.k.device, dtype=self.k.dtype)
         q = self._q[:, :, :, :m].mul_(1 / math.sqrt(Dh))  # the stored queries are not needed again
