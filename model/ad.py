@@ -220,8 +220,11 @@ class CausalSelfAttention(nn.Module):
         qkv = apply_rope_full(F.linear(x, qkv_w, qkv_b).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
-        cache.note_query(layer, q)  # scores for compression are computed later, from stored queries
-        if self.record:
+        cache.note_query(layer, q)  # lazy scores for compression: computed later, from stored queries
+        if getattr(cache, "wants_weights", False):  # eager scores: the weights this step computes are summed
+            hook = cache.add_weights if not self.record else lambda w: cache.add_weights(self.hook_weights(w))
+            y = single_query_attention(q, keys, values, mask, hook)
+        elif self.record:
             y = single_query_attention(q, keys, values, mask, self.hook_weights)
         else:
             y = step_attention(q, keys, values, mask)  # (B, H, 1, Dh)
@@ -365,14 +368,15 @@ class ADTransformer(nn.Module):
         return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), head_w, head_b)
 
     def new_cache(self, batch_size: int, capacity: int | None = None, track_scores: bool = False, static: bool = False,
-                  n_sink: int | None = None, score_window: int = 32, track_meta: bool = False):  # fmt: skip
+                  n_sink: int | None = None, score_window: int = 32, track_meta: bool = False,
+                  eager_scores: bool | None = None):  # fmt: skip
         """A KV cache for `step`: `KVCache`, or with `n_sink` set a `StreamingCache` (sinks + ring buffer).
         Also looks up the step's parameters again (`step_params`)."""
         self.resolve_step_params(refresh=True)
         p = next(self.parameters())
         args = (self.cfg.n_layer, batch_size, self.cfg.n_head, capacity or self.cfg.max_context, self.cfg.head_size, p.device, p.dtype)
         kw = {"track_scores": track_scores, "rope_base": self.cfg.rope_base, "static": static, "score_window": score_window,
-              "track_meta": track_meta}  # fmt: skip
+              "track_meta": track_meta, "eager_scores": eager_scores}  # fmt: skip
         if n_sink is not None:
             return StreamingCache(*args, n_sink=n_sink, **kw)
         return KVCache(*args, **kw)

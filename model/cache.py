@@ -24,10 +24,14 @@ so its shapes never change and the keys/values it reads are contiguous (a slice 
 not, and the fused CPU kernel then copies it every step). Compressed rollouts use it with capacity =
 budget + interval, the most a compressed context ever holds.
 
-Attention scores for scoring strategies (H2O's accumulated attention, arXiv 2306.14048) are computed
-lazily: each step stores its query, and the attention those queries paid is computed in one batched
-product when the scores are read (before a compaction) or before a slide would drop a key they saw.
-A step itself computes no attention weights for the scores.
+Attention scores for scoring strategies (H2O's accumulated attention, arXiv 2306.14048) come one of
+two ways. Eager (`eager_scores`, the default on a CPU): the step attends explicitly, which on a CPU
+costs about what the fused kernel costs, and adds each layer's weights (B*H, 1, C) to a running sum
+with one call; the sum is folded into `scores` when they are read (before a compaction) or before
+a slide would drop a key it covers. The weights are computed once, where the lazy way computes them
+a second time. Lazy (elsewhere): each step stores its query, and the attention those queries paid
+is computed in one batched product when the scores are read or before a slide; the step itself
+computes no weights and keeps the fused kernel. Both give the same scores to rounding (test).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class KVCache:
     summed over queries: H2O's accumulated score, 2306.14048).
 
     static       : attend over all slots with a validity mask (fixed shapes) instead of the valid prefix
+    eager_scores : scores from the weights the step's attention computes (explicit attention, each
+                   layer's weights added up as they are made) instead of lazily from stored queries;
+                   None = on a CPU (see the module docstring)
     score_window : queries kept for lazy scores before they are folded into `scores`
     note_queries : (attribute, set before a step) whether this step's query counts towards the scores;
                    a caller that scores from only some queries clears it for the others, which then
@@ -69,7 +76,7 @@ class KVCache:
 
     def __init__(
         self, n_layer, batch_size, n_head, capacity, head_size, device, dtype,
-        track_scores=False, rope_base=10000.0, static=False, score_window=32, track_meta=False,
+        track_scores=False, rope_base=10000.0, static=False, score_window=32, track_meta=False, eager_scores=None,
     ):  # fmt: skip
         if capacity < 1:
             raise ConfigError(f"cache capacity must be >= 1, got {capacity}")
@@ -100,15 +107,19 @@ class KVCache:
         self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # full-width cos, sin (P, 3, 1, 1, Dh) for q, k, v
-        if track_scores:  # queries not yet folded into scores
+        if eager_scores is None:
+            eager_scores = torch.device(device).type == "cpu"
+        self.eager_scores = bool(track_scores and eager_scores)
+        self._q = self._acc = None
+        if self.eager_scores:  # attention weights summed over the steps and layers since the last fold, per head
+            self._acc = torch.zeros(batch_size * n_head, 1, capacity, device=device, dtype=dtype)
+        elif track_scores:  # queries not yet folded into scores
             self._q = torch.zeros(n_layer, batch_size, n_head, max(1, score_window), head_size, device=device, dtype=dtype)
-        else:
-            self._q = None
         self._q_step: list[int] = []  # the rollout step of each pending query
         self._q_window = max(1, score_window)
         self._n_q = 0
         self.note_queries = True
-        self._q_now = False  # the current step's query is stored
+        self._q_now = False  # the current step's query (or with eager scores, its weights) counts
         self._q_dst: tuple[torch.Tensor, ...] = ()  # where it goes, per layer (B, H, Dh): views of `_q`
         self._slot_kv: tuple[torch.Tensor, ...] = ()  # the new token's slot, per layer (2, B, H, Dh): views of `kv`
         self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
@@ -163,11 +174,14 @@ class KVCache:
         if self.scores is not None:
             self.scores.select(1, slot).fill_(0.0)
         if self._q_now:
-            if self._n_q == self._q_window:
-                self._flush_scores()
-            self._q_step.append(pos)
-            self._q_dst = self._q.select(3, self._n_q).unbind(0)
-            self._n_q += 1
+            if self.eager_scores:
+                self._n_q += 1  # weights pending in `_acc`
+            else:
+                if self._n_q == self._q_window:
+                    self._flush_scores()
+                self._q_step.append(pos)
+                self._q_dst = self._q.select(3, self._n_q).unbind(0)
+                self._n_q += 1
         return pos
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -185,9 +199,22 @@ class KVCache:
             return k, v, self.valid
         return k[:, :, : self.n], v[:, :, : self.n], None
 
+    @property
+    def wants_weights(self) -> bool:
+        """Whether this step's attention weights count towards the scores (eager scores): the step then
+        attends explicitly and passes them to `add_weights`."""
+        return self._q_now and self.eager_scores
+
+    def add_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """Add one layer's attention weights (B, H, 1, n) over the slots to the pending scores; return them."""
+        n = w.shape[-1]
+        acc = self._acc if n == self.capacity else self._acc[:, :, :n]
+        acc.add_(w.view(acc.shape))
+        return w
+
     def note_query(self, layer: int, q: torch.Tensor) -> None:
         """Keep the new token's rotated query (B, H, 1, Dh) for lazy attention scores."""
-        if self._q_now:
+        if self._q_now and not self.eager_scores:
             self._q_dst[layer].copy_(q.squeeze(2))
 
     def _flush_scores(self) -> None:
@@ -198,6 +225,9 @@ class KVCache:
 
         Query i saw exactly the slots whose token is not newer than it: nothing was dropped or merged
         since it ran (compaction and slides flush first)."""
+        if self.eager_scores:
+            self._fold_weights()
+            return
         m, n = self._n_q, self.n
         q_step = torch.tensor(self._q_step, device=self.k.device)
         self._n_q, self._q_step = 0, []
@@ -224,6 +254,18 @@ class KVCache:
             attn = torch.softmax(logits, -1, out=logits)  # over the keys each query saw
             paid += attn.view(g, B, H * m, n).sum(2).sum(0)  # (B, n)
         self.scores[:, :n] += paid / (H * L)
+
+    def _fold_weights(self) -> None:
+        """Eager scores: add the weights pending since the last fold (mean over heads and layers) to
+        `scores`, and clear them. Every pending weight is on a slot whose token is still there: a slide
+        or a compaction folds first."""
+        if self._n_q == 0:
+            return
+        self._n_q = 0
+        B, H = self.scores.shape[0], self._acc.shape[0] // self.scores.shape[0]
+        acc = self._acc.view(B, H, self.capacity)
+        self.scores += acc.sum(1).div_(H * self.n_layer)
+        acc.zero_()
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Accumulate attention (B, H, 1, n) that a caller computed itself into per-slot scores."""

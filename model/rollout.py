@@ -68,11 +68,14 @@ class KVEngine:
     Streaming strategies (sink_window): a `StreamingCache` of `budget` slots, never compacted.
     Other strategies: a static-shape `KVCache` of `budget + interval` slots (the most the compressed
     context holds), compacted by the strategy's plan when due; scores, if the strategy needs them,
-    are computed lazily at compaction. `static=False` attends over the valid prefix instead (slower
-    where the batch is large: a prefix is not contiguous and the fused kernel copies it).
+    are summed from the step's own attention weights (`eager_scores`, on a CPU) or computed lazily at
+    compaction from stored queries (elsewhere, or `eager_scores=False`). `static=False` attends over
+    the valid prefix instead (slower where the batch is large: a prefix is not contiguous and the
+    fused kernel copies it).
     """
 
-    def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None, static: bool = True):
+    def __init__(self, model: ADTransformer, batch: int, compression: Compression | None = None, static: bool = True,
+                 eager_scores: bool | None = None):  # fmt: skip
         self.model, self.T = model, model.cfg.max_context
         budget = compression.budget(self.T) if compression is not None else self.T
         self.comp = compression if budget < self.T else None  # a budget of the whole context never compresses
@@ -85,7 +88,8 @@ class KVEngine:
             capacity = min(self.T, budget + self.comp.interval)
             self._score_last = score_queries(self.comp)
             self.cache = model.new_cache(batch, capacity=capacity, track_scores=self.comp.needs_scores, static=static,
-                                         score_window=self._score_last or self.comp.interval, track_meta=self.comp.needs_meta)  # fmt: skip
+                                         score_window=self._score_last or self.comp.interval, track_meta=self.comp.needs_meta,
+                                         eager_scores=eager_scores)  # fmt: skip
         self._count = EpisodeCounter(batch, next(model.parameters()).device) if self.comp is not None and self.comp.needs_meta else None
         self._since = 0
 

@@ -142,14 +142,17 @@ def test_static_compressed_engine_equals_dynamic(name, params):
             assert len(engines[0]) == len(engines[1])
 
 
+@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("capacity", [20, 9])
-def test_lazy_scores_equal_per_step_accumulation(capacity):
-    # Scores from stored queries, computed in one product when read, equal the attention each step's
-    # query paid, accumulated step by step (H2O): also when the cache slides (capacity 9) and when the
-    # query store fills (score_window 4) between reads.
+def test_scores_equal_per_step_accumulation(capacity, eager):
+    # Scores equal the attention each step's query paid, accumulated step by step (H2O), both when
+    # computed lazily from stored queries in one product when read and when summed from the step's
+    # own weights (eager): also when the cache slides (capacity 9) and when the query store fills
+    # (score_window 4) between reads.
     model = _model(n_layer=2, max_context=20)
     tok = _tokens(model.cfg, 2, 16, seed=5)
-    cache = model.new_cache(2, capacity=capacity, track_scores=True, score_window=4)
+    cache = model.new_cache(2, capacity=capacity, track_scores=True, score_window=4, eager_scores=eager)
+    assert cache.eager_scores == eager
     ref = torch.zeros(2, capacity)
     with capture_attention(model) as rec:
         for t in range(16):
@@ -162,15 +165,17 @@ def test_lazy_scores_equal_per_step_accumulation(capacity):
                 torch.testing.assert_close(cache.ordered_scores(), ref[:, : len(cache)].gather(1, cache.order()), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("name, params", [("topk", {"keep_recent": 2}), ("pooling", {"keep_recent": 3})])
-def test_score_queries_count_only_the_last_queries_of_each_interval(name, params):
+def test_score_queries_count_only_the_last_queries_of_each_interval(name, params, eager):
     # With score_queries k, the scores a compaction reads are the attention paid by the last k queries
     # of each interval (accumulated over the token's life, as H2O's), and only those queries are stored.
     model = _model(n_layer=2, max_context=16)
     interval, k = 5, 2
     comp = make_compression(name, context=16, ratio=0.5, interval=interval, score_queries=k, **params)
-    engine = KVEngine(model, 2, comp)
-    assert engine.cache._q.shape[3] == k  # the query store holds k, not the interval
+    engine = KVEngine(model, 2, comp, eager_scores=eager)
+    if not eager:
+        assert engine.cache._q.shape[3] == k  # the query store holds k, not the interval
     tok = _tokens(model.cfg, 2, 40, seed=8)
     ref = torch.zeros(2, engine.cache.capacity)  # per slot
     seen, state = [], {}
@@ -206,8 +211,9 @@ def test_score_queries_count_only_the_last_queries_of_each_interval(name, params
     for got, want in seen:
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     # k at least the interval is every query: the same engine as the default
-    full = KVEngine(model, 2, make_compression(name, context=16, ratio=0.5, interval=interval, score_queries=interval, **params))
-    plain = KVEngine(model, 2, make_compression(name, context=16, ratio=0.5, interval=interval, **params))
+    full = KVEngine(model, 2, make_compression(name, context=16, ratio=0.5, interval=interval, score_queries=interval, **params),
+                    eager_scores=eager)  # fmt: skip
+    plain = KVEngine(model, 2, make_compression(name, context=16, ratio=0.5, interval=interval, **params), eager_scores=eager)
     with torch.inference_mode():
         for t in range(40):
             assert torch.equal(full.step(_at(tok, slice(t, t + 1))), plain.step(_at(tok, slice(t, t + 1))))
@@ -363,3 +369,21 @@ def test_step_commits_runs_two_revisions_side_by_side(tmp_path, tiny_checkpoint)
     assert json.loads(out.read_text())["schema"] == "ad-benchmark-step-commits"
     with pytest.raises(UserError, match="no-such-revision"):
         commits_main(["--base", "no-such-revision", "--checkpoint", str(tiny_checkpoint)])
+
+
+@pytest.mark.parametrize("name, params", [("topk", {"keep_recent": 2}), ("pooling", {"keep_recent": 3}),
+                                          ("topk", {"keep_recent": 2, "score_queries": 2})])  # fmt: skip
+def test_eager_scores_equal_lazy_scores(name, params):
+    # Summing the step's own attention weights gives the scores the lazy product gives (to rounding),
+    # so both keep the same tokens and the rollouts agree, through many compactions.
+    model = _model(n_layer=2, max_context=16)
+    comp = make_compression(name, context=16, ratio=0.5, interval=3, **params)
+    tok = _tokens(model.cfg, 3, 60, seed=9)
+    lazy, eager = KVEngine(model, 3, comp, eager_scores=False), KVEngine(model, 3, comp, eager_scores=True)
+    assert eager.cache.eager_scores and not lazy.cache.eager_scores and eager.cache._q is None
+    with torch.inference_mode():
+        for t in range(60):
+            a, b = (e.step(_at(tok, slice(t, t + 1))) for e in (lazy, eager))
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+            torch.testing.assert_close(lazy.cache.ordered_scores(), eager.cache.ordered_scores(), atol=ATOL, rtol=0)
+            assert lazy.cache.order().tolist() == eager.cache.order().tolist()
