@@ -37,6 +37,7 @@ computes no weights and keeps the fused kernel. Both give the same scores to rou
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -53,6 +54,23 @@ def qkv_rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, to
         torch.stack([cos2, cos2, torch.ones_like(cos2)], dim=1)[:, :, None, None],
         torch.stack([sin2, sin2, torch.zeros_like(sin2)], dim=1)[:, :, None, None],
     )
+
+
+class MergeLayout(NamedTuple):
+    """A merge plan shared by every sequence, laid out for `KVCache._merge_in_place` (all but the weights)."""
+
+    assign: torch.Tensor  # (B, n) the plan it was made for
+    n: int
+    n_out: int
+    keep: torch.Tensor  # (B, n) bool
+    tgt: torch.Tensor  # (B, n) output slot of each token (0 for dropped ones)
+    members: torch.Tensor  # (m,) kept tokens: the first member of each output slot, then the others
+    others: torch.Tensor  # (r,) kept tokens that are not the first of their slot
+    a_others: torch.Tensor  # (r,) their output slots
+    last: torch.Tensor  # (n_out,) each output slot's newest member
+    rows: torch.Tensor  # flat rows of the members in every layer, key/value, sequence and head (`_slot_rows`)
+    cos2: torch.Tensor  # (m, Dh) full-width rotation factors from each member's position to its slot's
+    sin2: torch.Tensor
 
 
 class KVCache:
@@ -127,6 +145,7 @@ class KVCache:
         self._score_group = 1  # layers scored at once
         self._rot_full: tuple[torch.Tensor, torch.Tensor] | None = None  # full-width rotation factors per integer angle (P, Dh)
         self._rows: torch.Tensor | None = None  # flat row offsets, see `_row_offsets`
+        self._layout: MergeLayout | None = None  # the last in-place merge's layout, see `_merge_layout`
 
     def __len__(self) -> int:
         return self.n
@@ -350,6 +369,12 @@ class KVCache:
         """
         if self.scores is not None:
             self._flush_scores()
+        memo = self._layout
+        if memo is not None and memo.n == self.n and memo.n_out == n_out and self._in_order and torch.equal(memo.assign, assign):
+            merged = self._merged_meta(assign, n_out)  # before anything moves
+            self._merge_in_place(memo, weight)  # the plan of the last compaction again (fixed_window, pooling)
+            self._write_meta(merged, n_out)
+            return
         keep = assign >= 0
         if bool((keep.sum(1) == n_out).all()):  # every slot holds exactly one token: a pure selection
             self._apply_selection(assign, keep, n_out)
@@ -455,7 +480,8 @@ class KVCache:
         a = assign[0]
         merged = self._merged_meta(assign, n_out)
         if self._in_order and bool((assign == a).all()) and bool((a[keep[0]].diff() >= 0).all()):
-            self._merge_in_place(a, weight, keep, n_out)
+            self._layout = self._merge_layout(assign, keep, n_out)
+            self._merge_in_place(self._layout, weight)
             self._write_meta(merged, n_out)
             return
         t = self.temporal()
@@ -488,41 +514,52 @@ class KVCache:
             raise ValueError("compression plan leaves an output slot without a token of positive weight")
         return den.view(1, tgt.shape[0], 1, n_out, 1)
 
-    def _merge_in_place(self, a: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
-        """`_apply_merge` for a plan shared by every sequence with slots in temporal order (fixed_window,
-        pooling: the same groups, per-sequence weights) on a cache in temporal order. Each slot's
-        members are gathered once (the first member of each output slot, then the others), rotated to
-        the slot's position and weighed by their share of its weight (both in one pass: the weights
-        scale the rotation) straight into the front slots, the first members into [0, n_out) and the
-        others just behind; then the others are added into their slots. About two passes over the
-        kept keys and values, where rotating, weighing, gathering and normalising them one after the
-        other took six; no large temporary tensors."""
+    def _merge_layout(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> MergeLayout:
+        """What `_merge_in_place` needs of a plan that every sequence shares, on a cache in temporal order
+        (so positions are contiguous, ending at the newest token's): everything but the weights, kept
+        for the next compaction, which with a fixed-size cache usually brings the same plan."""
         B, n = keep.shape
-        L, _, H, _, Dh = self.k.shape
-        tgt = a.clamp(min=0).expand(B, n)
-        w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
-        den = self._denominator(tgt, w, n_out).view(B, n_out)
-        share = w / den.gather(1, tgt)  # (B, n) each token's share of its slot's weight (exactly 1 alone in it)
+        a = assign[0]
         first = keep[0].clone()
         first[1:] &= a[1:] != a[:-1]  # slots are contiguous runs of kept tokens
         others = (keep[0] & ~first).nonzero()[:, 0]  # (r,)
         members = torch.cat([first.nonzero()[:, 0], others])  # (m,) = n_out first members, then the others
-        m = len(members)
-        cos2, sin2 = self._rotation(self._new_positions(n_out)[a[members]] - self.pos[0, members], full=True)  # (m, Dh)
-        wm = share[:, members, None]  # (B, m, 1)
-        cos2, sin2 = (cos2 * wm)[None, :, None], (sin2 * wm)[None, :, None]  # (1, B, 1, m, Dh)
+        last = torch.zeros(n_out, dtype=torch.long, device=a.device).scatter_reduce_(  # each slot's newest member
+            0, a.clamp(min=0), torch.where(keep[0], torch.arange(n, device=a.device), torch.zeros_like(a)), "amax"
+        )
+        # token j sits at position newest - (n - 1 - j) and moves to newest - (n_out - 1 - a_j)
+        cos2, sin2 = self._rotation(n - n_out + a[members] - members, full=True)  # (m, Dh)
+        return MergeLayout(assign.clone(), n, n_out, keep, a.clamp(min=0).expand(B, n), members, others, a[others], last,
+                           self._slot_rows(members), cos2, sin2)  # fmt: skip
+
+    def _merge_in_place(self, lay: MergeLayout, weight: torch.Tensor) -> None:
+        """`_apply_merge` for a plan shared by every sequence with slots in temporal order (fixed_window,
+        pooling: the same groups, per-sequence weights) on a cache in temporal order, laid out by
+        `_merge_layout`. Each slot's members are gathered once (the first member of each output slot,
+        then the others), rotated to the slot's position and weighed by their share of its weight (both
+        in one pass: the weights scale the rotation) straight into the front slots, the first members
+        into [0, n_out) and the others just behind; then the others are added into their slots. About
+        two passes over the kept keys and values, where rotating, weighing, gathering and normalising
+        them one after the other took six; no large temporary tensors. A slot's source step is its
+        newest member's (source steps grow along a cache in temporal order)."""
+        keep, tgt, n, n_out = lay.keep, lay.tgt, lay.n, lay.n_out
+        B = keep.shape[0]
+        L, _, H, _, Dh = self.k.shape
+        m = len(lay.members)
+        w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
+        den = self._denominator(tgt, w, n_out).view(B, n_out)
+        share = w / den.gather(1, tgt)  # (B, n) each token's share of its slot's weight (exactly 1 alone in it)
+        wm = share[:, lay.members, None]  # (B, m, 1)
+        cos2, sin2 = (lay.cos2 * wm)[None, :, None], (lay.sin2 * wm)[None, :, None]  # (1, B, 1, m, Dh)
         src = self._buffer(L, 2, B, H, m, Dh)
         flat = self.kv.view(-1, Dh)  # whole rows of Dh, gathered through flat row indices (see `_row_offsets`)
-        torch.index_select(flat, 0, self._slot_rows(members), out=src.view(-1, Dh))
+        torch.index_select(flat, 0, lay.rows, out=src.view(-1, Dh))
         torch.mul(src[:, 1], wm.view(1, B, 1, m, 1), out=self.v[:, :, :, :m])  # values first: their copy becomes work memory
         self._rotate_into(self.k[:, :, :, :m], src[:, 0], cos2, sin2, work=src[:, 1])
         if m > n_out:
             kv = self.kv
-            kv[:, :, :, :, :n_out].index_add_(4, a[others], kv[:, :, :, :, n_out:m])
-        src_step = torch.where(keep, self.src_step[:, :n], torch.full_like(self.src_step[:, :n], -1))
-        self.src_step[:, :n_out] = torch.full((B, n_out), -1, dtype=torch.long, device=src_step.device).scatter_reduce_(
-            1, tgt, src_step, "amax"
-        )
+            kv[:, :, :, :, :n_out].index_add_(4, lay.a_others, kv[:, :, :, :, n_out:m])
+        self.src_step[:, :n_out] = self.src_step[:, :n].index_select(1, lay.last)
         if self.scores is not None:
             sc = torch.where(keep, self.scores[:, :n], torch.zeros_like(self.scores[:, :n]))
             self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt, sc)

@@ -172,6 +172,44 @@ def test_in_place_merge_equals_general_merge(track_scores):
     assert len(fast) == len(slow) == 6 and fast._in_order
 
 
+@pytest.mark.parametrize("track_scores", [False, True])
+def test_repeated_in_place_merge_reuses_its_layout(track_scores):
+    """A fixed-size cache brings the same plan at every compaction: the second and later ones reuse the
+    first one's layout (indices and rotations), and still give what the general merge gives."""
+    fast = KVCache(2, 3, 2, 12, 8, "cpu", torch.float32, track_scores=track_scores, track_meta=True)
+    slow = copy.deepcopy(fast)
+    assign = torch.tensor([[0, 0, 0, -1, 1, 2, 2, 3, -1, 4, 5]]).expand(3, 11)
+    layouts = []
+    for _ in range(3):
+        while len(fast) < 11:  # new tokens after each compaction, the same in both caches
+            kv = [torch.randn(3, 2, 2, 1, 8) for _ in range(2)]
+            reward, step = torch.rand(3), torch.randint(0, 5, (3,))
+            for cache in (fast, slow):
+                cache.advance()
+                for layer in range(2):
+                    cache.write_kv(layer, kv[layer])
+                cache.set_meta(reward, step, step)
+                if track_scores:
+                    cache.observe(0, torch.ones(3, 2, 1, len(cache)) / len(cache))
+        weight = torch.rand(3, 11) + 0.1
+        fast.apply_plan(assign.clone(), weight, 6)
+        slow._in_order = False  # the general path
+        slow.apply_plan(assign, weight, 6)
+        layouts.append(fast._layout)
+        tf, ts = fast.temporal(), slow.temporal()
+        for name in ("k", "v", "pos", "src_step") + (("scores",) if track_scores else ()):
+            torch.testing.assert_close(tf[name], ts[name], atol=1e-5, rtol=0)
+        for name, value in fast.ordered_meta()._asdict().items():
+            torch.testing.assert_close(value, getattr(slow.ordered_meta(), name))
+    assert layouts[0] is layouts[1] is layouts[2]
+    # another plan: a new layout
+    fast.advance()
+    for layer in range(2):
+        fast.write_kv(layer, torch.randn(3, 2, 2, 1, 8))
+    fast.apply_plan(torch.tensor([[0, 0, 1, 1, 2, 3, 4]]).expand(3, 7), torch.ones(3, 7), 5)
+    assert fast._layout is not layouts[0] and len(fast) == 5
+
+
 def test_merge_rows_weighted_mean():
     x = torch.arange(12.0).view(1, 4, 3)
     out = merge_rows(x, torch.tensor([[0, 0, -1, 1]]), torch.tensor([[1.0, 3.0, 5.0, 1.0]]), 2)
