@@ -937,6 +937,16 @@ def _best_compressed(rows: dict) -> dict:
     return max((x for e, x in rows.items() if e.startswith("(c)")), key=lambda x: x["speedup_vs_kv"])
 
 
+def _machine(doc: dict) -> str:
+    """The CPU a result ran on, as its provenance records it ('' where it does not)."""
+    m = doc.get("provenance", {}).get("machine", {})
+    if "cpu_model" not in m:
+        return ""
+    family = f" (family {m['cpu_family']}, model {m['cpu_model_number']})" if "cpu_family" in m else ""
+    cache = f", {m['l2_cache']} L2 per core" if "l2_cache" in m else ""
+    return f"{m['cpu_model']}{family}{cache}, {m['cores']} cores"
+
+
 def table_rollout_speed(r: dict) -> str:
     lines = [
         "| context | envs | (a) re-run the window | (b) KV cache | (b) vs (a) | fastest (c) | (c) vs (b) [pairs] |",
@@ -946,6 +956,9 @@ def table_rollout_speed(r: dict) -> str:
         a, b, c = rows["(a) rerun"], rows["(b) kv"], _best_compressed(rows)
         lines.append(f"| {a['context']} | {envs} | {a['ms_per_step']:.2f} ms/step | {b['ms_per_step']:.2f} ms | {b['speedup_vs_rerun']:.1f}x "
                      f"| {c['engine'].removeprefix('(c) ')} | {_pairs_cell(c)} |")  # fmt: skip
+    machine = _machine(r["rollout_speed"])
+    if machine:
+        lines += ["", f"*Measured on {machine}, {r['rollout_speed']['provenance']['date'][:10]}.*"]
     return "\n".join(lines)
 
 
@@ -1053,7 +1066,9 @@ def table_readme_limits(r: dict) -> str:
     half_rows = sorted((x for x in r["rollout_speed_8envs_half"]["numbers"]["rows"] if x["engine"].startswith("(c)")), key=lambda x: -x["speedup_vs_kv"])
     half = ", ".join(f"{x['engine'].removeprefix('(c) ')} {x['speedup_vs_kv']:.2f}x (+- {x['speedup_vs_kv_se']:.2f})" for x in half_rows)
     also = f"; at {large} environments {slow(large)}" if slow(large) else ""
-    return (f"- **Compression at 240 transitions** (KV cache): slower than the uncompressed step by more than 3% at 8 environments: "
+    machine = _machine(r["rollout_speed"])
+    on = f" on {machine}" if machine else ""
+    return (f"- **Compression at 240 transitions** (KV cache{on}): slower than the uncompressed step by more than 3% at 8 environments: "
             f"{slow(8) or 'none'}{also}. At 8, one layer's attention over all 240 slots takes {cost[0]['attention_us_full']:.0f} us, so keeping about half saves at most "
             f"~{saved:.2f} ms of a {kv['ms_per_step']:.1f} ms step, while one compaction (scores, plan, re-rotating and moving the kept "
             f"cache) costs {min(per):.1f}-{max(per):.1f} ms every 20 steps "

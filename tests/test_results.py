@@ -85,6 +85,11 @@ def test_entry_from_output_writes_stamped_numbers(tmp_path):
     doc = json.loads(path.read_text())
     assert (doc["schema"], doc["name"], doc["seeds"], doc["ran_now"], doc["note"]) == ("adlens-results", "tiny", [0, 1], False, "synthetic")
     assert doc["command"] == "python evaluate.py --num-seeds 2" and doc["provenance"]["torch"]
+    machine = doc["provenance"]["machine"]
+    assert machine["cores"] >= 1 and machine["torch_cpu_capability"]
+    if Path("/proc/cpuinfo").exists():  # which CPU: speed results differ 4x between two 2-core x86_64 machines
+        assert machine["cpu_model"] and R._machine(doc).startswith(machine["cpu_model"])
+    assert R._machine({"provenance": {"machine": {"cpu": "x86_64", "cores": 2}}}) == ""  # an older results file
     n = doc["numbers"]
     assert (n["runs_finding_goal"], n["runs"]) == (3, 4)
     assert n["first_episode"] == 0.0 and n["last_10"] == pytest.approx(0.75)  # goal 1 scores half: one of its seeds never finds it
