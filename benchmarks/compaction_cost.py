@@ -7,10 +7,11 @@ For each configuration (`strategy:ratio[:param=value...]`, as in benchmarks/rl_c
 keep_recent 20 and interval 20 unless given) a KV engine is filled past its first compactions
 (untimed), then `steps` steps run with the cache's score computation, the strategy's plan and the
 cache's apply timed separately (wall time, one process). Reported per configuration: ms per step
-(all of it), and per compaction the ms spent on scores, plan and apply, with their share of the
-step time they amortise to. Also times one layer's attention (as the step computes it) at the model's full
-context and at each configuration's mean context, the most compression can save per step.
-Inputs are random tokens (the cost does not depend on them).
+(all of it; also the mean of the steps between compactions and of the steps that compact), and per
+compaction the ms spent on scores, plan and apply, with their share of the step time they amortise
+to; the uncompressed engine's step the same way, for reference. Also times one layer's attention (as
+the step computes it) at the model's full context and at each configuration's mean context, the most
+compression can save per step. Inputs are random tokens (the cost does not depend on them).
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ from model.checkpoint import load_model  # noqa: E402
 CONFIG = {
     "checkpoint": "default",  # model.pt (default: the shipped model)
     "envs": [8, 256],  # parallel sequences (batch)
-    "configs": ["topk:0.5:keep_recent=20", "topk:0.5:keep_recent=20:score_queries=4", "pooling:0.5:keep_recent=20",
-                "pooling:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"],  # strategy:ratio[:param=value...]
+    "configs": [
+        "topk:0.5:keep_recent=20",
+        "topk:0.5:keep_recent=20:score_queries=4",
+        "pooling:0.5:keep_recent=20",
+        "pooling:0.5:keep_recent=20:score_queries=4",
+        "fixed_window:0.5:keep_recent=20",
+    ],  # strategy:ratio[:param=value...]
     "interval": 20,  # steps between compactions, unless a configuration sets its own
     "steps": 400,  # timed steps per configuration (a multiple of the interval)
     "threads": 1,  # torch CPU threads
@@ -69,6 +75,7 @@ def _attention_us(model, B: int, n: int, reps: int = 300, blocks: int = 7) -> fl
 
 
 def measure(model, B: int, spec: str, comp, steps: int) -> dict:
+    """Time `steps` steps of a KV engine (comp None: uncompressed) after filling it, as described above."""
     engine = rollout.KVEngine(model, B, comp)
     cache = engine.cache
     spent = {"scores": 0.0, "plan": 0.0, "apply": 0.0}
@@ -91,22 +98,26 @@ def measure(model, B: int, spec: str, comp, steps: int) -> dict:
     rollout._plan = timed("plan", plan)
     try:
         with torch.inference_mode():
-            warm = model.cfg.max_context + 3 * comp.interval
+            warm = model.cfg.max_context + 3 * (comp.interval if comp is not None else 20)
             for t in range(warm):
                 engine.step(_tokens(model.cfg, B, t))
             for key in spent:
                 spent[key] = 0.0
-            count["compactions"], lengths = 0, []
+            count["compactions"], lengths, between, compacting = 0, [], [], []
+            tokens = [_tokens(model.cfg, B, t) for t in range(warm, warm + steps)]
             t0 = time.perf_counter()
-            for t in range(warm, warm + steps):
-                engine.step(_tokens(model.cfg, B, t))
+            for tok in tokens:
+                before, s0 = count["compactions"], time.perf_counter()
+                engine.step(tok)
+                (compacting if count["compactions"] > before else between).append(time.perf_counter() - s0)
                 lengths.append(len(engine))
             total = time.perf_counter() - t0
     finally:
         rollout._plan = plan
     n = max(1, count["compactions"])
     row = {"envs": B, "config": spec, "ms_per_step": 1000 * total / steps, "compactions": count["compactions"],
-           "mean_context": float(np.mean(lengths))}  # fmt: skip
+           "mean_context": float(np.mean(lengths)), "ms_between_compactions": 1000 * float(np.mean(between)),
+           "ms_compaction_step": 1000 * float(np.mean(compacting)) if compacting else 0.0}  # fmt: skip
     for key, s in spent.items():
         row[f"{key}_ms_per_compaction"] = 1000 * s / n
         row[f"{key}_share"] = s / total
@@ -123,9 +134,15 @@ def main(argv=None) -> list[dict]:
     comps = {spec: parse_config(spec, cfg["interval"], T)[2] for spec in cfg["configs"]}  # validated before measuring
     rows = []
     print(f"{T} transitions, {cfg['threads']} thread(s), {cfg['steps']} timed steps per configuration")
-    print(f"{'envs':>5}  {'configuration':<44}{'ms/step':>9}{'ctx':>7}  per compaction: {'scores':>8}{'plan':>8}{'apply':>8} ms  (share of time)")
+    print(
+        f"{'envs':>5}  {'configuration':<44}{'ms/step':>9}{'ctx':>7}  per compaction: {'scores':>8}{'plan':>8}{'apply':>8} ms  (share of time)"
+    )
     for B in cfg["envs"]:
         full = _attention_us(model, B, T)
+        plain = measure(model, B, "none", None, cfg["steps"])
+        plain["attention_us_full"] = plain["attention_us_mean_context"] = full
+        rows.append(plain)
+        print(f"{B:>5}  {'none (uncompressed)':<44}{plain['ms_per_step']:>9.2f}{plain['mean_context']:>7.0f}")
         for spec in cfg["configs"]:
             row = measure(model, B, spec, comps[spec], cfg["steps"])
             row["attention_us_full"], row["attention_us_mean_context"] = full, _attention_us(model, B, max(1, round(row["mean_context"])))
@@ -134,7 +151,12 @@ def main(argv=None) -> list[dict]:
             print(f"{B:>5}  {spec:<44}{row['ms_per_step']:>9.2f}{row['mean_context']:>7.0f}  {'':16}"
                   f"{row['scores_ms_per_compaction']:>8.2f}{row['plan_ms_per_compaction']:>8.2f}{row['apply_ms_per_compaction']:>8.2f} ms  ({shares})")  # fmt: skip
         saved = model.cfg.n_layer * (full - min(r["attention_us_mean_context"] for r in rows if r["envs"] == B)) / 1000
-        print(f"{B:>5}  one layer's attention: {full:.0f} us at {T} slots; compression saves at most ~{saved:.2f} ms per step over {model.cfg.n_layer} layers")
+        for r in rows[-len(cfg["configs"]) :]:
+            print(f"{B:>5}  {r['config']:<44} between compactions {r['ms_between_compactions']:.3f} ms/step (uncompressed "
+                  f"{plain['ms_between_compactions']:.3f}), a compacting step {r['ms_compaction_step']:.3f} ms")  # fmt: skip
+        print(
+            f"{B:>5}  one layer's attention: {full:.0f} us at {T} slots; compression saves at most ~{saved:.2f} ms per step over {model.cfg.n_layer} layers"
+        )
     finish_result("ad-benchmark-compaction-cost", {"config": cfg, "torch": torch.__version__, "rows": rows}, cfg["out"])
     return rows
 

@@ -981,10 +981,15 @@ def _speed_grid_of(name: str) -> Callable[[dict], str]:
 
 
 def table_compaction_cost(r: dict) -> str:
-    lines = ["| envs | configuration | ms/step | mean context | per compaction: scores | plan | apply | share of the time |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| envs | configuration | ms/step | between compactions | a compacting step | mean context | per compaction: scores | plan | apply | share of the time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x in r["compaction_cost"]["numbers"]["rows"]:
+        split = f"{x['ms_between_compactions']:.3f} ms | " + (f"{x['ms_compaction_step']:.3f} ms" if x["compactions"] else "")
+        if x["config"] == "none":
+            lines.append(f"| {x['envs']} | uncompressed | {x['ms_per_step']:.2f} | {split} | {x['mean_context']:.0f} | | | | |")
+            continue
         share = "/".join(f"{100 * x[f'{k}_share']:.0f}%" for k in ("scores", "plan", "apply"))
-        lines.append(f"| {x['envs']} | {x['config']} | {x['ms_per_step']:.2f} | {x['mean_context']:.0f} | {x['scores_ms_per_compaction']:.2f} ms | "
+        lines.append(f"| {x['envs']} | {x['config']} | {x['ms_per_step']:.2f} | {split} | {x['mean_context']:.0f} | {x['scores_ms_per_compaction']:.2f} ms | "
                      f"{x['plan_ms_per_compaction']:.2f} ms | {x['apply_ms_per_compaction']:.2f} ms | {share} |")  # fmt: skip
     envs = dict.fromkeys(x["envs"] for x in r["compaction_cost"]["numbers"]["rows"])
     att = [next(x for x in r["compaction_cost"]["numbers"]["rows"] if x["envs"] == e) for e in envs]
@@ -1059,7 +1064,7 @@ def table_readme_limits(r: dict) -> str:
         xs = [x for x in all_rows if x["envs"] == envs and x["engine"].startswith("(c)") and x["speedup_vs_kv"] < 0.97]
         return ", ".join(f"{x['engine'].removeprefix('(c) ')} {x['speedup_vs_kv']:.2f}x" for x in sorted(xs, key=lambda x: x["speedup_vs_kv"]))
 
-    cost = [x for x in r["compaction_cost"]["numbers"]["rows"] if x["envs"] == 8]
+    cost = [x for x in r["compaction_cost"]["numbers"]["rows"] if x["envs"] == 8 and x["config"] != "none"]
     per = [sum(x[f"{k}_ms_per_compaction"] for k in ("scores", "plan", "apply")) for x in cost]
     saved = 4 * (cost[0]["attention_us_full"] - min(x["attention_us_mean_context"] for x in cost)) / 1000  # 4 layers, full vs compressed
     large = max(x["envs"] for x in all_rows)

@@ -331,10 +331,16 @@ def test_compaction_cost_benchmark_times_every_compaction(tmp_path):
     out = tmp_path / "cost.json"
     rows = cost_main(["--envs", "2", "--steps", "40", "--configs", "topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20",
                       "--out", str(out)])  # fmt: skip
-    assert [r["config"] for r in rows] == ["topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"]
+    assert [r["config"] for r in rows] == ["none", "topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"]
+    plain, rows = rows[0], rows[1:]
+    assert plain["compactions"] == 0 and plain["mean_context"] == 240 and plain["ms_compaction_step"] == 0  # the uncompressed reference
     for r in rows:
         assert r["compactions"] == 2 and 120 <= r["mean_context"] <= 140  # every 20 steps, between budget and budget + interval
         assert 0 < r["apply_ms_per_compaction"] and 0 < r["apply_share"] < 1
+        assert (
+            r["ms_compaction_step"] > r["apply_ms_per_compaction"] and r["ms_between_compactions"] > 0
+        )  # a compacting step includes its apply
+        assert abs(38 * r["ms_between_compactions"] + 2 * r["ms_compaction_step"] - 40 * r["ms_per_step"]) < 0.05 * 40 * r["ms_per_step"]
     assert rows[0]["scores_ms_per_compaction"] > 0 and rows[1]["scores_ms_per_compaction"] == 0  # fixed_window reads no scores
     assert json.loads(out.read_text())["schema"] == "ad-benchmark-compaction-cost"
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "compaction_cost.py"
