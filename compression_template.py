@@ -64,7 +64,7 @@ COMPRESSION_CONFIG = {
     "n_anchor": 4,  # reward_anchor: episodes whose first rewarded step is kept (the newest ones)
     "per_episode": 2,  # episode_pool: slots each finished episode keeps (its first rewarded step + pooled rest)
     "n_reward": 8,  # reward_recent: newest rewarded tokens kept
-    "score_queries": 0,  # topk / pooling / reward_anchor: score from the last K queries of each interval (0 = every query, H2O; fewer is cheaper)
+    "score_queries": 0,  # topk / pooling / reward_anchor: score from the last K queries of each interval (0 = every query, H2O)
     "engine": "kv",  # kv (KV-cached incremental rollout) | rerun (whole window re-run every step)
     "compare_rerun": False,  # also time the uncompressed rerun engine (combined gain of compressed kv)
     "episodes": 50,  # in-context episodes per task

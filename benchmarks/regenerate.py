@@ -942,7 +942,7 @@ def _machine(doc: dict) -> str:
     m = doc.get("provenance", {}).get("machine", {})
     if "cpu_model" not in m:
         return ""
-    family = f" (family {m['cpu_family']}, model {m['cpu_model_number']})" if "cpu_family" in m else ""
+    family = f" family {m['cpu_family']} model {m['cpu_model_number']}" if "cpu_family" in m else ""
     cache = f", {m['l2_cache']} L2 per core" if "l2_cache" in m else ""
     return f"{m['cpu_model']}{family}{cache}, {m['cores']} cores"
 
@@ -1072,7 +1072,7 @@ def table_readme_limits(r: dict) -> str:
     half = ", ".join(f"{x['engine'].removeprefix('(c) ')} {x['speedup_vs_kv']:.2f}x (+- {x['speedup_vs_kv_se']:.2f})" for x in half_rows)
     also = f"; at {large} environments {slow(large)}" if slow(large) else ""
     machine = _machine(r["rollout_speed"])
-    on = f" on {machine}" if machine else ""
+    on = f"; {machine}" if machine else ""
     return (f"- **Compression at 240 transitions** (KV cache{on}): slower than the uncompressed step by more than 3% at 8 environments: "
             f"{slow(8) or 'none'}{also}. At 8, one layer's attention over all 240 slots takes {cost[0]['attention_us_full']:.0f} us, so keeping about half saves at most "
             f"~{saved:.2f} ms of a {kv['ms_per_step']:.1f} ms step, while one compaction (scores, plan, re-rotating and moving the kept "
