@@ -130,7 +130,7 @@ class KVCache:
         self.eager_scores = bool(track_scores and eager_scores)
         self._q = self._acc = None
         if self.eager_scores:  # attention weights summed over the steps and layers since the last fold, per head
-            self._acc = torch.zeros(batch_size * n_head, 1, capacity, device=device, dtype=dtype)
+            self._acc = torch.zeros(batch_size * n_head, 1, capacity, device=device)  # float32, as `scores`
         elif track_scores:  # queries not yet folded into scores
             self._q = torch.zeros(n_layer, batch_size, n_head, max(1, score_window), head_size, device=device, dtype=dtype)
         self._q_step: list[int] = []  # the rollout step of each pending query
