@@ -41,7 +41,6 @@ from adlens.io import finish_result  # noqa: E402
 from adlens.errors import UserError  # noqa: E402
 from model.ad import Tokens  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.rope import apply_rope_full  # noqa: E402
 
 CONFIG = {
     "checkpoint": "default",  # model.pt (default: the shipped model)
@@ -57,27 +56,32 @@ CONFIG = {
 
 def readonly_step(model):
     """The cached step as a function of tensors only, for `torch.compile`:
-    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, cos, sin full-width (3, 1, 1, Dh), mask (1, 1, 1, C)
-    additive, -inf at empty slots and at the one being replaced, *params) -> logits (B, A) and the new
-    keys and values (L, 2, B, H, 1, Dh). `params` are `step_param_list(model)`."""
+    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, rot (Dh/2,) complex (`KVCache.rotation_at`), mask
+    (1, 1, 1, C) additive, -inf at empty slots and at the one being replaced, *params) -> logits (B, A)
+    and the new keys and values (L, 2, B, H, 1, Dh). `params` are `step_param_list(model)`. Queries and
+    keys in pair order, as the cache's, rotated in real arithmetic (compilers handle complex tensors
+    poorly): the same products as the cached step's complex one."""
     cfg, params = model.cfg, model.step_params()
     L, H, Dh, D = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.d_model
     eps = [(w[2], w[5]) for _, w in params.blocks] + [params.ln_f[2]]  # layer-norm epsilons, as the step reads them
     scale = 1 / math.sqrt(Dh)
 
-    def step(x, kv, cos, sin, mask, *w):
+    def step(x, kv, rot, mask, *w):
         B = x.shape[0]
+        cos, sin = rot.real, rot.imag
         new = []
         for i in range(L):
             l1w, l1b, qw, qb, pw, pb, l2w, l2b, uw, ub, dw, db = w[12 * i : 12 * i + 12]
-            qkv = apply_rope_full(F.linear(F.layer_norm(x, (D,), l1w, l1b, eps[i][0]), qw, qb).view(B, 3, H, 1, Dh), cos, sin)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, H, 1, Dh)
+            qkv = F.linear(F.layer_norm(x, (D,), l1w, l1b, eps[i][0]), qw, qb).view(B, 3, H, 1, Dh // 2, 2)
+            a, b = qkv[:, :2, ..., 0], qkv[:, :2, ..., 1]  # each rotary pair of q and k
+            qk = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)  # (B, 2, H, 1, Dh)
+            q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2].flatten(-2)  # (B, H, 1, Dh)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv[i, 0], kv[i, 1], attn_mask=mask)[:2]
             own = (q * k).sum(-1) * scale  # (B, H, 1): the new token's score for its own key
             top = torch.maximum(lse, own)
             a, b = (lse - top).exp().unsqueeze(-1), (own - top).exp().unsqueeze(-1)
             y = (out * a + v * b) / (a + b)  # softmax over the old slots and the new token together
-            new.append(qkv[:, 1:])
+            new.append(torch.stack([k, v], 1))
             x = x + F.linear(y.reshape(B, D), pw, pb)
             h = F.layer_norm(x, (D,), l2w, l2b, eps[i][1])
             x = x + F.linear(F.gelu(F.linear(h, uw, ub)), dw, db)
@@ -91,8 +95,8 @@ def step_param_list(model) -> list[torch.Tensor]:
     """The parameters `readonly_step` takes, in its order, from `ADTransformer.step_params` (what the
     eager step reads)."""
     params, w = model.step_params(), []
-    for _, (ln1_w, ln1_b, _, ln2_w, ln2_b, _, up_w, up_b, down_w, down_b, _, (qkv_w, qkv_b, proj_w, proj_b)) in params.blocks:
-        w += [ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b]
+    for _, (ln1_w, ln1_b, _, ln2_w, ln2_b, _, up_w, up_b, down_w, down_b, attn, (qkv_w, qkv_b, proj_w, proj_b)) in params.blocks:
+        w += [ln1_w, ln1_b, *attn.pair_qkv(qkv_w, qkv_b), proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b]
     return [t.detach() for t in w + [*params.ln_f[:2], *params.head]]
 
 
@@ -130,7 +134,7 @@ def main(argv=None) -> dict:
         def readonly(fn):
             pos = at["pos"]
             at["pos"] += 1
-            logits, new = fn(x[:, -1], kv, *cache.rotation_at(pos), masks[pos % T], *params)
+            logits, new = fn(x[:, -1], kv, cache.rotation_at(pos), masks[pos % T], *params)
             kv.index_copy_(4, slots[pos % T : pos % T + 1], new)  # the slot the eager cache overwrites too
             return logits
 

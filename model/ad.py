@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from adlens.errors import ConfigError
 from model.cache import KVCache, StreamingCache
-from model.rope import apply_rope, apply_rope_full, rope_cos_sin
+from model.rope import apply_rope, pair_order, rope_cos_sin, rotate_pairs
 
 
 MAX_CONTEXT = 1_000_000  # transitions; no AD model here comes near it, a corrupt or mistyped value does
@@ -176,6 +176,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.hook_weights = HookPoint()
         self.record = False
+        self._pairs: tuple | None = None  # see `pair_qkv`
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, D = x.shape
@@ -205,19 +206,33 @@ class CausalSelfAttention(nn.Module):
         """(qkv weight, qkv bias, proj weight, proj bias): what `step` reads, see `ADTransformer.step_params`."""
         return (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
 
+    def pair_qkv(self, qkv_w: torch.Tensor, qkv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The qkv weight and bias with every head's query and key rows in pair order (`pair_order`),
+        so that the cached step's queries and keys come out in the cache's layout. Kept, and made
+        again when either parameter changes (in place: its version moves; or replaced)."""
+        memo = self._pairs
+        if memo is None or memo[0] is not qkv_w or memo[1] is not qkv_b or memo[2] != (qkv_w._version, qkv_b._version):
+            D, Dh = qkv_w.shape[1], self.head_size
+            qk = (torch.arange(0, D, Dh)[:, None] + pair_order(Dh)).view(-1)  # (D,) query rows in pair order
+            rows = torch.cat([qk, qk + D, torch.arange(2 * D, 3 * D)]).to(qkv_w.device)
+            pairs = (qkv_w.detach().index_select(0, rows), qkv_b.detach().index_select(0, rows))
+            memo = self._pairs = (qkv_w, qkv_b, (qkv_w._version, qkv_b._version), pairs)
+        return memo[3]
+
     def step(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int, w: tuple | None = None) -> torch.Tensor:
         """One new token per sequence, (B, D), attending over the cache (which it joins).
 
         The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
-        q and k rotated together by `rot`, full-width factors (3, 1, 1, Dh) (`KVCache.rotation_at`, v
-        untouched), key and value written with one copy, and `step_attention` (the fused kernel, or
-        where it is faster the explicit `single_query_attention`, which also serves when weights are
-        recorded). Rows are (B, D), not (B, 1, D): a linear layer on 2-D input skips
-        the reshapes it makes around 3-D input.
+        q and k in pair order (`pair_qkv`) rotated in place by one complex product with `rot` (Dh/2,)
+        (`KVCache.rotation_at`; four passes in the model's half-split layout), key and value written
+        with one copy, and `step_attention` (the fused kernel, or where it is faster the explicit
+        `single_query_attention`, which also serves when weights are recorded). Rows are (B, D), not
+        (B, 1, D): a linear layer on 2-D input skips the reshapes it makes around 3-D input.
         """
         qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
         B, D = x.shape
-        qkv = apply_rope_full(F.linear(x, qkv_w, qkv_b).view(B, 3, self.n_head, 1, self.head_size), *rot)  # q, k rotated
+        qkv = F.linear(x, *self.pair_qkv(qkv_w, qkv_b)).view(B, 3, self.n_head, 1, self.head_size)
+        rotate_pairs(qkv[:, :2], rot, out=qkv[:, :2])  # q and k, in place
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # lazy scores for compression: computed later, from stored queries
@@ -359,7 +374,8 @@ class ADTransformer(nn.Module):
 
     def step_rotated(self, x: torch.Tensor, rot, cache) -> torch.Tensor:
         """The cached step once the new token's slot is reserved: embeddings x (B, 1, D), its rotation
-        `rot` (full-width factors (3, 1, 1, Dh), `KVCache.rotation_at`) -> logits (B, A). Any cache with `write_kv` and `note_query`."""
+        `rot` (complex factors (Dh/2,), `KVCache.rotation_at`) -> logits (B, A). Any cache with `write_kv`
+        and `note_query`, keys in pair order (`pair_order`)."""
         params = self.resolve_step_params()
         x = x[:, -1]  # (B, D) through the blocks
         for i, (blk, w) in enumerate(params.blocks):

@@ -4,11 +4,14 @@
     >>> logits = model.step(tokens, cache)                       # one new token per environment
     >>> cache = model.new_cache(8, capacity=72, n_sink=4)        # StreamingLLM: 4 sinks + a 68-slot ring
 
-`KVCache` stores keys already rotated by their rotary position. Until it is full, slots fill in order;
-after that the oldest slot is overwritten (a sliding window), so the new token attends over exactly
-the last `capacity` tokens. Compression compacts it with a merge plan (`apply_plan`). Order of slots
-does not matter to a single query; `order()` gives the temporal order when it does (capture,
-compression).
+`KVCache` stores keys already rotated by their rotary position, with the head dimensions in pair order
+(`model.rope.pair_order`: each rotary pair side by side, as the cached step computes its queries and
+keys), so that re-rotating keys at a compaction is one complex product (`rotate_pairs`). Attention is
+the same in either order: a key `k` of the model's own layout is `k[..., pair_order(Dh)]` here. Until
+it is full, slots fill in order; after that the oldest slot is overwritten (a sliding window), so the
+new token attends over exactly the last `capacity` tokens. Compression compacts it with a merge plan
+(`apply_plan`). Order of slots does not matter to a single query; `order()` gives the temporal order
+when it does (capture, compression).
 
 `StreamingCache` is the rolling cache of StreamingLLM (arXiv 2309.17453) for strategies that only
 keep the first `n_sink` tokens and the newest ones: sink slots plus a ring buffer that the newest
@@ -43,17 +46,7 @@ import torch
 
 from adlens.compression import HistoryMeta, merge_meta
 from adlens.errors import ConfigError
-from model.rope import apply_rope, rope_cos_sin, rope_full
-
-
-def qkv_rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position cos, sin (P, Dh/2) -> (P, 3, 1, 1, Dh) full-width factors that rotate a step's
-    stacked q, k, v with `apply_rope_full`: q and k by the position, v left exactly as it is (1, 0)."""
-    cos2, sin2 = rope_full(cos, sin)
-    return (
-        torch.stack([cos2, cos2, torch.ones_like(cos2)], dim=1)[:, :, None, None],
-        torch.stack([sin2, sin2, torch.zeros_like(sin2)], dim=1)[:, :, None, None],
-    )
+from model.rope import rope_cos_sin, rope_pairs, rotate_pairs
 
 
 class MergeLayout(NamedTuple):
@@ -69,8 +62,7 @@ class MergeLayout(NamedTuple):
     a_others: torch.Tensor  # (r,) their output slots
     last: torch.Tensor  # (n_out,) each output slot's newest member
     rows: torch.Tensor  # flat rows of the members in every layer, key/value, sequence and head (`_slot_rows`)
-    cos2: torch.Tensor  # (m, Dh) full-width rotation factors from each member's position to its slot's
-    sin2: torch.Tensor
+    rot: torch.Tensor  # (m, Dh/2) complex rotation from each member's position to its slot's (`rope_pairs`)
 
 
 class KVCache:
@@ -124,7 +116,7 @@ class KVCache:
         self._slot = 0
         self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
-        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None  # full-width cos, sin (P, 3, 1, 1, Dh) for q, k, v
+        self._pairs: torch.Tensor | None = None  # complex rotation factors per integer angle (P, Dh/2), `rope_pairs`
         if eager_scores is None:
             eager_scores = torch.device(device).type == "cpu"
         self.eager_scores = bool(track_scores and eager_scores)
@@ -143,7 +135,6 @@ class KVCache:
         self._scratch: torch.Tensor | None = None  # flat work memory for compaction, allocated once
         self._score_buf: torch.Tensor | None = None  # flat work memory for lazy scores
         self._score_group = 1  # layers scored at once
-        self._rot_full: tuple[torch.Tensor, torch.Tensor] | None = None  # full-width rotation factors per integer angle (P, Dh)
         self._rows: torch.Tensor | None = None  # flat row offsets, see `_row_offsets`
         self._layout: MergeLayout | None = None  # the last in-place merge's layout, see `_merge_layout`
 
@@ -162,13 +153,17 @@ class KVCache:
             table = self._rope = rope_cos_sin(torch.arange(n, device=self.k.device), self.head_size, self.rope_base)
         return table[0][pos : pos + 1], table[1][pos : pos + 1]
 
-    def rotation_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-width factors (3, 1, 1, Dh) that rotate a step's stacked q, k, v (B, 3, H, 1, Dh) with
-        `apply_rope_full`: q and k to rotary position `pos`, v left exactly as it is (1, 0)."""
-        if self._rot is None or pos >= len(self._rot[0]):
-            self.rope_at(max(pos, 4095))  # grows the angle table
-            self._rot = qkv_rotation(*self._rope)
-        return self._rot[0][pos], self._rot[1][pos]
+    def rotation_at(self, pos: int) -> torch.Tensor:
+        """Complex factors (Dh/2,) that rotate a step's query and key (in pair order) to rotary position
+        `pos` with `rotate_pairs`."""
+        return self._pair_table(pos)[pos]
+
+    def _pair_table(self, top: int) -> torch.Tensor:
+        """`rope_pairs` of every integer angle up to at least `top`: (P, Dh/2), from the angle table."""
+        if self._pairs is None or top >= len(self._pairs):
+            self.rope_at(max(top, 4095))  # grows the angle table
+            self._pairs = rope_pairs(*self._rope)
+        return self._pairs
 
     def _next_slot(self) -> int:
         if self.n < self.capacity:
@@ -389,46 +384,14 @@ class KVCache:
             self._scratch = torch.empty(self.kv.numel(), device=self.k.device, dtype=self.k.dtype)
         return self._scratch[: math.prod(shape)].view(shape)
 
-    def _rotation(self, delta: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (..., Dh/2) of integer rotations `delta` (...,), or with `full` the full-width
-        factors [cos, cos] and [-sin, sin] (..., Dh), looked up in a table of the same float64 angles
-        as `rope_cos_sin` (one `index_select` each, ~3x cheaper on CPU than advanced indexing, instead
-        of computing angles); a negative delta is computed directly."""
+    def _rotation(self, delta: torch.Tensor) -> torch.Tensor:
+        """Complex factors (..., Dh/2) of integer rotations `delta` (...,) (`rope_pairs`), looked up in a
+        table of the same float64 angles as `rope_cos_sin` (one `index_select`, ~3x cheaper on CPU
+        than advanced indexing, instead of computing angles); a negative delta is computed directly."""
         if int(delta.min()) < 0:
-            cos, sin = rope_cos_sin(delta, self.head_size, self.rope_base)
-            return rope_full(cos, sin) if full else (cos, sin)
-        top = int(delta.max())
-        self.rope_at(top)  # grows the angle table
-        if full:
-            if self._rot_full is None or top >= len(self._rot_full[0]):
-                self._rot_full = rope_full(*self._rope)  # (P, Dh)
-            cos, sin = self._rot_full
-        else:
-            cos, sin = self._rope
-        flat = delta.reshape(-1)
-        shape = (*delta.shape, cos.shape[-1])
-        return cos.index_select(0, flat).view(shape), sin.index_select(0, flat).view(shape)
-
-    def _rotate_(self, x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> None:
-        """`apply_rope` in place on x (L, B, H, m, Dh), a view of the cache, by full-width factors from
-        `_rotation(..., full=True)` broadcastable to (..., m, Dh): the same arithmetic (x1*c - x2*s,
-        x1*s + x2*c) over full rows of Dh, which on this CPU is faster than over half rows in place."""
-        half = x.shape[-1] // 2
-        swapped = self._buffer(*x.shape)
-        swapped[..., :half].copy_(x[..., half:])
-        swapped[..., half:].copy_(x[..., :half])
-        x.mul_(cos2)
-        x.add_(swapped.mul_(sin2))
-
-    @staticmethod
-    def _rotate_into(dst: torch.Tensor, src: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, work: torch.Tensor) -> None:
-        """`apply_rope` of src (..., m, Dh) written into dst, another tensor of its shape, by full-width
-        factors (see `_rotate_`), with `work` (src's shape) for src with its halves swapped: whole rows,
-        where four passes over half rows took 1.6x as long at 8 environments (bit for bit the same)."""
-        half = src.shape[-1] // 2
-        work[..., :half].copy_(src[..., half:])
-        work[..., half:].copy_(src[..., :half])
-        torch.mul(src, cos2, out=dst).addcmul_(work, sin2)
+            return rope_pairs(*rope_cos_sin(delta, self.head_size, self.rope_base))
+        table = self._pair_table(int(delta.max()))
+        return table.index_select(0, delta.reshape(-1)).view(*delta.shape, table.shape[-1])
 
     def _row_offsets(self) -> torch.Tensor:
         """(L*2, B, H): the row of slot 0 of each (layer, key/value, sequence, head) in `kv.view(-1, Dh)`.
@@ -489,7 +452,7 @@ class KVCache:
         w = torch.where(keep, weight, torch.zeros_like(weight)).to(self.k.dtype)  # (B, n)
         new_pos = self._new_positions(n_out)  # (n_out,)
         cos, sin = rope_cos_sin(new_pos[tgt] - t["pos"], self.head_size, self.rope_base)  # (B, n, Dh/2)
-        k_rot = apply_rope(t["k"], cos[None, :, None], sin[None, :, None])  # (L, B, H, n, Dh)
+        k_rot = rotate_pairs(t["k"], rope_pairs(cos, sin)[None, :, None])  # (L, B, H, n, Dh)
         L, _, H, _, Dh = k_rot.shape
         idx = tgt.view(1, B, 1, n, 1).expand(L, B, H, n, Dh)
         wk = w.view(1, B, 1, n, 1)
@@ -528,9 +491,9 @@ class KVCache:
             0, a.clamp(min=0), torch.where(keep[0], torch.arange(n, device=a.device), torch.zeros_like(a)), "amax"
         )
         # token j sits at position newest - (n - 1 - j) and moves to newest - (n_out - 1 - a_j)
-        cos2, sin2 = self._rotation(n - n_out + a[members] - members, full=True)  # (m, Dh)
+        rot = self._rotation(n - n_out + a[members] - members)  # (m, Dh/2)
         return MergeLayout(assign.clone(), n, n_out, keep, a.clamp(min=0).expand(B, n), members, others, a[others], last,
-                           self._slot_rows(members), cos2, sin2)  # fmt: skip
+                           self._slot_rows(members), rot)  # fmt: skip
 
     def _merge_in_place(self, lay: MergeLayout, weight: torch.Tensor) -> None:
         """`_apply_merge` for a plan shared by every sequence with slots in temporal order (fixed_window,
@@ -550,12 +513,11 @@ class KVCache:
         den = self._denominator(tgt, w, n_out).view(B, n_out)
         share = w / den.gather(1, tgt)  # (B, n) each token's share of its slot's weight (exactly 1 alone in it)
         wm = share[:, lay.members, None]  # (B, m, 1)
-        cos2, sin2 = (lay.cos2 * wm)[None, :, None], (lay.sin2 * wm)[None, :, None]  # (1, B, 1, m, Dh)
         src = self._buffer(L, 2, B, H, m, Dh)
         flat = self.kv.view(-1, Dh)  # whole rows of Dh, gathered through flat row indices (see `_row_offsets`)
         torch.index_select(flat, 0, lay.rows, out=src.view(-1, Dh))
-        torch.mul(src[:, 1], wm.view(1, B, 1, m, 1), out=self.v[:, :, :, :m])  # values first: their copy becomes work memory
-        self._rotate_into(self.k[:, :, :, :m], src[:, 0], cos2, sin2, work=src[:, 1])
+        torch.mul(src[:, 1], wm.view(1, B, 1, m, 1), out=self.v[:, :, :, :m])
+        rotate_pairs(src[:, 0], (lay.rot * wm)[:, None], out=self.k[:, :, :, :m])  # weighed rotation (B, 1, m, Dh/2)
         if m > n_out:
             kv = self.kv
             kv[:, :, :, :, :n_out].index_add_(4, lay.a_others, kv[:, :, :, :, n_out:m])
@@ -581,8 +543,8 @@ class KVCache:
             self._move(rows, dst, src)
             rank_slot[rows, dst] = rank_slot[rows, src]
         new_pos = self.n_added - n_out + rank_slot[:, :n_out]  # (B, n_out)
-        cos2, sin2 = self._rotation(new_pos - self.pos[:, :n_out], full=True)  # (B, n_out, Dh)
-        self._rotate_(self.k[:, :, :, :n_out], cos2[:, None], sin2[:, None])
+        k = self.k[:, :, :, :n_out]
+        rotate_pairs(k, self._rotation(new_pos - self.pos[:, :n_out])[:, None], out=k)  # in place, (B, 1, n_out, Dh/2) factors
         self.pos[:, :n_out] = new_pos
         self._finish(n_out, in_order=not len(holes))
 
@@ -613,8 +575,7 @@ class StreamingCache(KVCache):
         if shift > 0 and self.n_sink:
             if self._sink_k is None:
                 self._sink_k = self.k[:, :, :, : self.n_sink].clone()
-            cos, sin = self.rope_at(shift)
-            self.k[:, :, :, : self.n_sink] = apply_rope(self._sink_k, cos, sin)
+            rotate_pairs(self._sink_k, self.rotation_at(shift), out=self.k[:, :, :, : self.n_sink])
         return pos
 
     def apply_plan(self, assign, weight, n_out):

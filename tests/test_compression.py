@@ -9,7 +9,7 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from env import get_spec, make_env
-from model.rope import apply_rope, rope_cos_sin
+from model.rope import apply_rope, pair_order, rope_cos_sin
 from model.cache import KVCache
 from adlens.compression import STRATEGIES, make_compression
 from adlens.compression import merge_rows
@@ -109,11 +109,11 @@ def test_pooling_conserves_attention_mass_and_weights_by_attention():
 def test_apply_plan_rerotates_kept_keys_to_contiguous_positions():
     Dh = 8
     cache = KVCache(1, 1, 1, 10, Dh, "cpu", torch.float32)
-    raw = torch.randn(10, Dh)
+    raw, order = torch.randn(10, Dh), pair_order(Dh)  # the cache keeps keys in pair order
     for t in range(10):
         pos = cache.advance()
         cos, sin = rope_cos_sin(torch.tensor([pos]), Dh, 10000.0)
-        k = apply_rope(raw[t : t + 1], cos, sin)
+        k = apply_rope(raw[t : t + 1], cos, sin)[:, order]
         cache.write(0, k.view(1, 1, 1, Dh), k.view(1, 1, 1, Dh))
     keep = torch.tensor([[True, False, False, True, False, True, False, False, True, True]])
     assign = torch.where(keep, keep.long().cumsum(1) - 1, torch.full_like(keep, -1, dtype=torch.long))
@@ -123,7 +123,7 @@ def test_apply_plan_rerotates_kept_keys_to_contiguous_positions():
     assert t["src_step"][0].tolist() == [0, 3, 5, 8, 9]
     kept = [0, 3, 5, 8, 9]
     cos, sin = rope_cos_sin(torch.arange(5, 10), Dh, 10000.0)
-    torch.testing.assert_close(t["k"][0, 0, 0], apply_rope(raw[kept], cos, sin), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t["k"][0, 0, 0], apply_rope(raw[kept], cos, sin)[:, order], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("track_scores", [False, True])

@@ -17,7 +17,7 @@ import model.ad as ad
 from model.ad import ADConfig, ADTransformer, CausalSelfAttention, Tokens, single_query_attention
 from adlens.capture import capture_attention
 from model.data import HistoryData, grid_symmetries
-from model.rope import apply_rope, apply_rope_full, rope_cos_sin, rope_full
+from model.rope import apply_rope, pair_order, rope_cos_sin, rope_pairs, rotate_pairs
 from model.rollout import run_episodes
 
 ATOL = 1e-5
@@ -174,14 +174,21 @@ def test_kv_cache_step_equals_full_forward(make_model, n_layer, grid_size):
     assert cache.full
 
 
-def test_full_width_rope_is_bit_for_bit_apply_rope():
-    """The cached step's rotation (whole rows, halves swapped) gives exactly `apply_rope`'s numbers,
-    at large positions too, where a change of rounding would show."""
+def test_pair_order_rotation_is_apply_rope():
+    """The cached step's rotation (pair order, one complex product) gives `apply_rope`'s numbers in pair
+    order, at large positions too, where a change of rounding would show; in place as well."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 4, 1, 16, generator=g) * 10
+    order = pair_order(16)
+    assert order.tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
     for pos in (0, 7, 239, 100_003):
         cos, sin = rope_cos_sin(torch.tensor([pos]), 16, 10000.0)
-        assert torch.equal(apply_rope_full(x, *rope_full(cos, sin)), apply_rope(x, cos, sin))
+        expect = apply_rope(x, cos, sin)[..., order]
+        torch.testing.assert_close(rotate_pairs(x[..., order], rope_pairs(cos, sin)), expect, atol=1e-6, rtol=0)
+        y = x[..., order].contiguous()
+        rotate_pairs(y[:, :2], rope_pairs(cos, sin), out=y[:, :2])  # part of a tensor, in place
+        torch.testing.assert_close(y[:, :2], expect[:, :2], atol=1e-6, rtol=0)
+        assert torch.equal(y[:, 2:], x[:, 2:][..., order])
 
 
 def test_readonly_step_of_the_compile_benchmark_equals_the_cached_step(make_model):
@@ -203,7 +210,7 @@ def test_readonly_step_of_the_compile_benchmark_equals_the_cached_step(make_mode
             pos = cache.n_added
             mask = torch.zeros(1, 1, 1, T)
             mask[..., pos % T] = float("-inf")
-            logits, new = step(x_all[:, t], kv, *cache.rotation_at(pos), mask, *params)
+            logits, new = step(x_all[:, t], kv, cache.rotation_at(pos), mask, *params)
             kv.index_copy_(4, torch.tensor([pos % T]), new)
             torch.testing.assert_close(logits, model.step_embeddings(x_all[:, t : t + 1], cache), atol=ATOL, rtol=0)
             torch.testing.assert_close(kv, cache.kv, atol=ATOL, rtol=0)

@@ -271,6 +271,7 @@ def test_step_reads_the_parameters_new_cache_looked_up():
         assert step_vs_forward(model.new_cache(3)) < ATOL
         model.blocks[1].mlp[2].bias.add_(0.5)  # in place: seen by the parameters already looked up
         model.action_emb.weight.mul_(2.0)
+        model.blocks[0].attn.qkv.weight.mul_(1.5)  # also through the step's query/key rows in pair order
         cache = KVCache(2, 3, 2, 16, model.cfg.head_size, "cpu", torch.float32)  # a cache made without new_cache
         assert step_vs_forward(cache) < ATOL
         model.head.bias = torch.nn.Parameter(model.head.bias + 1.0)  # replaced: seen from the next new_cache on
