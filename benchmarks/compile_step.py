@@ -56,7 +56,7 @@ CONFIG = {
 
 def readonly_step(model):
     """The cached step as a function of tensors only, for `torch.compile`:
-    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, rot (Dh/2,) complex (`KVCache.rotation_at`), mask
+    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, rot (3, 1, 1, Dh/2) complex (`KVCache.rotation_at`), mask
     (1, 1, 1, C) additive, -inf at empty slots and at the one being replaced, *params) -> logits (B, A)
     and the new keys and values (L, 2, B, H, 1, Dh). `params` are `step_param_list(model)`. Queries and
     keys in pair order, as the cache's, rotated in real arithmetic (compilers handle complex tensors
@@ -68,7 +68,7 @@ def readonly_step(model):
 
     def step(x, kv, rot, mask, *w):
         B = x.shape[0]
-        cos, sin = rot.real, rot.imag
+        cos, sin = rot[0].real, rot[0].imag  # q's and k's
         new = []
         for i in range(L):
             l1w, l1b, qw, qb, pw, pb, l2w, l2b, uw, ub, dw, db = w[12 * i : 12 * i + 12]

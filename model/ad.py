@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from adlens.errors import ConfigError
 from model.cache import KVCache, StreamingCache
-from model.rope import apply_rope, pair_order, rope_cos_sin, rotate_pairs
+from model.rope import apply_rope, as_pairs, pair_order, rope_cos_sin
 
 
 MAX_CONTEXT = 1_000_000  # transitions; no AD model here comes near it, a corrupt or mistyped value does
@@ -223,8 +223,9 @@ class CausalSelfAttention(nn.Module):
         """One new token per sequence, (B, D), attending over the cache (which it joins).
 
         The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
-        q and k in pair order (`pair_qkv`) rotated in place by one complex product with `rot` (Dh/2,)
-        (`KVCache.rotation_at`; four passes in the model's half-split layout), key and value written
+        q and k in pair order (`pair_qkv`) rotated in place by one complex product over the stacked
+        q, k, v with `rot` (3, 1, 1, Dh/2) (`KVCache.rotation_at`: v's factor is 1; four passes and a
+        copy in the model's half-split layout), key and value written
         with one copy, and `step_attention` (the fused kernel, or where it is faster the explicit
         `single_query_attention`, which also serves when weights are recorded). Rows are (B, D), not
         (B, 1, D): a linear layer on 2-D input skips the reshapes it makes around 3-D input.
@@ -232,7 +233,7 @@ class CausalSelfAttention(nn.Module):
         qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
         B, D = x.shape
         qkv = F.linear(x, *self.pair_qkv(qkv_w, qkv_b)).view(B, 3, self.n_head, 1, self.head_size)
-        rotate_pairs(qkv[:, :2], rot, out=qkv[:, :2])  # q and k, in place
+        as_pairs(qkv).mul_(rot)  # q and k rotated in place
         q = qkv[:, 0]  # (B, H, 1, Dh)
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # lazy scores for compression: computed later, from stored queries
@@ -374,7 +375,7 @@ class ADTransformer(nn.Module):
 
     def step_rotated(self, x: torch.Tensor, rot, cache) -> torch.Tensor:
         """The cached step once the new token's slot is reserved: embeddings x (B, 1, D), its rotation
-        `rot` (complex factors (Dh/2,), `KVCache.rotation_at`) -> logits (B, A). Any cache with `write_kv`
+        `rot` (complex factors (3, 1, 1, Dh/2), `KVCache.rotation_at`) -> logits (B, A). Any cache with `write_kv`
         and `note_query`, keys in pair order (`pair_order`)."""
         params = self.resolve_step_params()
         x = x[:, -1]  # (B, D) through the blocks

@@ -49,6 +49,14 @@ from adlens.errors import ConfigError
 from model.rope import rope_cos_sin, rope_pairs, rotate_pairs
 
 
+def qkv_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Per-position cos, sin (P, Dh/2) -> complex factors (P, 3, 1, 1, Dh/2) that rotate a step's stacked
+    q, k, v (B, 3, H, 1, Dh) in pair order, viewed as complex, in one product: q and k by the position,
+    v by 1 + 0i (exactly itself); one in-place product over all three is cheaper than one over a slice."""
+    rot = rope_pairs(cos, sin)
+    return torch.stack([rot, rot, torch.ones_like(rot)], dim=1)[:, :, None, None]
+
+
 class MergeLayout(NamedTuple):
     """A merge plan shared by every sequence, laid out for `KVCache._merge_in_place` (all but the weights)."""
 
@@ -117,6 +125,7 @@ class KVCache:
         self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
         self._pairs: torch.Tensor | None = None  # complex rotation factors per integer angle (P, Dh/2), `rope_pairs`
+        self._qkv_rot: torch.Tensor | None = None  # the step's factors per position (P, 3, 1, 1, Dh/2), `qkv_rotation`
         if eager_scores is None:
             eager_scores = torch.device(device).type == "cpu"
         self.eager_scores = bool(track_scores and eager_scores)
@@ -137,6 +146,7 @@ class KVCache:
         self._score_group = 1  # layers scored at once
         self._rows: torch.Tensor | None = None  # flat row offsets, see `_row_offsets`
         self._layout: MergeLayout | None = None  # the last in-place merge's layout, see `_merge_layout`
+        self._order: tuple | None = None  # ((n_added, n), `order()`) while neither changed, and no compaction since
 
     def __len__(self) -> int:
         return self.n
@@ -154,9 +164,12 @@ class KVCache:
         return table[0][pos : pos + 1], table[1][pos : pos + 1]
 
     def rotation_at(self, pos: int) -> torch.Tensor:
-        """Complex factors (Dh/2,) that rotate a step's query and key (in pair order) to rotary position
-        `pos` with `rotate_pairs`."""
-        return self._pair_table(pos)[pos]
+        """Complex factors (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (in pair order, viewed as
+        complex) in one product: q and k to rotary position `pos`, v left exactly as it is (`qkv_rotation`)."""
+        if self._qkv_rot is None or pos >= len(self._qkv_rot):
+            self.rope_at(max(pos, 4095))  # grows the angle table
+            self._qkv_rot = qkv_rotation(*self._rope)
+        return self._qkv_rot[pos]
 
     def _pair_table(self, top: int) -> torch.Tensor:
         """`rope_pairs` of every integer angle up to at least `top`: (P, Dh/2), from the angle table."""
@@ -314,10 +327,13 @@ class KVCache:
         return self._slot
 
     def order(self) -> torch.Tensor:
-        """(B, n) slot indices in temporal order, oldest first."""
+        """(B, n) slot indices in temporal order, oldest first (kept until a step or compaction: a
+        compaction reads it for the scores and again for the plan)."""
         if self._in_order:
             return torch.arange(self.n, device=self.pos.device).expand(self.pos.shape[0], self.n)
-        return self.pos[:, : self.n].argsort(dim=1)
+        if self._order is None or self._order[0] != (self.n_added, self.n):
+            self._order = ((self.n_added, self.n), self.pos[:, : self.n].argsort(dim=1))
+        return self._order[1]
 
     def ordered_scores(self) -> torch.Tensor | None:
         """Accumulated scores (B, n) in temporal order, or None when not tracked."""
@@ -372,7 +388,7 @@ class KVCache:
             return
         keep = assign >= 0
         if bool((keep.sum(1) == n_out).all()):  # every slot holds exactly one token: a pure selection
-            self._apply_selection(assign, keep, n_out)
+            self._apply_selection(assign, n_out)
         else:
             self._apply_merge(assign, weight, keep, n_out)
 
@@ -388,9 +404,10 @@ class KVCache:
         """Complex factors (..., Dh/2) of integer rotations `delta` (...,) (`rope_pairs`), looked up in a
         table of the same float64 angles as `rope_cos_sin` (one `index_select`, ~3x cheaper on CPU
         than advanced indexing, instead of computing angles); a negative delta is computed directly."""
-        if int(delta.min()) < 0:
+        lo, hi = (int(x) for x in torch.aminmax(delta))
+        if lo < 0:
             return rope_pairs(*rope_cos_sin(delta, self.head_size, self.rope_base))
-        table = self._pair_table(int(delta.max()))
+        table = self._pair_table(hi)
         return table.index_select(0, delta.reshape(-1)).view(*delta.shape, table.shape[-1])
 
     def _row_offsets(self) -> torch.Tensor:
@@ -435,7 +452,7 @@ class KVCache:
             self.scores[:, n_out:] = 0.0
         if self.valid is not None:
             self.valid[..., n_out:] = float("-inf")
-        self.n, self._oldest, self._in_order = n_out, 0, in_order
+        self.n, self._oldest, self._in_order, self._order = n_out, 0, in_order, None
 
     def _apply_merge(self, assign: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
         """`apply_plan` in general: every token rotated, weighed and summed into its slot."""
@@ -527,14 +544,13 @@ class KVCache:
             self.scores[:, :n_out] = torch.zeros(B, n_out, device=sc.device).scatter_add_(1, tgt, sc)
         self._finish(n_out)
 
-    def _apply_selection(self, assign: torch.Tensor, keep: torch.Tensor, n_out: int) -> None:
-        """`apply_plan` for a plan that only drops tokens, in place: a kept token in a slot at or past
+    def _apply_selection(self, assign: torch.Tensor, n_out: int) -> None:
+        """`apply_plan` for a plan that only drops tokens (the kept ones in their temporal order, as
+        `selection_plan` makes them), in place: a kept token in a slot at or past
         `n_out` moves into a dropped token's slot below it (the only data that moves: as many tokens as
         were dropped), then the kept keys are rotated in place to their new positions. Slots are then
         no longer in temporal order (`order()` sorts them)."""
-        B, n = assign.shape
-        rank = (keep.cumsum(1) - 1).masked_fill_(~keep, -1)  # (B, n) temporal rank among the kept, -1 dropped
-        rank_slot = torch.empty_like(rank).scatter_(1, self.order(), rank)  # (B, n) the same, per slot
+        rank_slot = torch.empty_like(assign).scatter_(1, self.order(), assign)  # (B, n) output slot = rank among the kept, per slot
         keep_slot = rank_slot >= 0
         holes = (~keep_slot[:, :n_out]).nonzero()  # (m, 2) row, slot: dropped below n_out, row-major
         movers = keep_slot[:, n_out:].nonzero()  # (m, 2) row, slot - n_out: kept at or past n_out
@@ -575,7 +591,7 @@ class StreamingCache(KVCache):
         if shift > 0 and self.n_sink:
             if self._sink_k is None:
                 self._sink_k = self.k[:, :, :, : self.n_sink].clone()
-            rotate_pairs(self._sink_k, self.rotation_at(shift), out=self.k[:, :, :, : self.n_sink])
+            rotate_pairs(self._sink_k, self._pair_table(shift)[shift], out=self.k[:, :, :, : self.n_sink])
         return pos
 
     def apply_plan(self, assign, weight, n_out):

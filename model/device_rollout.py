@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from adlens.errors import ConfigError
 from model.ad import ADTransformer, Tokens
-from model.rope import rope_cos_sin, rope_pairs
+from model.cache import qkv_rotation
+from model.rope import rope_cos_sin
 
 
 def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -71,7 +72,7 @@ class DeviceRollout:
         self.n_steps = n_episodes * H
         self.cache = SlotCache(cfg.n_layer, B, cfg.n_head, cfg.max_context, cfg.head_size, dev, p.dtype)
         model.resolve_step_params(refresh=True)  # as `new_cache` does
-        self.rot = rope_pairs(*rope_cos_sin(torch.arange(self.n_steps, device=dev), cfg.head_size, cfg.rope_base))  # every step's
+        self.rot = qkv_rotation(*rope_cos_sin(torch.arange(self.n_steps, device=dev), cfg.head_size, cfg.rope_base))  # every step's
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # rollout step = rotary position of the new token
         self.prev_a = torch.full((B, 1), cfg.n_actions, dtype=torch.long, device=dev)
         self.prev_r = torch.zeros(B, 1, device=dev)
@@ -91,7 +92,7 @@ class DeviceRollout:
         x = model._embed_step(tok)  # (B, 1, D)
         c.slot.copy_(self.t % self.T)  # a sliding window once full: the oldest slot is overwritten
         c.valid.index_fill_(3, c.slot, 0.0)
-        rot = self.rot.index_select(0, self.t)[0]  # (Dh/2,) complex
+        rot = self.rot.index_select(0, self.t)[0]  # (3, 1, 1, Dh/2) complex
         logits = model.step_rotated(x, rot, c)
         if self.greedy:
             actions = logits.argmax(-1)

@@ -40,9 +40,9 @@ def as_pairs(x: torch.Tensor) -> torch.Tensor:
 
 def rotate_pairs(x: torch.Tensor, rot: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`apply_rope` for x (..., Dh) in pair order (`pair_order`), by factors `rope_pairs` broadcastable
-    to (..., Dh/2): one complex product (x1 + i x2)(cos + i sin) = the same x1 cos - x2 sin,
-    x1 sin + x2 cos (bit for bit on a CPU, tested), where the half-split layout takes four passes and
-    a copy. In place with `out=x`; `out` may be any tensor of x's shape in pair order."""
+    to (..., Dh/2): one complex product (x1 + i x2)(cos + i sin), the same products x1 cos - x2 sin,
+    x1 sin + x2 cos (equal to rounding, tested), where the half-split layout takes four passes and a
+    copy. In place with `out=x`; `out` may be any tensor of x's shape in pair order."""
     if out is None:
         return torch.view_as_real(as_pairs(x) * rot).flatten(-2)
     torch.mul(as_pairs(x), rot, out=as_pairs(out))
