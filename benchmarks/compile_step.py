@@ -56,19 +56,18 @@ CONFIG = {
 
 def readonly_step(model):
     """The cached step as a function of tensors only, for `torch.compile`:
-    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, rot (3, 1, 1, Dh/2) complex (`KVCache.rotation_at`), mask
+    f(x (B, D), kv (L, 2, B, H, C, Dh) read-only, cos, sin (1, Dh/2) (`KVCache.rope_at`), mask
     (1, 1, 1, C) additive, -inf at empty slots and at the one being replaced, *params) -> logits (B, A)
     and the new keys and values (L, 2, B, H, 1, Dh). `params` are `step_param_list(model)`. Queries and
-    keys in pair order, as the cache's, rotated in real arithmetic (compilers handle complex tensors
-    poorly): the same products as the cached step's complex one."""
+    keys in pair order, as the cache's, rotated in real arithmetic (inductor generates no code for
+    complex tensors): the same products as the cached step's complex one."""
     cfg, params = model.cfg, model.step_params()
     L, H, Dh, D = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.d_model
     eps = [(w[2], w[5]) for _, w in params.blocks] + [params.ln_f[2]]  # layer-norm epsilons, as the step reads them
     scale = 1 / math.sqrt(Dh)
 
-    def step(x, kv, rot, mask, *w):
+    def step(x, kv, cos, sin, mask, *w):
         B = x.shape[0]
-        cos, sin = rot[0].real, rot[0].imag  # q's and k's
         new = []
         for i in range(L):
             l1w, l1b, qw, qb, pw, pb, l2w, l2b, uw, ub, dw, db = w[12 * i : 12 * i + 12]
@@ -134,7 +133,7 @@ def main(argv=None) -> dict:
         def readonly(fn):
             pos = at["pos"]
             at["pos"] += 1
-            logits, new = fn(x[:, -1], kv, cache.rotation_at(pos), masks[pos % T], *params)
+            logits, new = fn(x[:, -1], kv, *cache.rope_at(pos), masks[pos % T], *params)
             kv.index_copy_(4, slots[pos % T : pos % T + 1], new)  # the slot the eager cache overwrites too
             return logits
 

@@ -210,7 +210,7 @@ def test_readonly_step_of_the_compile_benchmark_equals_the_cached_step(make_mode
             pos = cache.n_added
             mask = torch.zeros(1, 1, 1, T)
             mask[..., pos % T] = float("-inf")
-            logits, new = step(x_all[:, t], kv, cache.rotation_at(pos), mask, *params)
+            logits, new = step(x_all[:, t], kv, *cache.rope_at(pos), mask, *params)
             kv.index_copy_(4, torch.tensor([pos % T]), new)
             torch.testing.assert_close(logits, model.step_embeddings(x_all[:, t : t + 1], cache), atol=ATOL, rtol=0)
             torch.testing.assert_close(kv, cache.kv, atol=ATOL, rtol=0)
