@@ -123,12 +123,13 @@ EXPLICIT_ATTENTION_ROWS, EXPLICIT_ATTENTION_SLOTS = 128, 32
 
 
 def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None,
-                           hook=None) -> torch.Tensor:  # fmt: skip
+                           hook=None, acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One query per sequence and head, q (B, H, 1, Dh), over keys and values (B, H, n, Dh) whose
     (sequence, head) rows merge into one dimension (a cache layer or a slice of its slots), with an
     additive mask (1, 1, 1, n) or None -> (B, H, 1, Dh). Computed explicitly: the scores as one
     batched product (the mask added in the same call), softmax in place, one more product. `hook`
-    sees the weights (B, H, 1, n) and may replace them (attention capture)."""
+    sees the weights (B, H, 1, n) and may replace them (attention capture); the weights are added
+    to `acc` (B*H, 1, n) if given (eager scores, `KVCache.weight_sum`: one call, no hook)."""
     B, H, _, Dh = q.shape
     n = keys.shape[2]
     q3, kT = q.reshape(B * H, 1, Dh), keys.reshape(B * H, n, Dh).transpose(1, 2)
@@ -137,6 +138,8 @@ def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     else:
         w = torch.baddbmm(mask.reshape(1, 1, n), q3, kT, alpha=1 / math.sqrt(Dh))
     torch.softmax(w, -1, out=w)
+    if acc is not None:
+        acc.add_(w)
     if hook is not None:
         w = hook(w.view(B, H, 1, n)).reshape(B * H, 1, n)
     return torch.bmm(w, values.reshape(B * H, n, Dh)).view(B, H, 1, Dh)
@@ -238,8 +241,10 @@ class CausalSelfAttention(nn.Module):
         keys, values, mask = cache.write_kv(layer, qkv[:, 1:])  # (B, H, n, Dh) the new token included; mask (1, 1, 1, n)
         cache.note_query(layer, q)  # lazy scores for compression: computed later, from stored queries
         if getattr(cache, "wants_weights", False):  # eager scores: the weights this step computes are summed
-            hook = cache.add_weights if not self.record else lambda w: cache.add_weights(self.hook_weights(w))
-            y = single_query_attention(q, keys, values, mask, hook)
+            if self.record:  # the weights as the capture hook leaves them
+                y = single_query_attention(q, keys, values, mask, lambda w: cache.add_weights(self.hook_weights(w)))
+            else:
+                y = single_query_attention(q, keys, values, mask, acc=cache.weight_sum(keys.shape[2]))
         elif self.record:
             y = single_query_attention(q, keys, values, mask, self.hook_weights)
         else:

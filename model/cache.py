@@ -229,13 +229,17 @@ class KVCache:
     @property
     def wants_weights(self) -> bool:
         """Whether this step's attention weights count towards the scores (eager scores): the step then
-        attends explicitly and passes them to `add_weights`."""
+        attends explicitly and adds them to `weight_sum` (or, while attention is captured, through `add_weights`)."""
         return self._q_now and self.eager_scores
+
+    def weight_sum(self, n: int) -> torch.Tensor:
+        """(B*H, 1, n) the pending sum of attention weights over the first n slots (eager scores), to
+        which a step's attention adds each layer's weights (`single_query_attention(..., acc=)`)."""
+        return self._acc if n == self.capacity else self._acc[:, :, :n]
 
     def add_weights(self, w: torch.Tensor) -> torch.Tensor:
         """Add one layer's attention weights (B, H, 1, n) over the slots to the pending scores; return them."""
-        n = w.shape[-1]
-        acc = self._acc if n == self.capacity else self._acc[:, :, :n]
+        acc = self.weight_sum(w.shape[-1])
         acc.add_(w.view(acc.shape))
         return w
 
