@@ -228,10 +228,10 @@ class CausalSelfAttention(nn.Module):
         The per-step hot path: functional calls on parameters resolved once (`w`, from `step_params`),
         q and k in pair order (`pair_qkv`) rotated in place by one complex product over the stacked
         q, k, v with `rot` (3, 1, 1, Dh/2) (`KVCache.rotation_at`: v's factor is 1; four passes and a
-        copy in the model's half-split layout), key and value written
-        with one copy, and `step_attention` (the fused kernel, or where it is faster the explicit
-        `single_query_attention`, which also serves when weights are recorded). Rows are (B, D), not
-        (B, 1, D): a linear layer on 2-D input skips the reshapes it makes around 3-D input.
+        copy in the model's half-split layout), key and value written with one copy, and
+        `step_attention` (the fused kernel, or where it is faster the explicit `single_query_attention`,
+        which also serves when weights are recorded or summed). Rows are (B, D), not (B, 1, D): a
+        linear layer on 2-D input skips the reshapes it makes around 3-D input.
         """
         qkv_w, qkv_b, proj_w, proj_b = w if w is not None else self.step_params()
         B, D = x.shape
