@@ -124,8 +124,7 @@ class KVCache:
         self._slot = 0
         self._in_order = True  # slot i holds the i-th oldest token (no slide since the last compaction)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin per position
-        self._pairs: torch.Tensor | None = None  # complex rotation factors per integer angle (P, Dh/2), `rope_pairs`
-        self._qkv_rot: torch.Tensor | None = None  # the step's factors per position (P, 3, 1, 1, Dh/2), `qkv_rotation`
+        self._qkv_rot: torch.Tensor | None = None  # complex factors per position (P, 3, 1, 1, Dh/2), `qkv_rotation`
         if eager_scores is None:
             eager_scores = torch.device(device).type == "cpu"
         self.eager_scores = bool(track_scores and eager_scores)
@@ -166,17 +165,15 @@ class KVCache:
     def rotation_at(self, pos: int) -> torch.Tensor:
         """Complex factors (3, 1, 1, Dh/2) that rotate a step's stacked q, k, v (in pair order, viewed as
         complex) in one product: q and k to rotary position `pos`, v left exactly as it is (`qkv_rotation`)."""
-        if self._qkv_rot is None or pos >= len(self._qkv_rot):
-            self.rope_at(max(pos, 4095))  # grows the angle table
-            self._qkv_rot = qkv_rotation(*self._rope)
-        return self._qkv_rot[pos]
+        return self._qkv_table(pos)[pos]
 
-    def _pair_table(self, top: int) -> torch.Tensor:
-        """`rope_pairs` of every integer angle up to at least `top`: (P, Dh/2), from the angle table."""
-        if self._pairs is None or top >= len(self._pairs):
+    def _qkv_table(self, top: int) -> torch.Tensor:
+        """`qkv_rotation` of every integer angle up to at least `top` (P, 3, 1, 1, Dh/2), from the angle
+        table; `[:, 0, 0, 0]` is the plain rotation per angle (P, Dh/2), `rope_pairs`."""
+        if self._qkv_rot is None or top >= len(self._qkv_rot):
             self.rope_at(max(top, 4095))  # grows the angle table
-            self._pairs = rope_pairs(*self._rope)
-        return self._pairs
+            self._qkv_rot = qkv_rotation(*self._rope)
+        return self._qkv_rot
 
     def _next_slot(self) -> int:
         if self.n < self.capacity:
@@ -411,7 +408,7 @@ class KVCache:
         lo, hi = (int(x) for x in torch.aminmax(delta))
         if lo < 0:
             return rope_pairs(*rope_cos_sin(delta, self.head_size, self.rope_base))
-        table = self._pair_table(hi)
+        table = self._qkv_table(hi)[:, 0, 0, 0]  # (P, Dh/2)
         return table.index_select(0, delta.reshape(-1)).view(*delta.shape, table.shape[-1])
 
     def _row_offsets(self) -> torch.Tensor:
@@ -595,7 +592,7 @@ class StreamingCache(KVCache):
         if shift > 0 and self.n_sink:
             if self._sink_k is None:
                 self._sink_k = self.k[:, :, :, : self.n_sink].clone()
-            rotate_pairs(self._sink_k, self._pair_table(shift)[shift], out=self.k[:, :, :, : self.n_sink])
+            rotate_pairs(self._sink_k, self._qkv_table(shift)[shift, 0], out=self.k[:, :, :, : self.n_sink])
         return pos
 
     def apply_plan(self, assign, weight, n_out):
