@@ -229,6 +229,17 @@ def test_single_query_attention_equals_fused_kernel():
         torch.testing.assert_close(single_query_attention(q, keys, values, m), want, atol=1e-6, rtol=0)
 
 
+def test_step_gelu_is_gelu_and_contiguous():
+    """The step's GELU (PyTorch's own kernel through a transposed view) gives F.gelu's values to float32
+    rounding, as a contiguous (B, F) tensor, at one sequence and at many."""
+    torch.manual_seed(0)
+    for shape in ((1, 16), (8, 256), (300, 64)):
+        u = torch.randn(*shape) * 4
+        g = ad.step_gelu(u)
+        assert g.shape == u.shape and g.is_contiguous()
+        torch.testing.assert_close(g, torch.nn.functional.gelu(u), atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_kv_cache_step_with_explicit_attention_equals_full_forward(make_model, monkeypatch, static):
     """From `EXPLICIT_ATTENTION_ROWS` (sequence, head) rows and `EXPLICIT_ATTENTION_SLOTS` slots on,
