@@ -149,6 +149,25 @@ def test_selection_fast_path_equals_general_merge(track_scores):
     assert len(fast) == len(slow) == 6 and tf["src_step"].tolist() == ts["src_step"].tolist()
 
 
+def test_selection_that_moves_nothing_on_a_wrapped_cache_keeps_temporal_order():
+    """A cache whose ring wrapped, compacted by a plan that drops exactly the tokens at or past n_out:
+    nothing moves, and the slots stay out of temporal order (positions follow the tokens, not the slots)."""
+    cache = KVCache(1, 2, 1, 12, 8, "cpu", torch.float32)
+    for _ in range(15):  # slots 0-2 hold the three newest tokens
+        cache.advance()
+        cache.write(0, torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8))
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[:, 6:9] = False  # the tokens in slots 9-11
+    assign = torch.where(keep, keep.long().cumsum(1) - 1, torch.full_like(keep, -1, dtype=torch.long))
+    fast, slow = copy.deepcopy(cache), copy.deepcopy(cache)
+    fast.apply_plan(assign, keep.float(), 9)
+    slow._apply_merge(assign, keep.float(), keep, 9)
+    assert not fast._in_order and fast.pos[0, :3].tolist() == [12, 13, 14]
+    tf, ts = fast.temporal(), slow.temporal()
+    for name in ("k", "v", "pos", "src_step"):
+        torch.testing.assert_close(tf[name], ts[name], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("track_scores", [False, True])
 def test_in_place_merge_equals_general_merge(track_scores):
     """A plan whose groups every sequence shares, on a cache in temporal order, is merged in place
