@@ -563,9 +563,9 @@ class KVCache:
         k = self.k[:, :, :, :n_out]
         rotate_pairs(k, self._rotation(new_pos - self.pos[:, :n_out])[:, None], out=k)  # in place, (B, 1, n_out, Dh/2) factors
         self.pos[:, :n_out] = new_pos
-        # in temporal order only if every kept token's slot is its rank: a cache out of order (its ring
-        # wrapped) can keep exactly the tokens below n_out, in the order they are
-        self._finish(n_out, in_order=bool((rank_slot[:, :n_out] == torch.arange(n_out, device=assign.device)).all()))
+        # in temporal order if nothing moved on a cache that was (one out of order, its ring wrapped, can
+        # keep exactly the tokens below n_out, in the order they are)
+        self._finish(n_out, in_order=self._in_order and not len(holes))
 
 
 class StreamingCache(KVCache):
