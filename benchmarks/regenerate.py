@@ -144,6 +144,7 @@ def eval_numbers(doc: dict) -> dict:
         "runs_finding_goal": int((runs > 0).any(2).sum()),  # goal x seed runs that earn a reward in some episode
         "runs": runs.shape[0] * runs.shape[1],
         "se_31_50": float(per_seed.std(ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0,  # over sampling seeds
+        "per_seed_31_50": per_seed.tolist(),  # so that runs on disjoint seeds pool
         "runs_missing_goal_31_50": int((late <= 0).all(2).sum()),  # runs that earn nothing in any of episodes 31-50
     }
     src = doc.get("source_normalized_return_per_episode")
@@ -343,6 +344,11 @@ REGISTRY = {
         _eval_result("evaluation_unseen_ctx1000",
                      "the shipped 1,000-transition model's in-context evaluation re-checked on 30 sampling seeds never used before (100-129)",
                      tuple(range(100, 130)), "runs/results/evaluation_unseen_ctx1000", checkpoint=CTX1000, minutes=3),
+        _eval_result("evaluation_unseen_300", "the shipped default model's in-context evaluation on a second set of 30 unseen sampling seeds (300-329)",
+                     tuple(range(300, 330)), "runs/results/evaluation_unseen_300", minutes=1.5),
+        _eval_result("evaluation_unseen_300_ctx1000",
+                     "the shipped 1,000-transition model's in-context evaluation on a second set of 30 unseen sampling seeds (300-329)",
+                     tuple(range(300, 330)), "runs/results/evaluation_unseen_300_ctx1000", checkpoint=CTX1000, minutes=3),
         _eval_result("key_to_door_evaluation",
                      "the Dark Key-to-Door AD model on its 50 held-out pairs, 3 unseen seeds, key and door parts, with the source PPO (needs data/key_to_door)",
                      (100, 101, 102), "checkpoints/key_to_door_ad", checkpoint=K2D_CHECKPOINT,
@@ -677,20 +683,45 @@ def _seed_range(seeds: list[int]) -> str:
     return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
 
 
+UNSEEN_SETS = {"default (240 transitions)": ("evaluation_unseen", "evaluation_unseen_300"),
+               "1,000 transitions": ("evaluation_unseen_ctx1000", "evaluation_unseen_300_ctx1000")}  # disjoint seed sets
+
+
+def _unseen_pooled(r: dict, names: tuple) -> dict:
+    """Evaluations of one model on disjoint seed sets as one: means weighted by seeds, the standard
+    error over all their seeds' means, run counts added up."""
+    ns = [r[x]["numbers"] for x in names]
+    per_seed = np.concatenate([n["per_seed_31_50"] for n in ns])
+    w = np.array([len(n["seeds"]) for n in ns], dtype=float)
+    return {"seeds": [s for n in ns for s in n["seeds"]], "sets": [n["seeds"] for n in ns], "per_seed": per_seed,
+            "episodes_31_50": float(per_seed.mean()), "se_31_50": float(per_seed.std(ddof=1) / np.sqrt(len(per_seed))),
+            **{k: float(np.average([n[k] for n in ns], weights=w)) for k in ("first_episode", "last_10")},
+            **{k: sum(n[k] for n in ns) for k in ("runs", "runs_missing_goal_31_50")}}  # fmt: skip
+
+
 def table_evaluation_unseen(r: dict) -> str:
-    """Both shipped Darkroom models on sampling seeds never used before, beside their seeds-0-2 numbers."""
+    """Both shipped Darkroom models on sampling seeds never used before (each set, then pooled), beside
+    their seeds-0-2 numbers, and the gap between them paired by seed."""
     lines = ["| model | seeds | episode 1 | episodes 31-50 (+- se over seeds) | last 10 episodes | runs with no reward in episodes 31-50 | weakest goal | episodes 31-50 on seeds 0-2 |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for who, unseen, first in (("default (240 transitions)", "evaluation_unseen", "evaluation"),
-                               ("1,000 transitions", "evaluation_unseen_ctx1000", "evaluation_ctx1000")):  # fmt: skip
-        n, f = r[unseen]["numbers"], r[first]["numbers"]
-        lines.append(f"| {who} | {_seed_range(n['seeds'])} | {n['first_episode']:.3f} | **{n['episodes_31_50']:.3f}** +- {n['se_31_50']:.3f} | "
-                     f"{n['last_10']:.3f} | {n['runs_missing_goal_31_50']} of {n['runs']} | {n['weakest_goal_31_50']:.2f} | {f['episodes_31_50']:.3f} |")  # fmt: skip
+    firsts = {"default (240 transitions)": "evaluation", "1,000 transitions": "evaluation_ctx1000"}
+    for who, names in UNSEEN_SETS.items():
+        f = r[firsts[who]]["numbers"]
+        for n in [r[x]["numbers"] for x in names] + [_unseen_pooled(r, names)]:
+            pooled = "per_seed" in n
+            cells = (", ".join(map(_seed_range, n["sets"])) if pooled else _seed_range(n["seeds"]),
+                     f"{n['first_episode']:.3f}", f"**{n['episodes_31_50']:.3f}** +- {n['se_31_50']:.3f}", f"{n['last_10']:.3f}",
+                     f"{n['runs_missing_goal_31_50']} of {n['runs']}", "" if pooled else f"{n['weakest_goal_31_50']:.2f}",
+                     f"{f['episodes_31_50']:.3f}")  # fmt: skip
+            lines.append(f"| {'all unseen, ' if pooled else ''}{who} | " + " | ".join(cells) + " |")
+    gap = _unseen_pooled(r, UNSEEN_SETS["default (240 transitions)"])["per_seed"] - _unseen_pooled(r, UNSEEN_SETS["1,000 transitions"])["per_seed"]
+    lines += ["", f"*Paired by seed over all {len(gap)} unseen seeds, the 1,000-transition model is {gap.mean():.3f} +- "
+                  f"{gap.std(ddof=1) / np.sqrt(len(gap)):.3f} below the default one.*"]  # fmt: skip
     return "\n".join(lines)
 
 
 def table_readme(r: dict) -> str:
-    ev, un = r["evaluation"]["numbers"], r["evaluation_unseen"]["numbers"]
+    ev, un = r["evaluation"]["numbers"], _unseen_pooled(r, UNSEEN_SETS["default (240 transitions)"])
     oc, ch = r["oneclick"]["numbers"], r["compression_headline"]["numbers"]
     learn = (f"normalised return {un['first_episode']:.3f} in episode 1, **{un['episodes_31_50']:.3f} (+- {un['se_31_50']:.3f})** over episodes 31-50 "
              f"({len(un['seeds'])} unseen seeds; {ev['episodes_31_50']:.3f} on seeds {_seed_range(ev['seeds'])}), no weight update; "
@@ -1102,14 +1133,14 @@ def table_oneclick(r: dict) -> str:
 # table name (the NAME in <!-- results:NAME -->) -> (the results it reads, how it is drawn)
 TABLES = {
     "readme": (
-        ("evaluation", "evaluation_unseen", "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
+        ("evaluation", *UNSEEN_SETS["default (240 transitions)"], "oneclick", "compression_headline", "rollout_speed", "adapter_sweep", "rl_compression_rerun",
          *TARGET_RUNS, "key_to_door_evaluation", "rl_compression_key_to_door", "rl_compression_key_to_door_rerun",
          *CTX1000_TARGET30_RUNS, "rollout_speed_ctx1000", "training_progression"),
         table_readme,
     ),
     "evaluation": (("evaluation",), table_evaluation),
     "training_progression": (("training_progression",), table_progression),
-    "evaluation_unseen": (("evaluation_unseen", "evaluation_unseen_ctx1000", "evaluation", "evaluation_ctx1000"), table_evaluation_unseen),
+    "evaluation_unseen": ((*(x for names in UNSEEN_SETS.values() for x in names), "evaluation", "evaluation_ctx1000"), table_evaluation_unseen),
     "compression_headline": (("compression_headline",), table_compression_headline),
     "oneclick": (("oneclick",), table_oneclick),
     "adapter_sweep": (("adapter_sweep",), table_adapter_sweep),
