@@ -6,7 +6,9 @@
 For each configuration (`strategy:ratio[:param=value...]`, as in benchmarks/rl_compression.py, with
 keep_recent 20 and interval 20 unless given) a KV engine is filled past its first compactions
 (untimed), then `steps` steps run with the cache's score computation, the strategy's plan and the
-cache's apply timed separately (wall time, one process). Reported per configuration: ms per step
+cache's apply timed separately (wall time, one process), in `rounds` blocks that take the engines in
+turn (uncompressed, then each configuration, then again), so that the machine's slow spells fall on
+all of them alike. Reported per configuration: ms per step
 (all of it; also the mean of the steps between compactions and of the steps that compact), and per
 compaction the ms spent on scores, plan and apply, with their share of the step time they amortise
 to; the uncompressed engine's step the same way, for reference. Also times one layer's attention (as
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.rollout as rollout  # noqa: E402
 from adlens.config import add_config_flags, resolve, run_cli  # noqa: E402
+from adlens.errors import ConfigError  # noqa: E402
 from adlens.io import finish_result  # noqa: E402
 from benchmarks.rl_compression import parse_config  # noqa: E402
 from model.ad import Tokens, step_attention  # noqa: E402
@@ -45,10 +48,11 @@ CONFIG = {
     ],  # strategy:ratio[:param=value...]
     "interval": 20,  # steps between compactions, unless a configuration sets its own
     "steps": 400,  # timed steps per configuration (a multiple of the interval)
+    "rounds": 10,  # the steps run in this many blocks, configurations taken in turn (steps must divide by it)
     "threads": 1,  # torch CPU threads
     "out": "",  # write the rows as JSON here
 }
-BOUNDS = {"envs": (1, 65_536), "steps": (1, 10**6), "threads": (1, 1024), "interval": (1, 10**6)}
+BOUNDS = {"envs": (1, 65_536), "steps": (1, 10**6), "rounds": (1, 10**6), "threads": (1, 1024), "interval": (1, 10**6)}
 
 
 def _tokens(cfg, B: int, t: int) -> Tokens:
@@ -74,54 +78,84 @@ def _attention_us(model, B: int, n: int, reps: int = 300, blocks: int = 7) -> fl
     return 1e6 * float(np.median(times))
 
 
-def measure(model, B: int, spec: str, comp, steps: int) -> dict:
-    """Time `steps` steps of a KV engine (comp None: uncompressed) after filling it, as described above."""
-    engine = rollout.KVEngine(model, B, comp)
-    cache = engine.cache
-    spent = {"scores": 0.0, "plan": 0.0, "apply": 0.0}
-    count = {"compactions": 0}
+class _Timed:
+    """One configuration's KV engine, filled past its first compactions (untimed), with its cache's
+    score computation and apply timed separately; the strategy's plan is timed by `measure`."""
 
-    def timed(key, fn):
+    def __init__(self, model, B: int, spec: str, comp, steps: int):
+        self.model, self.B, self.spec = model, B, spec
+        self.engine = rollout.KVEngine(model, B, comp)
+        self.spent = {"scores": 0.0, "plan": 0.0, "apply": 0.0}
+        self.compactions, self.lengths, self.between, self.compacting, self.total = 0, [], [], [], 0.0
+        cache = self.engine.cache
+        cache._flush_scores = self.timed("scores", cache._flush_scores)
+        cache.apply_plan = self.timed("apply", cache.apply_plan)
+        self.t = model.cfg.max_context + 3 * (comp.interval if comp is not None else 20)
+        for t in range(self.t):
+            self.engine.step(_tokens(model.cfg, B, t))
+        for key in self.spent:
+            self.spent[key] = 0.0
+        self.compactions = 0
+        self.tokens = [_tokens(model.cfg, B, t) for t in range(self.t, self.t + steps)]
+
+    def timed(self, key, fn):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             out = fn(*a, **k)
-            spent[key] += time.perf_counter() - t0
+            self.spent[key] += time.perf_counter() - t0
             if key == "apply":
-                count["compactions"] += 1
+                self.compactions += 1
             return out
 
         return wrapper
 
-    cache._flush_scores = timed("scores", cache._flush_scores)
-    cache.apply_plan = timed("apply", cache.apply_plan)
+    def block(self, tokens) -> None:
+        t0 = time.perf_counter()
+        for tok in tokens:
+            before, s0 = self.compactions, time.perf_counter()
+            self.engine.step(tok)
+            (self.compacting if self.compactions > before else self.between).append(time.perf_counter() - s0)
+            self.lengths.append(len(self.engine))
+        self.total += time.perf_counter() - t0
+
+    def row(self) -> dict:
+        steps, n = len(self.lengths), max(1, self.compactions)
+        row = {"envs": self.B, "config": self.spec, "ms_per_step": 1000 * self.total / steps, "compactions": self.compactions,
+               "mean_context": float(np.mean(self.lengths)), "ms_between_compactions": 1000 * float(np.mean(self.between)),
+               "ms_compaction_step": 1000 * float(np.mean(self.compacting)) if self.compacting else 0.0}  # fmt: skip
+        for key, s in self.spent.items():
+            row[f"{key}_ms_per_compaction"] = 1000 * s / n
+            row[f"{key}_share"] = s / self.total
+        return row
+
+
+def measure(model, B: int, configs: list, steps: int, rounds: int) -> list[dict]:
+    """Time `steps` steps of the uncompressed KV engine and of each configuration's (`configs`: (spec,
+    Compression) pairs) as described above, in `rounds` blocks taken in turn (engine after engine, block after
+    block), so that a slow spell of a shared machine falls on all of them alike. Rows: uncompressed first."""
     plan = rollout._plan
-    rollout._plan = timed("plan", plan)
+    runs = [_Timed(model, B, "none", None, steps)]
+    current = runs[0]
+
+    def timed_plan(*a, **k):
+        t0 = time.perf_counter()
+        out = plan(*a, **k)
+        current.spent["plan"] += time.perf_counter() - t0
+        return out
+
+    rollout._plan = timed_plan
     try:
         with torch.inference_mode():
-            warm = model.cfg.max_context + 3 * (comp.interval if comp is not None else 20)
-            for t in range(warm):
-                engine.step(_tokens(model.cfg, B, t))
-            for key in spent:
-                spent[key] = 0.0
-            count["compactions"], lengths, between, compacting = 0, [], [], []
-            tokens = [_tokens(model.cfg, B, t) for t in range(warm, warm + steps)]
-            t0 = time.perf_counter()
-            for tok in tokens:
-                before, s0 = count["compactions"], time.perf_counter()
-                engine.step(tok)
-                (compacting if count["compactions"] > before else between).append(time.perf_counter() - s0)
-                lengths.append(len(engine))
-            total = time.perf_counter() - t0
+            runs += [_Timed(model, B, spec, comp, steps) for spec, comp in configs]
+            for run in runs:  # the fills above ran plans untimed by their own runs
+                run.spent["plan"] = 0.0
+            per = steps // rounds
+            for i in range(rounds):
+                for current in runs:
+                    current.block(current.tokens[i * per : (i + 1) * per])
     finally:
         rollout._plan = plan
-    n = max(1, count["compactions"])
-    row = {"envs": B, "config": spec, "ms_per_step": 1000 * total / steps, "compactions": count["compactions"],
-           "mean_context": float(np.mean(lengths)), "ms_between_compactions": 1000 * float(np.mean(between)),
-           "ms_compaction_step": 1000 * float(np.mean(compacting)) if compacting else 0.0}  # fmt: skip
-    for key, s in spent.items():
-        row[f"{key}_ms_per_compaction"] = 1000 * s / n
-        row[f"{key}_share"] = s / total
-    return row
+    return [run.row() for run in runs]
 
 
 def main(argv=None) -> list[dict]:
@@ -131,7 +165,9 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(cfg["threads"])
     model, _ = load_model(cfg["checkpoint"])
     T = model.cfg.max_context
-    comps = {spec: parse_config(spec, cfg["interval"], T)[2] for spec in cfg["configs"]}  # validated before measuring
+    comps = [(spec, parse_config(spec, cfg["interval"], T)[2]) for spec in cfg["configs"]]  # validated before measuring
+    if cfg["steps"] % cfg["rounds"]:
+        raise ConfigError(f"--steps ({cfg['steps']}) must be a multiple of --rounds ({cfg['rounds']})")
     rows = []
     print(f"{T} transitions, {cfg['threads']} thread(s), {cfg['steps']} timed steps per configuration")
     print(
@@ -139,12 +175,11 @@ def main(argv=None) -> list[dict]:
     )
     for B in cfg["envs"]:
         full = _attention_us(model, B, T)
-        plain = measure(model, B, "none", None, cfg["steps"])
+        plain, *measured = measure(model, B, comps, cfg["steps"], cfg["rounds"])
         plain["attention_us_full"] = plain["attention_us_mean_context"] = full
         rows.append(plain)
         print(f"{B:>5}  {'none (uncompressed)':<44}{plain['ms_per_step']:>9.2f}{plain['mean_context']:>7.0f}")
-        for spec in cfg["configs"]:
-            row = measure(model, B, spec, comps[spec], cfg["steps"])
+        for spec, row in zip(cfg["configs"], measured):
             row["attention_us_full"], row["attention_us_mean_context"] = full, _attention_us(model, B, max(1, round(row["mean_context"])))
             rows.append(row)
             shares = "/".join(f"{100 * row[f'{k}_share']:.0f}%" for k in ("scores", "plan", "apply"))

@@ -326,12 +326,17 @@ def test_step_attention_benchmark_forces_each_way_and_reports_the_default(tmp_pa
     assert r.returncode == 2 and "ratio" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_compaction_cost_benchmark_times_every_compaction(tmp_path):
+def test_compaction_cost_benchmark_times_every_compaction(tmp_path, monkeypatch):
+    from benchmarks import compaction_cost
     from benchmarks.compaction_cost import main as cost_main
 
+    order, block = [], compaction_cost._Timed.block
+    monkeypatch.setattr(compaction_cost._Timed, "block", lambda self, tokens: (order.append((self.spec, len(tokens))), block(self, tokens)))
     out = tmp_path / "cost.json"
-    rows = cost_main(["--envs", "2", "--steps", "40", "--configs", "topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20",
-                      "--out", str(out)])  # fmt: skip
+    rows = cost_main(["--envs", "2", "--steps", "40", "--rounds", "2", "--configs", "topk:0.5:keep_recent=20:score_queries=4",
+                      "fixed_window:0.5:keep_recent=20", "--out", str(out)])  # fmt: skip
+    specs = ["none", "topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"]
+    assert order == [(x, 20) for x in specs] * 2  # the engines take turns, block by block
     assert [r["config"] for r in rows] == ["none", "topk:0.5:keep_recent=20:score_queries=4", "fixed_window:0.5:keep_recent=20"]
     plain, rows = rows[0], rows[1:]
     assert plain["compactions"] == 0 and plain["mean_context"] == 240 and plain["ms_compaction_step"] == 0  # the uncompressed reference
@@ -347,6 +352,8 @@ def test_compaction_cost_benchmark_times_every_compaction(tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "compaction_cost.py"
     r = subprocess.run([sys.executable, str(script), "--configs", "topk:2.0"], capture_output=True, text=True)
     assert r.returncode == 2 and "ratio" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(script), "--steps", "40", "--rounds", "3"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--rounds" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_train_step_benchmark_compares_attention_dropout_with_the_fused_kernel(tmp_path):
