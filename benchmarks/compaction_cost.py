@@ -83,20 +83,17 @@ class _Timed:
     score computation and apply timed separately; the strategy's plan is timed by `measure`."""
 
     def __init__(self, model, B: int, spec: str, comp, steps: int):
-        self.model, self.B, self.spec = model, B, spec
+        self.B, self.spec = B, spec
         self.engine = rollout.KVEngine(model, B, comp)
-        self.spent = {"scores": 0.0, "plan": 0.0, "apply": 0.0}
+        warm = model.cfg.max_context + 3 * (comp.interval if comp is not None else 20)
+        for t in range(warm):
+            self.engine.step(_tokens(model.cfg, B, t))
+        self.spent = {"scores": 0.0, "plan": 0.0, "apply": 0.0}  # from here on
         self.compactions, self.lengths, self.between, self.compacting, self.total = 0, [], [], [], 0.0
         cache = self.engine.cache
         cache._flush_scores = self.timed("scores", cache._flush_scores)
         cache.apply_plan = self.timed("apply", cache.apply_plan)
-        self.t = model.cfg.max_context + 3 * (comp.interval if comp is not None else 20)
-        for t in range(self.t):
-            self.engine.step(_tokens(model.cfg, B, t))
-        for key in self.spent:
-            self.spent[key] = 0.0
-        self.compactions = 0
-        self.tokens = [_tokens(model.cfg, B, t) for t in range(self.t, self.t + steps)]
+        self.tokens = [_tokens(model.cfg, B, t) for t in range(warm, warm + steps)]
 
     def timed(self, key, fn):
         def wrapper(*a, **k):
@@ -133,11 +130,11 @@ def measure(model, B: int, configs: list, steps: int, rounds: int) -> list[dict]
     """Time `steps` steps of the uncompressed KV engine and of each configuration's (`configs`: (spec,
     Compression) pairs) as described above, in `rounds` blocks taken in turn (engine after engine, block after
     block), so that a slow spell of a shared machine falls on all of them alike. Rows: uncompressed first."""
-    plan = rollout._plan
-    runs = [_Timed(model, B, "none", None, steps)]
-    current = runs[0]
+    with torch.inference_mode():
+        runs = [_Timed(model, B, "none", None, steps)] + [_Timed(model, B, spec, comp, steps) for spec, comp in configs]
+    plan, current = rollout._plan, runs[0]
 
-    def timed_plan(*a, **k):
+    def timed_plan(*a, **k):  # the engines share the module's plan function: the time goes to the one stepping
         t0 = time.perf_counter()
         out = plan(*a, **k)
         current.spent["plan"] += time.perf_counter() - t0
@@ -146,9 +143,6 @@ def measure(model, B: int, configs: list, steps: int, rounds: int) -> list[dict]
     rollout._plan = timed_plan
     try:
         with torch.inference_mode():
-            runs += [_Timed(model, B, spec, comp, steps) for spec, comp in configs]
-            for run in runs:  # the fills above ran plans untimed by their own runs
-                run.spent["plan"] = 0.0
             per = steps // rounds
             for i in range(rounds):
                 for current in runs:

@@ -707,8 +707,7 @@ def table_evaluation_unseen(r: dict) -> str:
     firsts = {"default (240 transitions)": "evaluation", "1,000 transitions": "evaluation_ctx1000"}
     for who, names in UNSEEN_SETS.items():
         f = r[firsts[who]]["numbers"]
-        for n in [r[x]["numbers"] for x in names] + [_unseen_pooled(r, names)]:
-            pooled = "per_seed" in n
+        for n, pooled in [(r[x]["numbers"], False) for x in names] + [(_unseen_pooled(r, names), True)]:
             cells = (", ".join(map(_seed_range, n["sets"])) if pooled else _seed_range(n["seeds"]),
                      f"{n['first_episode']:.3f}", f"**{n['episodes_31_50']:.3f}** +- {n['se_31_50']:.3f}", f"{n['last_10']:.3f}",
                      f"{n['runs_missing_goal_31_50']} of {n['runs']}", "" if pooled else f"{n['weakest_goal_31_50']:.2f}",
